@@ -1,0 +1,231 @@
+//! Starting instances and looking at them.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::definition::SagaDefinition;
+use crate::error::Error;
+use crate::ids::{Direction, SagaId, StartKey, TransitionId};
+use crate::machine::Status;
+use crate::store::{HistoryEntry, NewSaga, Outcome, SagaSnapshot, SagaStore, Started};
+
+/// The default cap on a saga's serialized state and on an outbox payload:
+/// 256 KiB.
+pub const DEFAULT_MAX_BYTES: usize = 256 * 1024;
+
+/// Size caps, checked before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest serialized saga input or state, in bytes.
+    pub max_state_bytes: usize,
+    /// Largest outbox message payload, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_state_bytes: DEFAULT_MAX_BYTES,
+            max_payload_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// Starts saga instances and reads them back.
+///
+/// Cheap to clone. An executor's [`client`](crate::Executor::client) also
+/// wakes that executor when it starts an instance.
+#[derive(Debug)]
+pub struct SagaClient<St> {
+    store: Arc<St>,
+    limits: Limits,
+    wake: Option<Arc<Notify>>,
+}
+
+impl<St> Clone for SagaClient<St> {
+    fn clone(&self) -> Self {
+        SagaClient {
+            store: self.store.clone(),
+            limits: self.limits,
+            wake: self.wake.clone(),
+        }
+    }
+}
+
+impl<St: SagaStore> SagaClient<St> {
+    /// A client on `store` with default [`Limits`].
+    pub fn new(store: St) -> Self {
+        SagaClient::from_arc(Arc::new(store))
+    }
+
+    /// A client on a shared store.
+    pub fn from_arc(store: Arc<St>) -> Self {
+        SagaClient {
+            store,
+            limits: Limits::default(),
+            wake: None,
+        }
+    }
+
+    pub(crate) fn with_wake(mut self, wake: Arc<Notify>) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// Sets the size caps.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+
+    /// Starts an instance of `saga` with `input` as its initial state.
+    ///
+    /// Idempotent on `key` (per saga name): starting again with the same key
+    /// and an equal input returns the first instance with
+    /// `created == false`; with a different input it fails with
+    /// [`Error::StartKeyConflict`]. An input over the size cap fails with
+    /// [`Error::TooLarge`]. Either way nothing is written.
+    pub async fn start<S: Serialize>(
+        &self,
+        saga: &SagaDefinition<S>,
+        key: StartKey,
+        input: &S,
+    ) -> Result<Started, Error> {
+        let state = serde_json::to_value(input).map_err(|source| Error::SerializeState {
+            saga: saga.name().clone(),
+            source,
+        })?;
+        let size = serde_json::to_vec(&state).map_or(0, |b| b.len());
+        if size > self.limits.max_state_bytes {
+            return Err(Error::TooLarge {
+                what: "saga input",
+                size,
+                limit: self.limits.max_state_bytes,
+            });
+        }
+        let first_step = saga
+            .step_name(0)
+            .expect("a built definition has at least one step")
+            .clone();
+        let now = self.store.clock().now();
+        let started = self
+            .store
+            .start(NewSaga {
+                id: SagaId::new(),
+                kind: saga.kind().clone(),
+                start_key: key,
+                input_digest: digest(&state),
+                state,
+                first_step: first_step.clone(),
+                history: HistoryEntry {
+                    transition_id: TransitionId::new(),
+                    step: first_step,
+                    direction: Direction::Forward,
+                    attempt: 0,
+                    outcome: Outcome::Created,
+                    error: None,
+                    from_status: None,
+                    to_status: Status::Running,
+                    started_at: now,
+                    finished_at: now,
+                },
+            })
+            .await?;
+        if started.created {
+            metrics::counter!(crate::metrics::SAGAS_STARTED, "saga" => saga.name().to_string())
+                .increment(1);
+            if let Some(wake) = &self.wake {
+                wake.notify_one();
+            }
+        }
+        Ok(started)
+    }
+
+    /// The instance, or [`Error::NotFound`].
+    pub async fn get(&self, id: SagaId) -> Result<SagaSnapshot, Error> {
+        self.store.load(id).await?.ok_or(Error::NotFound(id))
+    }
+
+    /// The instance's history, oldest first, or [`Error::NotFound`].
+    pub async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, Error> {
+        let history = self.store.history(id).await?;
+        if history.is_empty() && self.store.load(id).await?.is_none() {
+            return Err(Error::NotFound(id));
+        }
+        Ok(history)
+    }
+}
+
+/// SHA-256 of a canonical encoding of `value`: object keys sorted, so the
+/// digest does not depend on map iteration order.
+pub(crate) fn digest(value: &serde_json::Value) -> [u8; 32] {
+    fn feed(h: &mut Sha256, v: &serde_json::Value) {
+        use serde_json::Value;
+        match v {
+            Value::Null => h.update(b"n"),
+            Value::Bool(b) => h.update(if *b { b"t" } else { b"f" }),
+            Value::Number(n) => {
+                let s = n.to_string();
+                h.update(b"#");
+                h.update((s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+            Value::String(s) => {
+                h.update(b"s");
+                h.update((s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+            Value::Array(items) => {
+                h.update(b"[");
+                h.update((items.len() as u64).to_le_bytes());
+                for item in items {
+                    feed(h, item);
+                }
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                h.update(b"{");
+                h.update((entries.len() as u64).to_le_bytes());
+                for (k, v) in entries {
+                    h.update((k.len() as u64).to_le_bytes());
+                    h.update(k.as_bytes());
+                    feed(h, v);
+                }
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    feed(&mut h, value);
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn digest_ignores_key_order_but_not_values() {
+        let a = json!({"order": 1, "items": [{"sku": "a", "qty": 2}]});
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"items":[{"qty":2,"sku":"a"}],"order":1}"#).unwrap();
+        assert_eq!(digest(&a), digest(&b));
+        assert_ne!(
+            digest(&a),
+            digest(&json!({"order": 2, "items": [{"sku": "a", "qty": 2}]}))
+        );
+        // Structure, not just concatenated text, is hashed.
+        assert_ne!(digest(&json!(["ab", "c"])), digest(&json!(["a", "bc"])));
+        assert_ne!(digest(&json!("1")), digest(&json!(1)));
+    }
+}

@@ -1,0 +1,378 @@
+//! Errors: the crate's [`Error`], and [`StepError`], which steps return.
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use crate::ids::{SagaId, SagaKind, SagaName, StartKey, StepName};
+use crate::machine::Status;
+
+/// A boxed error that keeps its concrete type for `downcast_ref`.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong in this crate, and in a store behind it.
+///
+/// Store implementations put their own error (with its SQLSTATE, say) in
+/// [`Error::Store`] as the source, so it can be downcast and inspected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A name or key failed validation.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+
+    /// A retry policy failed validation.
+    #[error(transparent)]
+    InvalidRetryPolicy(#[from] InvalidRetryPolicy),
+
+    /// A saga definition is malformed (no steps, a duplicate step name...).
+    #[error("invalid definition of saga `{saga}`: {problem}")]
+    InvalidDefinition {
+        /// The saga being defined.
+        saga: SagaName,
+        /// What is wrong with it.
+        problem: DefinitionProblem,
+    },
+
+    /// The same saga name and version was registered twice on one executor.
+    #[error("saga {0} is already registered")]
+    DuplicateRegistration(SagaKind),
+
+    /// A saga's state, input or an outbox payload exceeds the configured cap.
+    /// Nothing was written.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large: `"saga input"`, `"saga state"`, `"outbox payload"`.
+        what: &'static str,
+        /// Its serialized size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// A saga's state could not be serialized to JSON.
+    #[error("could not serialize the state of saga `{saga}`")]
+    SerializeState {
+        /// The saga whose state failed.
+        saga: SagaName,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The start key was already used to start this saga with a different
+    /// input. The existing instance is untouched.
+    #[error(
+        "start key `{key}` was already used for saga `{saga}` (instance {existing}) with a different input"
+    )]
+    StartKeyConflict {
+        /// The saga.
+        saga: SagaName,
+        /// The reused key.
+        key: StartKey,
+        /// The instance started first with this key.
+        existing: SagaId,
+    },
+
+    /// No instance with this id exists.
+    #[error("saga instance {0} not found")]
+    NotFound(SagaId),
+
+    /// The caller's lease on the instance expired or was taken over by
+    /// another worker: the write was refused and changed nothing.
+    #[error("lease on saga instance {0} was lost; the write was refused")]
+    LeaseLost(SagaId),
+
+    /// The instance changed between read and write (an operator write
+    /// raced with another); nothing was written.
+    #[error("saga instance {0} changed concurrently; nothing was written")]
+    Conflict(SagaId),
+
+    /// The operation does not apply to the instance in its current status.
+    #[error("cannot {action} saga instance {id}: it is {status}")]
+    InvalidStatus {
+        /// The instance.
+        id: SagaId,
+        /// What was attempted.
+        action: &'static str,
+        /// The instance's status.
+        status: Status,
+    },
+
+    /// An executor or store configuration value makes no sense.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
+
+    /// The instance's saga name and version are not registered here.
+    #[error("saga {0} is not registered here")]
+    UnknownSaga(SagaKind),
+
+    /// The store failed; the source is the backend's own error.
+    #[error("saga store error")]
+    Store(#[source] BoxError),
+}
+
+impl Error {
+    /// Wraps a backend error.
+    pub fn store(e: impl Into<BoxError>) -> Self {
+        Error::Store(e.into())
+    }
+}
+
+/// A name, key or identifier that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {reason}")]
+pub struct InvalidName {
+    what: &'static str,
+    value: String,
+    reason: Cow<'static, str>,
+}
+
+impl InvalidName {
+    pub(crate) fn new(
+        what: &'static str,
+        value: &str,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        // Keep a hostile value from filling a log line.
+        let value: String = value.chars().take(80).collect();
+        InvalidName {
+            what,
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    /// What kind of value was invalid (`"step name"`, `"start key"`...).
+    #[must_use]
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+}
+
+/// A retry policy that makes no sense (a multiplier below 1, a zero cap...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid retry policy: {0}")]
+pub struct InvalidRetryPolicy(pub(crate) &'static str);
+
+/// What is wrong with a saga definition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DefinitionProblem {
+    /// The saga has no steps.
+    #[error("it has no steps")]
+    NoSteps,
+    /// Two steps share a name.
+    #[error("step name `{0}` is used twice")]
+    DuplicateStep(StepName),
+    /// A name failed validation.
+    #[error(transparent)]
+    InvalidName(InvalidName),
+    /// A step's timeout is zero.
+    #[error("step `{0}` has a zero timeout")]
+    ZeroTimeout(StepName),
+}
+
+/// How a failed attempt should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StepErrorKind {
+    /// Try again, per the step's retry policy.
+    Retryable,
+    /// Never retry: compensate (before the pivot) or park (after it).
+    Permanent,
+    /// The attempt ran out of time; its outcome is unknown. Retried like
+    /// [`StepErrorKind::Retryable`].
+    Timeout,
+    /// Not a failure: try again after the given delay, without spending an
+    /// attempt of the retry budget.
+    Snooze(Duration),
+}
+
+impl StepErrorKind {
+    /// A short label: `retryable`, `permanent`, `timeout`, `snooze`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StepErrorKind::Retryable => "retryable",
+            StepErrorKind::Permanent => "permanent",
+            StepErrorKind::Timeout => "timeout",
+            StepErrorKind::Snooze(_) => "snooze",
+        }
+    }
+}
+
+/// What a step returns when it does not succeed.
+///
+/// Any error converts into a *retryable* `StepError` with `?`, keeping the
+/// original error as its source. Giving up is explicit:
+///
+/// ```
+/// use std::time::Duration;
+/// use saga_core::{StepError, StepErrorKind};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("card declined")]
+/// struct Declined;
+///
+/// fn charge(declined: bool) -> Result<(), StepError> {
+///     if declined {
+///         return Err(StepError::permanent(Declined));
+///     }
+///     let _amount: u32 = "42".parse()?; // a parse error would be retryable
+///     Ok(())
+/// }
+///
+/// let err = charge(true).unwrap_err();
+/// assert_eq!(err.kind(), StepErrorKind::Permanent);
+/// assert!(err.source().unwrap().downcast_ref::<Declined>().is_some());
+///
+/// let later = StepError::snooze(Duration::from_secs(30));
+/// assert_eq!(later.kind(), StepErrorKind::Snooze(Duration::from_secs(30)));
+/// ```
+///
+/// `StepError` deliberately does not implement [`std::error::Error`]: that
+/// is what lets every error convert into it.
+pub struct StepError {
+    kind: StepErrorKind,
+    source: Option<BoxError>,
+}
+
+impl StepError {
+    /// A failure worth retrying.
+    pub fn retryable(source: impl Into<BoxError>) -> Self {
+        StepError {
+            kind: StepErrorKind::Retryable,
+            source: Some(source.into()),
+        }
+    }
+
+    /// A failure that no retry can fix (card declined, out of stock).
+    pub fn permanent(source: impl Into<BoxError>) -> Self {
+        StepError {
+            kind: StepErrorKind::Permanent,
+            source: Some(source.into()),
+        }
+    }
+
+    /// A call that timed out, so its outcome is unknown. Retried like a
+    /// retryable error; the history records it as a timeout.
+    pub fn timeout(source: impl Into<BoxError>) -> Self {
+        StepError {
+            kind: StepErrorKind::Timeout,
+            source: Some(source.into()),
+        }
+    }
+
+    /// Run this step again after `delay`, without spending an attempt
+    /// (e.g. the downstream asked us to come back later).
+    #[must_use]
+    pub fn snooze(delay: Duration) -> Self {
+        StepError {
+            kind: StepErrorKind::Snooze(delay),
+            source: None,
+        }
+    }
+
+    /// The kind of failure.
+    #[must_use]
+    pub fn kind(&self) -> StepErrorKind {
+        self.kind
+    }
+
+    /// The underlying error, if any.
+    #[must_use]
+    pub fn source(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
+    /// Takes the underlying error out.
+    #[must_use]
+    pub fn into_source(self) -> Option<BoxError> {
+        self.source
+    }
+
+    /// The error and its chain of causes, `: `-separated, for the history.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut out = match self.kind {
+            StepErrorKind::Snooze(d) => format!("snoozed for {d:?}"),
+            kind => kind.as_str().to_owned(),
+        };
+        let mut next: Option<&(dyn StdError + 'static)> = match &self.source {
+            Some(e) => Some(e.as_ref()),
+            None => None,
+        };
+        while let Some(e) = next {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            next = e.source();
+        }
+        out
+    }
+}
+
+impl<E> From<E> for StepError
+where
+    E: Into<BoxError>,
+{
+    fn from(e: E) -> Self {
+        StepError::retryable(e)
+    }
+}
+
+impl fmt::Debug for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepError")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("gateway said 503")]
+    struct Gateway503;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("charge failed")]
+    struct ChargeFailed(#[source] Gateway503);
+
+    fn fails() -> Result<(), StepError> {
+        Err(ChargeFailed(Gateway503))?;
+        Ok(())
+    }
+
+    #[test]
+    fn question_mark_makes_a_retryable_error_that_keeps_its_source() {
+        let err = fails().unwrap_err();
+        assert_eq!(err.kind(), StepErrorKind::Retryable);
+        let source = err.source().expect("source kept");
+        assert!(source.downcast_ref::<ChargeFailed>().is_some());
+        assert_eq!(err.describe(), "retryable: charge failed: gateway said 503");
+    }
+
+    #[test]
+    fn permanent_is_explicit_and_keeps_its_source() {
+        let err = StepError::permanent(Gateway503);
+        assert_eq!(err.kind(), StepErrorKind::Permanent);
+        assert!(err.into_source().unwrap().downcast::<Gateway503>().is_ok());
+    }
+
+    #[test]
+    fn string_messages_convert_too() {
+        let err: StepError = "out of stock".into();
+        assert_eq!(err.describe(), "retryable: out of stock");
+    }
+}

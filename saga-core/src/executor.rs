@@ -1,0 +1,1038 @@
+//! The executor: claims due instances, runs one step each with no store
+//! transaction open, and records the outcome in one write guarded by the
+//! lease.
+//!
+//! ```text
+//!   claim (short write: lease + attempt)      record (short write, fenced)
+//!        │                                         ▲
+//!        ▼                                         │
+//!   run the step ── timeout, heartbeat ──► outcome ─► retry policy ─► status machine
+//! ```
+//!
+//! Retries are never slept on: the next attempt time is persisted and the
+//! instance is claimed again when it is due, by whichever worker is free.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::client::{Limits, SagaClient};
+use crate::context::StepContext;
+use crate::definition::{BoxFuture, SagaDefinition};
+use crate::error::{Error, StepError, StepErrorKind};
+use crate::ids::{Direction, SagaId, SagaKind, StepName, TransitionId, WorkerId};
+use crate::machine::{self, Attempts, Command, Event, Position, Status, StepKind, TransitionKind};
+use crate::metrics as m;
+use crate::outbox::OutboxMessage;
+use crate::retry::{RetryDecision, RetryPolicy};
+use crate::store::{ClaimRequest, ClaimedSaga, HistoryEntry, Lease, Outcome, Record, SagaStore};
+use crate::time::Timestamp;
+
+/// How an executor runs.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Steps run at once, at most (default 16).
+    pub concurrency: usize,
+    /// How long a claim's lease lasts unless extended (default 60 s). A
+    /// crashed worker's instances are taken up by others after this long.
+    pub lease_duration: Duration,
+    /// How often a running step's lease is extended (default 20 s); keep it
+    /// well under `lease_duration`.
+    pub heartbeat_interval: Duration,
+    /// How often an idle executor polls for due work (default 1 s).
+    pub poll_interval: Duration,
+    /// How long `run` lets in-flight steps finish after shutdown is asked
+    /// for (default 30 s). Steps still running then are abandoned; their
+    /// leases expire and other workers resume them.
+    pub shutdown_grace: Duration,
+    /// How often an idle executor looks for due instances of saga kinds it
+    /// has not registered, to log and count them (default 60 s).
+    pub unregistered_check_interval: Duration,
+    /// Size caps on state and payloads.
+    pub limits: Limits,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            concurrency: 16,
+            lease_duration: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(20),
+            poll_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(30),
+            unregistered_check_interval: Duration::from_secs(60),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What one attempt produced: on success the new state and the messages
+/// the step emitted.
+struct AttemptResult {
+    outcome: Result<(serde_json::Value, Vec<OutboxMessage>), StepError>,
+}
+
+/// A registered definition with its state type erased.
+trait ErasedSaga: Send + Sync + 'static {
+    fn plan(&self) -> &[StepKind];
+    fn step_index(&self, name: &str) -> Option<usize>;
+    fn step_name(&self, index: usize) -> &StepName;
+    fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)>;
+    /// Deserializes the state and returns the attempt, ready to run; or why
+    /// it cannot run.
+    fn attempt(
+        &self,
+        index: usize,
+        direction: Direction,
+        ctx: StepContext,
+        state: serde_json::Value,
+        limits: Limits,
+    ) -> Result<BoxFuture<'static, AttemptResult>, String>;
+}
+
+impl<S> ErasedSaga for SagaDefinition<S>
+where
+    S: Serialize + DeserializeOwned + Send + 'static,
+{
+    fn plan(&self) -> &[StepKind] {
+        SagaDefinition::plan(self)
+    }
+
+    fn step_index(&self, name: &str) -> Option<usize> {
+        SagaDefinition::step_index(self, name)
+    }
+
+    fn step_name(&self, index: usize) -> &StepName {
+        SagaDefinition::step_name(self, index).expect("index from the definition")
+    }
+
+    fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)> {
+        let (_, policy, timeout) = self.step_def(index)?.side(direction)?;
+        Some((policy, timeout))
+    }
+
+    fn attempt(
+        &self,
+        index: usize,
+        direction: Direction,
+        mut ctx: StepContext,
+        state: serde_json::Value,
+        limits: Limits,
+    ) -> Result<BoxFuture<'static, AttemptResult>, String> {
+        let mut state: S = serde_json::from_value(state).map_err(|e| {
+            format!(
+                "the stored state does not deserialize as saga {}'s state type: {e}",
+                self.kind()
+            )
+        })?;
+        let def = self.step_def(index).ok_or("step index out of range")?;
+        let (action, _, timeout) = def
+            .side(direction)
+            .ok_or_else(|| format!("step `{}` has no compensation", def.name))?;
+        let action = action.clone();
+        Ok(Box::pin(async move {
+            // The step runs in its own task: a panic is caught as a failure
+            // and a timeout aborts it.
+            let mut task = tokio::spawn(async move {
+                let result = action.call(&mut ctx, &mut state).await;
+                (ctx, state, result)
+            });
+            let abort = task.abort_handle();
+            let joined = match tokio::time::timeout(timeout, &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    abort.abort();
+                    return AttemptResult {
+                        outcome: Err(StepError::timeout(AttemptTimedOut(timeout))),
+                    };
+                }
+            };
+            let outcome = match joined {
+                Ok((mut ctx, state, Ok(()))) => serde_json::to_value(&state)
+                    .map_err(StepError::permanent)
+                    .and_then(|v| check_size(v, limits.max_state_bytes))
+                    .map(|v| (v, ctx.take_emitted())),
+                Ok((_, _, Err(e))) => Err(e),
+                Err(join) => Err(StepError::retryable(StepPanicked(panic_message(join)))),
+            };
+            AttemptResult { outcome }
+        }))
+    }
+}
+
+fn check_size(v: serde_json::Value, limit: usize) -> Result<serde_json::Value, StepError> {
+    let size = serde_json::to_vec(&v).map_or(0, |b| b.len());
+    if size > limit {
+        return Err(StepError::permanent(Error::TooLarge {
+            what: "saga state",
+            size,
+            limit,
+        }));
+    }
+    Ok(v)
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A step attempt ran past its timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the attempt did not finish within {0:?}")]
+pub struct AttemptTimedOut(pub Duration);
+
+/// A step panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("the step panicked: {0}")]
+pub struct StepPanicked(pub String);
+
+/// The saga definitions an executor runs, by name and version.
+#[derive(Default, Clone)]
+struct Registry {
+    sagas: HashMap<SagaKind, Arc<dyn ErasedSaga>>,
+    kinds: Vec<SagaKind>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.kinds).finish()
+    }
+}
+
+/// Builds an [`Executor`].
+#[must_use = "call .build() to get the executor"]
+pub struct ExecutorBuilder<St> {
+    store: Arc<St>,
+    registry: Registry,
+    duplicate: Option<SagaKind>,
+    config: ExecutorConfig,
+    worker: WorkerId,
+    seed: Option<u64>,
+}
+
+impl<St: SagaStore> ExecutorBuilder<St> {
+    /// Registers a saga definition. Instances of saga kinds (name and
+    /// version) not registered here are never touched by this executor.
+    pub fn register<S>(mut self, saga: SagaDefinition<S>) -> Self
+    where
+        S: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let kind = saga.kind().clone();
+        if self.registry.sagas.contains_key(&kind) {
+            self.duplicate.get_or_insert(kind);
+            return self;
+        }
+        self.registry.kinds.push(kind.clone());
+        self.registry.sagas.insert(kind, Arc::new(saga));
+        self
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: ExecutorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Steps run at once, at most.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
+    /// Lease length.
+    pub fn lease_duration(mut self, d: Duration) -> Self {
+        self.config.lease_duration = d;
+        self
+    }
+
+    /// Heartbeat interval for running steps.
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.config.heartbeat_interval = d;
+        self
+    }
+
+    /// Idle poll interval.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+
+    /// Grace period for in-flight steps on shutdown.
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.config.shutdown_grace = d;
+        self
+    }
+
+    /// Size caps.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// This worker's id (default: a fresh one).
+    pub fn worker_id(mut self, id: WorkerId) -> Self {
+        self.worker = id;
+        self
+    }
+
+    /// Seeds the jitter's random source, for reproducible tests.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Checks the configuration and builds the executor.
+    pub fn build(self) -> Result<Executor<St>, Error> {
+        if let Some(kind) = self.duplicate {
+            return Err(Error::DuplicateRegistration(kind));
+        }
+        let c = &self.config;
+        let bad = |what: &'static str| Err(Error::InvalidConfig(what));
+        if c.concurrency == 0 {
+            return bad("concurrency must be at least 1");
+        }
+        if c.lease_duration.is_zero() || c.heartbeat_interval.is_zero() {
+            return bad("lease_duration and heartbeat_interval must be above zero");
+        }
+        if c.heartbeat_interval >= c.lease_duration {
+            return bad("heartbeat_interval must be shorter than lease_duration");
+        }
+        if c.poll_interval.is_zero() {
+            return bad("poll_interval must be above zero");
+        }
+        let rng = match self.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Ok(Executor {
+            shared: Arc::new(Shared {
+                store: self.store,
+                registry: self.registry,
+                config: self.config,
+                worker: self.worker,
+                rng: Mutex::new(rng),
+                wake: Arc::new(Notify::new()),
+            }),
+        })
+    }
+}
+
+struct Shared<St> {
+    store: Arc<St>,
+    registry: Registry,
+    config: ExecutorConfig,
+    worker: WorkerId,
+    rng: Mutex<StdRng>,
+    wake: Arc<Notify>,
+}
+
+/// Claims and runs due saga instances; see the [module docs](self).
+///
+/// Cheap to clone; clones share configuration and registry.
+pub struct Executor<St> {
+    shared: Arc<Shared<St>>,
+}
+
+impl<St> Clone for Executor<St> {
+    fn clone(&self) -> Self {
+        Executor {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> fmt::Debug for Executor<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Executor")
+            .field("worker", &self.shared.worker)
+            .field("sagas", &self.shared.registry)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a call to [`Executor::run_until_idle`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Instances claimed.
+    pub claimed: usize,
+    /// Transitions recorded, in the order they were recorded.
+    pub transitions: Vec<(SagaId, TransitionKind)>,
+    /// Results refused because the lease had been lost.
+    pub leases_lost: usize,
+    /// Claims given back (saga kind no longer registered).
+    pub released: usize,
+    /// Store operations that failed.
+    pub store_errors: usize,
+    /// Due instances of saga kinds not registered here.
+    pub unregistered: Vec<(SagaKind, u64)>,
+}
+
+/// How processing one claimed instance ended.
+#[derive(Debug)]
+enum Processed {
+    Recorded(SagaId, TransitionKind),
+    LeaseLost,
+    Released,
+    StoreError,
+}
+
+impl RunReport {
+    fn add(&mut self, p: Processed) {
+        match p {
+            Processed::Recorded(id, kind) => self.transitions.push((id, kind)),
+            Processed::LeaseLost => self.leases_lost += 1,
+            Processed::Released => self.released += 1,
+            Processed::StoreError => self.store_errors += 1,
+        }
+    }
+}
+
+impl<St: SagaStore> Executor<St> {
+    /// A builder on `store` with the default configuration.
+    pub fn builder(store: St) -> ExecutorBuilder<St> {
+        Executor::builder_from_arc(Arc::new(store))
+    }
+
+    /// A builder on a shared store.
+    pub fn builder_from_arc(store: Arc<St>) -> ExecutorBuilder<St> {
+        ExecutorBuilder {
+            store,
+            registry: Registry::default(),
+            duplicate: None,
+            config: ExecutorConfig::default(),
+            worker: WorkerId::new(),
+            seed: None,
+        }
+    }
+
+    /// This worker's id, as written into leases.
+    #[must_use]
+    pub fn worker_id(&self) -> WorkerId {
+        self.shared.worker
+    }
+
+    /// The saga kinds registered here.
+    #[must_use]
+    pub fn registered(&self) -> &[SagaKind] {
+        &self.shared.registry.kinds
+    }
+
+    /// A client on the same store that wakes this executor when it starts
+    /// an instance.
+    #[must_use]
+    pub fn client(&self) -> SagaClient<St> {
+        SagaClient::from_arc(self.shared.store.clone())
+            .with_limits(self.shared.config.limits)
+            .with_wake(self.shared.wake.clone())
+    }
+
+    /// Claims and runs due instances until none is due at the store clock's
+    /// current time, then reports what happened. Retries scheduled in the
+    /// future are left for a later call: with a
+    /// [`ManualClock`](crate::ManualClock), advance the clock and call again.
+    pub async fn run_until_idle(&self) -> Result<RunReport, Error> {
+        let mut report = RunReport::default();
+        loop {
+            let batch = self.claim(self.shared.config.concurrency).await?;
+            if batch.is_empty() {
+                break;
+            }
+            report.claimed += batch.len();
+            let mut tasks = JoinSet::new();
+            for claimed in batch {
+                tasks.spawn(process(self.shared.clone(), claimed));
+            }
+            while let Some(done) = tasks.join_next().await {
+                report.add(done.expect("processing never panics"));
+            }
+        }
+        report.unregistered = self.check_unregistered().await?;
+        Ok(report)
+    }
+
+    /// Runs until `shutdown` completes: claims due instances whenever a
+    /// slot is free, waking on starts from this executor's
+    /// [`client`](Executor::client), on finished steps and on the poll
+    /// interval. On shutdown it stops claiming and lets in-flight steps
+    /// finish within [`ExecutorConfig::shutdown_grace`]; steps still
+    /// running then are abandoned, and their leases expire so another
+    /// worker resumes them.
+    ///
+    /// Store errors are logged, counted and retried with backoff; they do
+    /// not end the loop.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let cfg = &self.shared.config;
+        let mut shutdown = pin!(shutdown);
+        let mut tasks: JoinSet<Processed> = JoinSet::new();
+        let mut next_unregistered_check = Instant::now();
+        let backoff_builder = backon::ExponentialBuilder::default()
+            .with_min_delay(cfg.poll_interval)
+            .with_max_delay(cfg.poll_interval.max(Duration::from_secs(30)))
+            .with_jitter()
+            .without_max_times();
+        let mut backoff = backoff_builder.build();
+        tracing::info!(worker = %self.shared.worker, sagas = ?self.shared.registry, "executor started");
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                log_processed(done);
+            }
+            let free = cfg.concurrency.saturating_sub(tasks.len());
+            let mut wait = cfg.poll_interval;
+            let mut claimed_full_batch = false;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(batch) => {
+                        backoff = backoff_builder.build();
+                        claimed_full_batch = batch.len() == free;
+                        for claimed in batch {
+                            tasks.spawn(process(self.shared.clone(), claimed));
+                        }
+                    }
+                    Err(e) => {
+                        wait = backoff.next().unwrap_or(cfg.poll_interval);
+                        tracing::warn!(error = %e, retry_in = ?wait, "claiming due sagas failed");
+                    }
+                }
+            }
+            if tasks.is_empty() && Instant::now() >= next_unregistered_check {
+                next_unregistered_check = Instant::now() + cfg.unregistered_check_interval;
+                if let Err(e) = self.check_unregistered().await {
+                    tracing::warn!(error = %e, "checking for unregistered sagas failed");
+                }
+            }
+            if claimed_full_batch && tasks.len() < cfg.concurrency {
+                continue;
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_processed(done),
+                () = self.shared.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        let in_flight = tasks.len();
+        tracing::info!(in_flight, grace = ?cfg.shutdown_grace, "executor stopping");
+        let drained = tokio::time::timeout(cfg.shutdown_grace, async {
+            while let Some(done) = tasks.join_next().await {
+                log_processed(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = tasks.len(),
+                "steps still running after the shutdown grace period were abandoned; their leases will expire"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        tracing::info!("executor stopped");
+        Ok(())
+    }
+
+    /// Resumes a stuck instance where it stopped, with a fresh retry budget
+    /// for that step.
+    pub async fn resume(&self, id: SagaId) -> Result<(), Error> {
+        self.operator(id, "resume", Event::Resume, Outcome::Resumed)
+            .await
+    }
+
+    /// Cancels a running instance whose pivot has not succeeded: what was
+    /// started is compensated, in reverse order. Fails with
+    /// [`Error::InvalidStatus`] past the pivot or once finished, and with
+    /// [`Error::Conflict`] while a worker holds the instance (try again).
+    pub async fn cancel(&self, id: SagaId, reason: impl Into<String>) -> Result<(), Error> {
+        let snapshot = self
+            .shared
+            .store
+            .load(id)
+            .await?
+            .ok_or(Error::NotFound(id))?;
+        let event = Event::Cancel {
+            reason: reason.into(),
+            current_step_started: snapshot.attempt > 0,
+        };
+        self.operator(id, "cancel", event, Outcome::Cancelled).await
+    }
+
+    async fn operator(
+        &self,
+        id: SagaId,
+        action: &'static str,
+        event: Event,
+        outcome: Outcome,
+    ) -> Result<(), Error> {
+        let store = &self.shared.store;
+        let snapshot = store.load(id).await?.ok_or(Error::NotFound(id))?;
+        let saga = self
+            .shared
+            .registry
+            .sagas
+            .get(&snapshot.kind)
+            .ok_or_else(|| Error::UnknownSaga(snapshot.kind.clone()))?;
+        let index = saga
+            .step_index(snapshot.step.as_str())
+            .ok_or(Error::InvalidStatus {
+                id,
+                action,
+                status: snapshot.status,
+            })?;
+        let position = Position {
+            step: index,
+            direction: snapshot.direction,
+        };
+        let t =
+            machine::transition(saga.plan(), snapshot.status, position, &event).map_err(|_| {
+                Error::InvalidStatus {
+                    id,
+                    action,
+                    status: snapshot.status,
+                }
+            })?;
+        let now = store.clock().now();
+        let reason = match &event {
+            Event::Cancel { reason, .. } => Some(reason.clone()),
+            _ => None,
+        };
+        let record = build_record(
+            saga.as_ref(),
+            &t,
+            now,
+            snapshot.attempt,
+            snapshot.first_attempt_at,
+            None,
+            Vec::new(),
+            HistoryEntry {
+                transition_id: TransitionId::new(),
+                step: snapshot.step.clone(),
+                direction: snapshot.direction,
+                attempt: snapshot.attempt,
+                outcome,
+                error: reason,
+                from_status: Some(snapshot.status),
+                to_status: t.status,
+                started_at: now,
+                finished_at: now,
+            },
+        );
+        store.record_unleased(id, snapshot.version, record).await?;
+        count_status(&snapshot.kind, t.status);
+        tracing::info!(saga_id = %id, action, status = %t.status, "operator action recorded");
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<ClaimedSaga>, Error> {
+        let cfg = &self.shared.config;
+        self.shared
+            .store
+            .claim(ClaimRequest {
+                worker: self.shared.worker,
+                kinds: &self.shared.registry.kinds,
+                limit,
+                lease_for: cfg.lease_duration,
+            })
+            .await
+            .inspect_err(|_| store_error("claim"))
+    }
+
+    async fn check_unregistered(&self) -> Result<Vec<(SagaKind, u64)>, Error> {
+        let found = self
+            .shared
+            .store
+            .due_unregistered(&self.shared.registry.kinds)
+            .await
+            .inspect_err(|_| store_error("due_unregistered"))?;
+        for (kind, count) in &found {
+            tracing::warn!(
+                saga = %kind.name,
+                version = kind.version,
+                due = count,
+                "due saga instances of a kind not registered on this worker are left untouched"
+            );
+            metrics::gauge!(m::UNREGISTERED_DUE,
+                "saga" => kind.name.to_string(), "version" => kind.version.to_string())
+            .set(*count as f64);
+        }
+        Ok(found)
+    }
+}
+
+fn log_processed(done: Result<Processed, tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "saga processing task failed");
+    }
+}
+
+fn store_error(operation: &'static str) {
+    metrics::counter!(m::STORE_ERRORS, "operation" => operation).increment(1);
+}
+
+fn count_status(kind: &SagaKind, status: Status) {
+    let name = match status {
+        Status::Completed => m::SAGAS_COMPLETED,
+        Status::Compensated => m::SAGAS_COMPENSATED,
+        Status::Stuck => m::SAGAS_STUCK,
+        _ => return,
+    };
+    metrics::counter!(name, "saga" => kind.name.to_string()).increment(1);
+}
+
+/// Claims are spent; `what` says why the step was not run.
+fn exhausted_reason(attempt: u32, policy: &RetryPolicy) -> String {
+    format!(
+        "retry budget spent: attempt {attempt} of at most {} was claimed, earlier attempts never \
+         recorded a result (worker crashes or lost leases)",
+        policy.max_attempts()
+    )
+}
+
+/// Processes one claimed instance: run its step, record the outcome.
+async fn process<St: SagaStore>(shared: Arc<Shared<St>>, claimed: ClaimedSaga) -> Processed {
+    let Some(saga) = shared.registry.sagas.get(&claimed.kind).cloned() else {
+        // Cannot happen (claims are filtered by kind); give it back if it does.
+        return match shared.store.release(&claimed.lease).await {
+            Ok(()) => Processed::Released,
+            Err(_) => Processed::StoreError,
+        };
+    };
+    let span = tracing::info_span!(
+        "saga_step",
+        saga_id = %claimed.lease.saga_id,
+        saga = %claimed.kind.name,
+        version = claimed.kind.version,
+        step = %claimed.step,
+        direction = %claimed.direction,
+        attempt = claimed.attempt,
+    );
+    process_in_span(shared, saga, claimed)
+        .instrument(span)
+        .await
+}
+
+async fn process_in_span<St: SagaStore>(
+    shared: Arc<Shared<St>>,
+    saga: Arc<dyn ErasedSaga>,
+    claimed: ClaimedSaga,
+) -> Processed {
+    let clock = shared.store.clock().clone();
+    let started_at = clock.now();
+    let id = claimed.lease.saga_id;
+    let labels = [
+        ("saga", claimed.kind.name.to_string()),
+        ("step", claimed.step.to_string()),
+        ("direction", claimed.direction.as_str().to_owned()),
+    ];
+
+    let mut emitted = Vec::new();
+    let mut new_state = None;
+    let mut error_text = None;
+    let (event, outcome) = 'event: {
+        let park = |reason: String| {
+            tracing::error!(%reason, "parking saga instance");
+            (Event::Park { reason }, Outcome::Parked)
+        };
+        let Some(index) = saga.step_index(claimed.step.as_str()) else {
+            break 'event park(format!(
+                "step `{}` is not part of saga {}",
+                claimed.step, claimed.kind
+            ));
+        };
+        let Some((policy, timeout)) = saga.policy(index, claimed.direction) else {
+            break 'event park(format!(
+                "step `{}` has no compensation to run",
+                claimed.step
+            ));
+        };
+        let policy = policy.clone();
+        if claimed.attempt > policy.max_attempts() {
+            let reason = exhausted_reason(claimed.attempt, &policy);
+            attempt_metric(&labels, "exhausted");
+            error_text = Some(reason.clone());
+            break 'event (Event::FailedForGood { reason }, Outcome::FailedForGood);
+        }
+        let ctx = StepContext::new(
+            id,
+            claimed.kind.name.clone(),
+            claimed.step.clone(),
+            claimed.direction,
+            claimed.attempt,
+            started_at,
+            timeout,
+        )
+        .with_max_payload_bytes(shared.config.limits.max_payload_bytes);
+        let attempt = match saga.attempt(
+            index,
+            claimed.direction,
+            ctx,
+            claimed.state.clone(),
+            shared.config.limits,
+        ) {
+            Ok(a) => a,
+            Err(reason) => break 'event park(reason),
+        };
+
+        let timer = Instant::now();
+        let result = match run_with_heartbeat(&shared, claimed.lease, attempt).await {
+            Some(result) => result,
+            None => return lease_lost(&claimed),
+        };
+        metrics::histogram!(m::STEP_DURATION, &labels).record(timer.elapsed().as_secs_f64());
+        let now = clock.now();
+        match result.outcome {
+            Ok((state, messages)) => {
+                attempt_metric(&labels, "succeeded");
+                emitted = messages;
+                new_state = Some(state);
+                (Event::Succeeded, Outcome::Succeeded)
+            }
+            Err(err) => {
+                let label = if err.source().is_some_and(|s| s.is::<StepPanicked>()) {
+                    "panicked"
+                } else {
+                    err.kind().as_str()
+                };
+                attempt_metric(&labels, label);
+                error_text = Some(err.describe());
+                match err.kind() {
+                    StepErrorKind::Snooze(d) => {
+                        (Event::Snoozed { until: now + d }, Outcome::Snoozed)
+                    }
+                    kind => {
+                        let decision = {
+                            let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+                            policy.decide(
+                                kind,
+                                claimed.attempt,
+                                claimed.first_attempt_at,
+                                now,
+                                &mut *rng,
+                            )
+                        };
+                        match decision {
+                            RetryDecision::RetryAt { at, delay } => {
+                                tracing::info!(error = %err, retry_in = ?delay, "step failed; retry scheduled");
+                                (Event::RetryScheduled { at }, Outcome::RetryScheduled)
+                            }
+                            RetryDecision::GiveUp(why) => {
+                                let reason = format!("{why}: {}", err.describe());
+                                tracing::warn!(%reason, "step failed for good");
+                                error_text = Some(reason.clone());
+                                (Event::FailedForGood { reason }, Outcome::FailedForGood)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    let index = saga.step_index(claimed.step.as_str()).unwrap_or(0);
+    let position = Position {
+        step: index,
+        direction: claimed.direction,
+    };
+    let t = match machine::transition(saga.plan(), claimed.status, position, &event) {
+        Ok(t) => t,
+        Err(invalid) => {
+            // A stored row the machine cannot place (an unknown step, a
+            // status and direction that disagree): park it for a person.
+            let reason = format!("cannot continue: {invalid}");
+            tracing::error!(%reason, "parking saga instance");
+            let stuck = machine::Transition {
+                kind: if claimed.direction == Direction::Forward {
+                    TransitionKind::ParkForward
+                } else {
+                    TransitionKind::ParkCompensation
+                },
+                status: Status::Stuck,
+                position,
+                command: Command::Park { reason },
+            };
+            return record(
+                &shared,
+                &saga,
+                &claimed,
+                stuck,
+                started_at,
+                Outcome::Parked,
+                None,
+                None,
+                Vec::new(),
+            )
+            .await;
+        }
+    };
+    record(
+        &shared, &saga, &claimed, t, started_at, outcome, error_text, new_state, emitted,
+    )
+    .await
+}
+
+fn attempt_metric(labels: &[(&'static str, String); 3], outcome: &'static str) {
+    let [(_, saga), (_, step), (_, direction)] = labels;
+    metrics::counter!(m::STEP_ATTEMPTS,
+        "saga" => saga.clone(), "step" => step.clone(),
+        "direction" => direction.clone(), "outcome" => outcome)
+    .increment(1);
+}
+
+fn lease_lost(claimed: &ClaimedSaga) -> Processed {
+    tracing::warn!("lease lost: another worker has taken this instance over; result discarded");
+    metrics::counter!(m::LEASES_LOST, "saga" => claimed.kind.name.to_string()).increment(1);
+    Processed::LeaseLost
+}
+
+/// Runs the attempt while extending the lease every heartbeat interval.
+/// `None` if the lease was lost meanwhile (the attempt is then abandoned:
+/// its result could not be recorded).
+async fn run_with_heartbeat<St: SagaStore>(
+    shared: &Shared<St>,
+    mut lease: Lease,
+    attempt: BoxFuture<'static, AttemptResult>,
+) -> Option<AttemptResult> {
+    let cfg = &shared.config;
+    let mut attempt = attempt;
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.heartbeat_interval,
+        cfg.heartbeat_interval,
+    );
+    loop {
+        tokio::select! {
+            result = &mut attempt => return Some(result),
+            _ = ticker.tick() => {
+                match shared.store.heartbeat(&lease, cfg.lease_duration).await {
+                    Ok(extended) => lease = extended,
+                    Err(Error::LeaseLost(_)) => return None,
+                    Err(e) => {
+                        store_error("heartbeat");
+                        tracing::warn!(error = %e, "lease heartbeat failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn record<St: SagaStore>(
+    shared: &Shared<St>,
+    saga: &Arc<dyn ErasedSaga>,
+    claimed: &ClaimedSaga,
+    t: machine::Transition,
+    started_at: Timestamp,
+    outcome: Outcome,
+    error: Option<String>,
+    new_state: Option<serde_json::Value>,
+    emitted: Vec<OutboxMessage>,
+) -> Processed {
+    let now = shared.store.clock().now();
+    let history = HistoryEntry {
+        transition_id: TransitionId::new(),
+        step: claimed.step.clone(),
+        direction: claimed.direction,
+        attempt: claimed.attempt,
+        outcome,
+        error,
+        from_status: Some(claimed.status),
+        to_status: t.status,
+        started_at,
+        finished_at: now,
+    };
+    let record = build_record(
+        saga.as_ref(),
+        &t,
+        now,
+        claimed.attempt,
+        Some(claimed.first_attempt_at),
+        new_state,
+        emitted,
+        history,
+    );
+    let id = claimed.lease.saga_id;
+    match shared.store.record(&claimed.lease, record).await {
+        Ok(()) => {
+            count_status(&claimed.kind, t.status);
+            tracing::debug!(transition = ?t.kind, status = %t.status, "recorded");
+            if matches!(t.command, Command::Schedule { at: None, .. }) {
+                // The next step is due now: make sure a worker looks.
+                shared.wake.notify_one();
+            }
+            Processed::Recorded(id, t.kind)
+        }
+        Err(Error::LeaseLost(_)) => lease_lost(claimed),
+        Err(e) => {
+            store_error("record");
+            tracing::error!(error = %e, "recording the step's outcome failed; the step will run again when the lease expires");
+            Processed::StoreError
+        }
+    }
+}
+
+/// Turns a transition into the write that persists it.
+#[allow(clippy::too_many_arguments)]
+fn build_record(
+    saga: &dyn ErasedSaga,
+    t: &machine::Transition,
+    now: Timestamp,
+    attempt: u32,
+    first_attempt_at: Option<Timestamp>,
+    new_state: Option<serde_json::Value>,
+    outbox: Vec<OutboxMessage>,
+    history: HistoryEntry,
+) -> Record {
+    let (attempt, first_attempt_at, next_run_at, stuck_reason) = match &t.command {
+        Command::Schedule { at, attempts } => {
+            let (attempt, first) = match attempts {
+                Attempts::Reset => (0, None),
+                Attempts::Keep => (attempt, first_attempt_at),
+                Attempts::Refund => {
+                    let left = attempt.saturating_sub(1);
+                    (left, first_attempt_at.filter(|_| left > 0))
+                }
+            };
+            (attempt, first, Some(at.unwrap_or(now)), None)
+        }
+        Command::Finish => (attempt, first_attempt_at, None, None),
+        Command::Park { reason } => (attempt, first_attempt_at, None, Some(reason.clone())),
+    };
+    // Parking never moves an instance: keep the stored step name, which may
+    // be one the definition no longer knows.
+    let step = match &t.command {
+        Command::Park { .. } => history.step.clone(),
+        _ => saga.step_name(t.position.step).clone(),
+    };
+    Record {
+        transition_id: history.transition_id,
+        status: t.status,
+        step,
+        direction: t.position.direction,
+        attempt,
+        first_attempt_at,
+        next_run_at,
+        state: new_state,
+        stuck_reason,
+        outbox,
+        history,
+    }
+}

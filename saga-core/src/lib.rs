@@ -1,0 +1,50 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod client;
+mod context;
+mod definition;
+mod error;
+mod executor;
+mod ids;
+pub mod machine;
+mod memory;
+pub mod metrics;
+mod outbox;
+mod retry;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod time;
+
+pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient};
+pub use context::StepContext;
+pub use definition::{
+    Action, ActionFn, AfterPivotPhase, BeforePivot, BeforePivotPhase, BoxFuture,
+    DEFAULT_STEP_TIMEOUT, PivotOrAfter, SagaBuilder, SagaDefinition, Step, Undecided,
+    WithCompensation, WithoutCompensation, action_fn,
+};
+pub use error::{
+    BoxError, DefinitionProblem, Error, InvalidName, InvalidRetryPolicy, StepError, StepErrorKind,
+};
+pub use executor::{
+    AttemptTimedOut, Executor, ExecutorBuilder, ExecutorConfig, RunReport, StepPanicked,
+};
+pub use ids::{
+    Direction, IdempotencyKey, LeaseToken, MAX_NAME_LEN, MAX_START_KEY_LEN, MessageId, SagaId,
+    SagaKind, SagaName, StartKey, StepName, TransitionId, WorkerId,
+};
+pub use machine::{Status, StepKind};
+pub use memory::InMemorySagaStore;
+pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
+pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use store::{
+    ClaimRequest, ClaimedSaga, HistoryEntry, Lease, NewSaga, Outcome, Record, SagaSnapshot,
+    SagaStore, Started,
+};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+
+/// The repository README's examples, compiled and run as doctests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,233 @@
+//! Outbox messages as the engine sees them.
+//!
+//! A step emits messages through its [`StepContext`](crate::StepContext);
+//! they are written by the store in the same write that records the step's
+//! result, so they exist if and only if the step's success does. Their ids
+//! are derived from (instance, step, direction, index), so a step that runs
+//! again after a crash cannot enqueue a second copy.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::InvalidName;
+use crate::ids::MessageId;
+use crate::time::Timestamp;
+
+/// The longest topic, message key, header name or header value accepted.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// A message body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A JSON document.
+    Json(serde_json::Value),
+    /// Opaque bytes.
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    /// The payload's size in bytes as it will be stored and published.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            // Serializing a `Value` cannot fail.
+            Payload::Json(v) => serde_json::to_vec(v).map_or(0, |b| b.len()),
+            Payload::Bytes(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A message to emit, before it has an id.
+///
+/// ```
+/// use saga_core::Message;
+///
+/// let msg = Message::json("order.confirmed", &serde_json::json!({"order": 17}))?
+///     .key("order-17")?
+///     .header("content-type", "application/json")?;
+/// assert_eq!(msg.topic(), "order.confirmed");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub struct Message {
+    topic: String,
+    key: Option<String>,
+    payload: Payload,
+    headers: BTreeMap<String, String>,
+    delay: Duration,
+}
+
+fn check_text(what: &'static str, s: &str) -> Result<(), InvalidName> {
+    if s.is_empty() {
+        return Err(InvalidName::new(what, s, "must not be empty"));
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(InvalidName::new(what, s, "longer than 255 bytes"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(InvalidName::new(
+            what,
+            s,
+            "control characters are not allowed",
+        ));
+    }
+    Ok(())
+}
+
+impl Message {
+    /// A message whose payload is `value` serialized as JSON.
+    pub fn json<T: Serialize + ?Sized>(
+        topic: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, MessageError> {
+        let value = serde_json::to_value(value).map_err(MessageError::Serialize)?;
+        Message::new(topic, Payload::Json(value))
+    }
+
+    /// A message with an opaque byte payload.
+    pub fn bytes(
+        topic: impl Into<String>,
+        bytes: impl Into<Vec<u8>>,
+    ) -> Result<Self, MessageError> {
+        Message::new(topic, Payload::Bytes(bytes.into()))
+    }
+
+    /// A message with the given payload.
+    pub fn new(topic: impl Into<String>, payload: Payload) -> Result<Self, MessageError> {
+        let topic = topic.into();
+        check_text("topic", &topic)?;
+        Ok(Message {
+            topic,
+            key: None,
+            payload,
+            headers: BTreeMap::new(),
+            delay: Duration::ZERO,
+        })
+    }
+
+    /// An ordering key: messages with the same key are delivered in order
+    /// where the dispatcher is configured for it.
+    pub fn key(mut self, key: impl Into<String>) -> Result<Self, MessageError> {
+        let key = key.into();
+        check_text("message key", &key)?;
+        self.key = Some(key);
+        Ok(self)
+    }
+
+    /// Adds a header.
+    pub fn header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, MessageError> {
+        let (name, value) = (name.into(), value.into());
+        check_text("header name", &name)?;
+        if value.len() > MAX_TOPIC_LEN || value.chars().any(char::is_control) {
+            return Err(InvalidName::new(
+                "header value",
+                &value,
+                "at most 255 bytes, no control characters",
+            )
+            .into());
+        }
+        self.headers.insert(name, value);
+        Ok(self)
+    }
+
+    /// Do not deliver before `delay` has passed from the commit.
+    pub fn deliver_after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// The topic.
+    #[must_use]
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The payload.
+    #[must_use]
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    /// Gives the message its id and its availability time.
+    pub(crate) fn into_outbox(self, id: MessageId, now: Timestamp) -> OutboxMessage {
+        OutboxMessage {
+            id,
+            topic: self.topic,
+            key: self.key,
+            payload: self.payload,
+            headers: self.headers,
+            available_at: now + self.delay,
+        }
+    }
+}
+
+/// A message with its id, ready to be written to the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// Unique id; consumers deduplicate on it.
+    pub id: MessageId,
+    /// Where it goes.
+    pub topic: String,
+    /// Optional ordering key.
+    pub key: Option<String>,
+    /// The body.
+    pub payload: Payload,
+    /// Headers.
+    pub headers: BTreeMap<String, String>,
+    /// Not delivered before this time.
+    pub available_at: Timestamp,
+}
+
+/// A message that cannot be built or emitted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// A topic, key or header is invalid.
+    #[error(transparent)]
+    Invalid(#[from] InvalidName),
+    /// The payload could not be serialized.
+    #[error("could not serialize the message payload")]
+    Serialize(#[source] serde_json::Error),
+    /// The payload exceeds the configured cap.
+    #[error("message payload is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The configured cap.
+        limit: usize,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_validate_their_fields() {
+        assert!(Message::bytes("", b"x".to_vec()).is_err());
+        assert!(Message::bytes("t\n", b"x".to_vec()).is_err());
+        let m = Message::bytes("t", b"x".to_vec()).unwrap();
+        assert!(m.clone().key("k".repeat(256)).is_err());
+        assert!(m.clone().header("h", "v\r\n").is_err());
+        assert!(m.header("h", "v").is_ok());
+    }
+
+    #[test]
+    fn payload_len_is_the_serialized_size() {
+        assert_eq!(Payload::Json(serde_json::json!({"a": 1})).len(), 7);
+        assert_eq!(Payload::Bytes(vec![0; 3]).len(), 3);
+    }
+}

@@ -1,0 +1,338 @@
+//! The store contract.
+//!
+//! A [`SagaStore`] keeps instances, their history and the messages their
+//! steps emit. It decides nothing: the executor computes every transition
+//! with the pure [status machine](crate::machine) and hands the store one
+//! [`Record`] to apply atomically, guarded by a lease (or, for operator
+//! actions, by the instance's version). Implementations must pass the
+//! conformance suite in [`crate::testing`] (feature `testing`).
+//!
+//! ## Leases and fencing
+//!
+//! [`claim`](SagaStore::claim) hands out due instances with a fresh
+//! [`LeaseToken`] and an expiry, and counts the attempt. A write guarded by a
+//! lease succeeds only if the token is still the instance's current one and
+//! has not expired; otherwise it changes nothing and fails with
+//! [`Error::LeaseLost`](crate::Error::LeaseLost). An expired lease makes the
+//! instance claimable again, with a new token, so a stalled worker can never
+//! overwrite the work of the worker that took over.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::ids::{
+    Direction, LeaseToken, SagaId, SagaKind, StartKey, StepName, TransitionId, WorkerId,
+};
+use crate::machine::Status;
+use crate::outbox::OutboxMessage;
+use crate::time::{Clock, Timestamp};
+
+/// A new instance, as the client hands it to the store.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    /// The new instance's id (used only if the start key is new).
+    pub id: SagaId,
+    /// Saga name and version.
+    pub kind: SagaKind,
+    /// The caller's idempotency key, unique per saga name.
+    pub start_key: StartKey,
+    /// SHA-256 of the canonical JSON input, to tell a repeated start from a
+    /// conflicting one.
+    pub input_digest: [u8; 32],
+    /// The initial state.
+    pub state: serde_json::Value,
+    /// The first step (forward).
+    pub first_step: StepName,
+    /// The history row that records the creation.
+    pub history: HistoryEntry,
+}
+
+/// The answer to a start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The instance: the new one, or the one started earlier with this key.
+    pub id: SagaId,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// What a worker asks for when claiming.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// Who claims.
+    pub worker: WorkerId,
+    /// Only instances of these saga kinds are claimed; others are left for
+    /// workers that have them registered.
+    pub kinds: &'a [SagaKind],
+    /// At most this many instances.
+    pub limit: usize,
+    /// How long the lease lasts unless extended.
+    pub lease_for: Duration,
+}
+
+/// A lease on one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The leased instance.
+    pub saga_id: SagaId,
+    /// The fencing token.
+    pub token: LeaseToken,
+    /// When the lease lapses unless extended.
+    pub expires_at: Timestamp,
+}
+
+/// An instance handed to a worker by [`SagaStore::claim`].
+#[derive(Debug, Clone)]
+pub struct ClaimedSaga {
+    /// The worker's lease.
+    pub lease: Lease,
+    /// Saga name and version.
+    pub kind: SagaKind,
+    /// `Running` or `Compensating`.
+    pub status: Status,
+    /// The step to run.
+    pub step: StepName,
+    /// Its direction.
+    pub direction: Direction,
+    /// This attempt's number (from 1): the claim counted it.
+    pub attempt: u32,
+    /// When the first attempt of this step and direction started.
+    pub first_attempt_at: Timestamp,
+    /// The state as recorded after the last successful step.
+    pub state: serde_json::Value,
+}
+
+/// One atomic write: the new position and status of an instance, its new
+/// state, the messages its step emitted, and a history row.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Identifies the write, under a unique constraint: lets a store tell
+    /// whether a commit whose reply was lost took effect.
+    pub transition_id: TransitionId,
+    /// The new status.
+    pub status: Status,
+    /// The step the instance is now at.
+    pub step: StepName,
+    /// Its direction.
+    pub direction: Direction,
+    /// Attempts spent on that step and direction.
+    pub attempt: u32,
+    /// When the first of them started; `None` when none has.
+    pub first_attempt_at: Option<Timestamp>,
+    /// When the instance is next due; `None` when it is terminal or stuck.
+    pub next_run_at: Option<Timestamp>,
+    /// The new state; `None` keeps the stored one.
+    pub state: Option<serde_json::Value>,
+    /// Why the instance is stuck, if it is.
+    pub stuck_reason: Option<String>,
+    /// Messages to enqueue. Inserting a message whose id already exists
+    /// does nothing (a re-run step emits the same ids).
+    pub outbox: Vec<OutboxMessage>,
+    /// The history row to append.
+    pub history: HistoryEntry,
+}
+
+/// What happened, as recorded in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The instance was created.
+    Created,
+    /// The step succeeded.
+    Succeeded,
+    /// The step failed; another attempt is scheduled.
+    RetryScheduled,
+    /// The step asked to run again later, without spending an attempt.
+    Snoozed,
+    /// The step failed for good.
+    FailedForGood,
+    /// The engine could not run the instance and parked it.
+    Parked,
+    /// An operator resumed the instance.
+    Resumed,
+    /// An operator cancelled the instance.
+    Cancelled,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Created,
+        Outcome::Succeeded,
+        Outcome::RetryScheduled,
+        Outcome::Snoozed,
+        Outcome::FailedForGood,
+        Outcome::Parked,
+        Outcome::Resumed,
+        Outcome::Cancelled,
+    ];
+
+    /// The stored name.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Succeeded => "succeeded",
+            Outcome::RetryScheduled => "retry_scheduled",
+            Outcome::Snoozed => "snoozed",
+            Outcome::FailedForGood => "failed_for_good",
+            Outcome::Parked => "parked",
+            Outcome::Resumed => "resumed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::str::FromStr for Outcome {
+    type Err = crate::error::InvalidName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Outcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| crate::error::InvalidName::new("outcome", s, "not a history outcome"))
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One row of an instance's history: every transition appends one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The transition that wrote it.
+    pub transition_id: TransitionId,
+    /// The step concerned.
+    pub step: StepName,
+    /// Its direction.
+    pub direction: Direction,
+    /// The attempt concerned (0 when none ran, e.g. on creation).
+    pub attempt: u32,
+    /// What happened.
+    pub outcome: Outcome,
+    /// The error and its causes, when the step failed.
+    pub error: Option<String>,
+    /// Status before (`None` on creation).
+    pub from_status: Option<Status>,
+    /// Status after.
+    pub to_status: Status,
+    /// When the attempt (or operator action) started.
+    pub started_at: Timestamp,
+    /// When it finished.
+    pub finished_at: Timestamp,
+}
+
+/// An instance as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaSnapshot {
+    /// The instance.
+    pub id: SagaId,
+    /// Saga name and version.
+    pub kind: SagaKind,
+    /// The caller's start key.
+    pub start_key: StartKey,
+    /// Its status.
+    pub status: Status,
+    /// The current (or last) step.
+    pub step: StepName,
+    /// Its direction.
+    pub direction: Direction,
+    /// Attempts spent on that step and direction.
+    pub attempt: u32,
+    /// When the first of them started.
+    pub first_attempt_at: Option<Timestamp>,
+    /// When it is next due.
+    pub next_run_at: Option<Timestamp>,
+    /// The state.
+    pub state: serde_json::Value,
+    /// Why it is stuck.
+    pub stuck_reason: Option<String>,
+    /// The current lease holder and expiry, if leased.
+    pub lease: Option<(WorkerId, Timestamp)>,
+    /// Bumped by every write.
+    pub version: u64,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it was last written.
+    pub updated_at: Timestamp,
+}
+
+/// Where a store keeps saga instances.
+///
+/// Every method is one short, atomic operation; none is ever called with a
+/// step in progress inside it.
+pub trait SagaStore: Send + Sync + 'static {
+    /// The clock the store (and every executor on it) reads.
+    fn clock(&self) -> &Arc<dyn Clock>;
+
+    /// Creates an instance, or returns the one already started with the same
+    /// saga name and start key. If that one was started with a different
+    /// input, fails with [`Error::StartKeyConflict`] and writes nothing.
+    fn start(&self, new: NewSaga) -> impl Future<Output = Result<Started, Error>> + Send;
+
+    /// Leases up to `limit` due instances of the given kinds: `Running` or
+    /// `Compensating`, next run time passed, not under a live lease; oldest
+    /// due first. Each claim counts an attempt of the instance's current
+    /// step (and sets its first attempt time if unset).
+    fn claim(
+        &self,
+        request: ClaimRequest<'_>,
+    ) -> impl Future<Output = Result<Vec<ClaimedSaga>, Error>> + Send;
+
+    /// Extends a live lease to `now + lease_for`. Fails with
+    /// [`Error::LeaseLost`] if it is no longer held.
+    fn heartbeat(
+        &self,
+        lease: &Lease,
+        lease_for: Duration,
+    ) -> impl Future<Output = Result<Lease, Error>> + Send;
+
+    /// Gives a lease back without running the step: the attempt the claim
+    /// counted is refunded and the instance is due again at once.
+    fn release(&self, lease: &Lease) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Applies `record` if `lease` is still held, releasing it. Otherwise
+    /// changes nothing and fails with [`Error::LeaseLost`].
+    fn record(
+        &self,
+        lease: &Lease,
+        record: Record,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Applies an operator's `record` if the instance is still at
+    /// `expected_version` and under no live lease; otherwise fails with
+    /// [`Error::Conflict`] and changes nothing. Any expired lease is voided.
+    fn record_unleased(
+        &self,
+        id: SagaId,
+        expected_version: u64,
+        record: Record,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The instance, if it exists.
+    fn load(&self, id: SagaId) -> impl Future<Output = Result<Option<SagaSnapshot>, Error>> + Send;
+
+    /// The instance's history, oldest first.
+    fn history(&self, id: SagaId) -> impl Future<Output = Result<Vec<HistoryEntry>, Error>> + Send;
+
+    /// The messages emitted by the instance's steps that are still in the
+    /// outbox (not yet dispatched), in the order they were written.
+    fn outbox_for(
+        &self,
+        id: SagaId,
+    ) -> impl Future<Output = Result<Vec<OutboxMessage>, Error>> + Send;
+
+    /// How many due instances belong to saga kinds *not* in `kinds`: work
+    /// that no worker with this registry will ever pick up.
+    fn due_unregistered(
+        &self,
+        kinds: &[SagaKind],
+    ) -> impl Future<Output = Result<Vec<(SagaKind, u64)>, Error>> + Send;
+}

@@ -1,0 +1,21 @@
+use saga_core::{SagaDefinition, Step, StepContext, StepError};
+
+async fn confirm(_: &mut StepContext, _: &mut u64) -> Result<(), StepError> {
+    Ok(())
+}
+
+async fn notify(_: &mut StepContext, _: &mut u64) -> Result<(), StepError> {
+    Ok(())
+}
+
+async fn unsend(_: &mut StepContext, _: &mut u64) -> Result<(), StepError> {
+    Ok(())
+}
+
+fn main() {
+    // Past the pivot the saga only goes forward: no compensation.
+    let _ = SagaDefinition::<u64>::builder("checkout", 1)
+        .pivot(Step::new("confirm_order", confirm))
+        .step(Step::new("send_confirmation", notify).compensate_with(unsend))
+        .build();
+}

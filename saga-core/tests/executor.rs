@@ -1,0 +1,745 @@
+//! Executor behaviour that does not depend on the store: timeouts, panics,
+//! heartbeats, shutdown, concurrency, size caps, metrics and tracing.
+//! Store-dependent behaviour is in the conformance suite.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::testing::{Behavior, Gate, LEASE, Script, TestState, scripted_saga};
+use saga_core::{
+    ClaimRequest, ClaimedSaga, Clock, Direction, Error, Executor, HistoryEntry, InMemorySagaStore,
+    Lease, Limits, ManualClock, Message, OutboxMessage, Outcome, Record, SagaDefinition, SagaId,
+    SagaKind, SagaSnapshot, SagaStore, StartKey, Started, Status, Step, StepContext, StepError,
+    Timestamp,
+};
+use tokio::sync::{Notify, oneshot};
+
+const F: Direction = Direction::Forward;
+
+struct Setup {
+    clock: Arc<ManualClock>,
+    store: Arc<InMemorySagaStore>,
+    script: Arc<Script>,
+    saga: SagaDefinition<TestState>,
+}
+
+fn setup() -> Setup {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_micros(
+        1_750_000_000_000_000,
+    )));
+    let store = Arc::new(InMemorySagaStore::with_clock(clock.clone()));
+    let script = Script::new();
+    let saga = scripted_saga(&script, 1);
+    Setup {
+        clock,
+        store,
+        script,
+        saga,
+    }
+}
+
+impl Setup {
+    fn executor(&self) -> Executor<InMemorySagaStore> {
+        Executor::builder_from_arc(self.store.clone())
+            .register(self.saga.clone())
+            .lease_duration(LEASE)
+            .heartbeat_interval(LEASE - Duration::from_secs(1))
+            .build()
+            .unwrap()
+    }
+
+    async fn start(&self, order: u32) -> SagaId {
+        self.executor()
+            .client()
+            .start(&self.saga, key(order), &TestState::order(order))
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn history(&self, id: SagaId) -> Vec<HistoryEntry> {
+        self.store.history(id).await.unwrap()
+    }
+}
+
+fn key(order: u32) -> StartKey {
+    StartKey::new(format!("order-{order}")).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_outlives_its_timeout_is_a_retryable_failure() {
+    let s = setup();
+    s.script.on(1, "charge", F, [Behavior::Hang]);
+    let id = s.start(1).await;
+    s.executor().run_until_idle().await.unwrap();
+    let snap = s.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (snap.status, snap.step.as_str(), snap.attempt),
+        (Status::Running, "charge", 1)
+    );
+    let last = s.history(id).await.pop().unwrap();
+    assert_eq!(last.outcome, Outcome::RetryScheduled);
+    let error = last.error.unwrap();
+    assert!(
+        error.starts_with("timeout: the attempt did not finish within 5s"),
+        "{error}"
+    );
+    s.clock.advance(Duration::from_secs(1));
+    s.executor().run_until_idle().await.unwrap();
+    assert_eq!(
+        s.store.load(id).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_step_is_a_retryable_failure_and_the_worker_carries_on() {
+    let s = setup();
+    s.script.on(1, "reserve", F, [Behavior::Panic]);
+    let id = s.start(1).await;
+    let other = s.start(2).await;
+    s.executor().run_until_idle().await.unwrap();
+    let last = s.history(id).await.pop().unwrap();
+    assert_eq!(last.outcome, Outcome::RetryScheduled);
+    assert!(
+        last.error
+            .unwrap()
+            .contains("the step panicked: scripted panic in reserve")
+    );
+    assert_eq!(
+        s.store.load(other).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+    s.clock.advance(Duration::from_secs(1));
+    s.executor().run_until_idle().await.unwrap();
+    assert_eq!(
+        s.store.load(id).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+}
+
+/// A store that signals each heartbeat it serves.
+struct SignallingStore {
+    inner: InMemorySagaStore,
+    heartbeats: Notify,
+}
+
+impl SagaStore for SignallingStore {
+    fn clock(&self) -> &Arc<dyn Clock> {
+        self.inner.clock()
+    }
+    async fn start(&self, new: saga_core::NewSaga) -> Result<Started, Error> {
+        self.inner.start(new).await
+    }
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<ClaimedSaga>, Error> {
+        self.inner.claim(request).await
+    }
+    async fn heartbeat(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, Error> {
+        let r = self.inner.heartbeat(lease, lease_for).await;
+        self.heartbeats.notify_one();
+        r
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        self.inner.release(lease).await
+    }
+    async fn record(&self, lease: &Lease, record: Record) -> Result<(), Error> {
+        self.inner.record(lease, record).await
+    }
+    async fn record_unleased(&self, id: SagaId, v: u64, record: Record) -> Result<(), Error> {
+        self.inner.record_unleased(id, v, record).await
+    }
+    async fn load(&self, id: SagaId) -> Result<Option<SagaSnapshot>, Error> {
+        self.inner.load(id).await
+    }
+    async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, Error> {
+        self.inner.history(id).await
+    }
+    async fn outbox_for(&self, id: SagaId) -> Result<Vec<OutboxMessage>, Error> {
+        self.inner.outbox_for(id).await
+    }
+    async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
+        self.inner.due_unregistered(kinds).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_a_long_step_leased() {
+    let s = setup();
+    let store = Arc::new(SignallingStore {
+        inner: InMemorySagaStore::with_clock(s.clock.clone()),
+        heartbeats: Notify::new(),
+    });
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(s.saga.clone())
+        .lease_duration(LEASE)
+        .heartbeat_interval(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let gate = Gate::new();
+    s.script
+        .on(1, "validate", F, [Behavior::Wait(gate.clone())]);
+    let id = exec
+        .client()
+        .start(&s.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap()
+        .id;
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move { exec.run_until_idle().await }
+    });
+    gate.entered().await;
+    s.clock.advance(LEASE - Duration::from_secs(5));
+    // Two seconds of the worker's timer pass (less than the step's
+    // timeout): it heartbeats.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    store.heartbeats.notified().await;
+    s.clock.advance(Duration::from_secs(10)); // past the original expiry
+    let kinds = [s.saga.kind().clone()];
+    let other = store
+        .claim(ClaimRequest {
+            worker: saga_core::WorkerId::new(),
+            kinds: &kinds,
+            limit: 10,
+            lease_for: LEASE,
+        })
+        .await
+        .unwrap();
+    assert!(other.is_empty(), "the heartbeat kept the lease");
+    gate.open();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.leases_lost, 0);
+    assert_eq!(
+        store.load(id).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+}
+
+#[tokio::test]
+async fn run_stops_claiming_on_shutdown_and_lets_the_step_in_flight_finish() {
+    let s = setup();
+    let gate = Gate::new();
+    s.script.on(1, "charge", F, [Behavior::Wait(gate.clone())]);
+    let exec = Executor::builder_from_arc(s.store.clone())
+        .register(s.saga.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move {
+            exec.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    // The long poll interval means only the start's wake-up gets it going.
+    let id = exec
+        .client()
+        .start(&s.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap()
+        .id;
+    gate.entered().await;
+    stop.send(()).unwrap();
+    gate.open();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("run returns after shutdown")
+        .unwrap()
+        .unwrap();
+    let snap = s.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (snap.status, snap.step.as_str(), snap.attempt),
+        (Status::Running, "reserve", 0),
+        "charge was recorded; reserve was not started after shutdown"
+    );
+    assert_eq!(snap.lease, None);
+    assert_eq!(s.script.trace(1), ["validate:forward", "charge:forward"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn steps_still_running_after_the_grace_period_are_abandoned_and_resumed_elsewhere() {
+    let s = setup();
+    let never_opened = Gate::new();
+    s.script
+        .on(1, "validate", F, [Behavior::Wait(never_opened.clone())]);
+    let exec = Executor::builder_from_arc(s.store.clone())
+        .register(s.saga.clone())
+        .lease_duration(LEASE)
+        .heartbeat_interval(Duration::from_secs(20))
+        .shutdown_grace(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let id = exec
+        .client()
+        .start(&s.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap()
+        .id;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move {
+            exec.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    never_opened.entered().await;
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    // Abandoned: still leased, nothing recorded.
+    assert!(s.store.load(id).await.unwrap().unwrap().lease.is_some());
+    assert!(s.executor().run_until_idle().await.unwrap().claimed == 0);
+    s.clock.advance(LEASE);
+    s.executor().run_until_idle().await.unwrap();
+    assert_eq!(
+        s.store.load(id).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+}
+
+#[tokio::test]
+async fn no_more_steps_run_at_once_than_the_concurrency_allows() {
+    let s = setup();
+    let gates = [Gate::new(), Gate::new()];
+    s.script
+        .on(1, "validate", F, [Behavior::Wait(gates[0].clone())]);
+    s.script
+        .on(2, "validate", F, [Behavior::Wait(gates[1].clone())]);
+    let ids = [s.start(1).await, s.start(2).await, s.start(3).await];
+    let exec = Executor::builder_from_arc(s.store.clone())
+        .register(s.saga.clone())
+        .concurrency(2)
+        .build()
+        .unwrap();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move { exec.run_until_idle().await }
+    });
+    gates[0].entered().await;
+    gates[1].entered().await;
+    let third = s.store.load(ids[2]).await.unwrap().unwrap();
+    assert_eq!(
+        (third.lease, third.attempt),
+        (None, 0),
+        "the third waits for a slot"
+    );
+    gates[0].open();
+    gates[1].open();
+    running.await.unwrap().unwrap();
+    for id in ids {
+        assert_eq!(
+            s.store.load(id).await.unwrap().unwrap().status,
+            Status::Completed
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_input_is_refused_before_anything_is_written() {
+    let s = setup();
+    let client = s.executor().client().with_limits(Limits {
+        max_state_bytes: 64,
+        max_payload_bytes: 64,
+    });
+    let mut big = TestState::order(1);
+    big.done = vec!["x".repeat(100)];
+    let err = client.start(&s.saga, key(1), &big).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "saga input",
+                limit: 64,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(s.store.snapshots().is_empty());
+    // The same key is still free.
+    client
+        .start(&s.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap();
+}
+
+async fn bloat(_: &mut StepContext, s: &mut Vec<String>) -> Result<(), StepError> {
+    s.push("y".repeat(1000));
+    Ok(())
+}
+async fn ok(_: &mut StepContext, _: &mut Vec<String>) -> Result<(), StepError> {
+    Ok(())
+}
+async fn emit_big(ctx: &mut StepContext, _: &mut Vec<String>) -> Result<(), StepError> {
+    ctx.emit(Message::bytes("t", vec![0; 1000])?)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_state_or_payload_grown_past_the_cap_fails_the_step_for_good() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(InMemorySagaStore::with_clock(clock));
+    let undo_calls = Arc::new(Mutex::new(0));
+    let counted = undo_calls.clone();
+    let undo = saga_core::action_fn(move |_, _: &mut Vec<String>| {
+        *counted.lock().unwrap() += 1;
+        Box::pin(async { Ok(()) })
+    });
+    let grows = SagaDefinition::<Vec<String>>::builder("grows", 1)
+        .step(Step::new("bloat", bloat).compensate_with(undo))
+        .build()
+        .unwrap();
+    let shouts = SagaDefinition::<Vec<String>>::builder("shouts", 1)
+        .pivot(Step::new("confirm", ok))
+        .step(Step::new("emit", emit_big))
+        .build()
+        .unwrap();
+    let limits = Limits {
+        max_state_bytes: 512,
+        max_payload_bytes: 512,
+    };
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(grows.clone())
+        .register(shouts.clone())
+        .limits(limits)
+        .build()
+        .unwrap();
+    let a = exec
+        .client()
+        .start(&grows, key(1), &Vec::new())
+        .await
+        .unwrap()
+        .id;
+    let b = exec
+        .client()
+        .start(&shouts, key(1), &Vec::new())
+        .await
+        .unwrap()
+        .id;
+    exec.run_until_idle().await.unwrap();
+    // Before the pivot: the step counts as started, so it is compensated.
+    let snap = store.load(a).await.unwrap().unwrap();
+    assert_eq!(snap.status, Status::Compensated);
+    assert_eq!(
+        snap.state,
+        serde_json::json!([]),
+        "the oversized state was not written"
+    );
+    assert_eq!(*undo_calls.lock().unwrap(), 1);
+    let failed = store.history(a).await.unwrap();
+    assert!(
+        failed[1]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("saga state is")
+    );
+    // Past the pivot: parked.
+    let snap = store.load(b).await.unwrap().unwrap();
+    assert_eq!(snap.status, Status::Stuck);
+    assert!(
+        snap.stuck_reason
+            .unwrap()
+            .contains("message payload is 1000 bytes")
+    );
+    assert!(store.outbox().is_empty());
+}
+
+#[test]
+fn definitions_refuse_bad_names_no_steps_and_duplicates() {
+    let dup = SagaDefinition::<Vec<String>>::builder("s", 1)
+        .step(Step::new("a", ok).no_compensation())
+        .step(Step::new("a", ok).no_compensation())
+        .build()
+        .unwrap_err();
+    assert!(
+        dup.to_string().contains("step name `a` is used twice"),
+        "{dup}"
+    );
+    let alias = SagaDefinition::<Vec<String>>::builder("s", 1)
+        .step(Step::new("a", ok).no_compensation())
+        .step(Step::new("b", ok).alias("a").no_compensation())
+        .build()
+        .unwrap_err();
+    assert!(alias.to_string().contains("used twice"), "{alias}");
+    let empty = SagaDefinition::<Vec<String>>::builder("s", 1)
+        .build()
+        .unwrap_err();
+    assert!(empty.to_string().contains("no steps"), "{empty}");
+    let bad = SagaDefinition::<Vec<String>>::builder("s", 1)
+        .step(Step::new("bad name", ok).no_compensation())
+        .build()
+        .unwrap_err();
+    assert!(bad.to_string().contains("invalid step name"), "{bad}");
+    let bad = SagaDefinition::<Vec<String>>::builder("", 1)
+        .step(Step::new("a", ok).no_compensation())
+        .build()
+        .unwrap_err();
+    assert!(matches!(bad, Error::InvalidName(_)), "{bad:?}");
+    let zero = SagaDefinition::<Vec<String>>::builder("s", 1)
+        .step(Step::new("a", ok).timeout(Duration::ZERO).no_compensation())
+        .build()
+        .unwrap_err();
+    assert!(zero.to_string().contains("zero timeout"), "{zero}");
+}
+
+#[tokio::test]
+async fn a_renamed_step_resumes_instances_recorded_under_its_alias() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(InMemorySagaStore::with_clock(clock));
+    let old = SagaDefinition::<Vec<String>>::builder("renames", 1)
+        .step(Step::new("first", ok).no_compensation())
+        .step(Step::new("old_name", ok).no_compensation())
+        .build()
+        .unwrap();
+    let id = saga_core::SagaClient::from_arc(store.clone())
+        .start(&old, key(1), &Vec::new())
+        .await
+        .unwrap()
+        .id;
+    let first_only = Executor::builder_from_arc(store.clone())
+        .register(old)
+        .build()
+        .unwrap();
+    // Run only the first step: claim, run, and stop before the second.
+    let kinds = first_only.registered().to_vec();
+    let claimed = store
+        .claim(ClaimRequest {
+            worker: first_only.worker_id(),
+            kinds: &kinds,
+            limit: 1,
+            lease_for: LEASE,
+        })
+        .await
+        .unwrap();
+    store.release(&claimed[0].lease).await.unwrap();
+    let renamed = SagaDefinition::<Vec<String>>::builder("renames", 1)
+        .step(Step::new("first", ok).no_compensation())
+        .step(
+            Step::new("new_name", ok)
+                .alias("old_name")
+                .no_compensation(),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(renamed.step_index("old_name"), Some(1));
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(renamed)
+        .build()
+        .unwrap();
+    exec.run_until_idle().await.unwrap();
+    assert_eq!(
+        store.load(id).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+}
+
+#[test]
+fn the_executor_refuses_bad_configuration() {
+    let s = setup();
+    let dup = Executor::builder_from_arc(s.store.clone())
+        .register(s.saga.clone())
+        .register(s.saga.clone())
+        .build()
+        .unwrap_err();
+    assert!(matches!(dup, Error::DuplicateRegistration(_)), "{dup:?}");
+    let hb = Executor::builder_from_arc(s.store.clone())
+        .lease_duration(Duration::from_secs(10))
+        .heartbeat_interval(Duration::from_secs(10))
+        .build()
+        .unwrap_err();
+    assert!(matches!(hb, Error::InvalidConfig(_)), "{hb:?}");
+    let zero = Executor::builder_from_arc(s.store.clone())
+        .concurrency(0)
+        .build()
+        .unwrap_err();
+    assert!(matches!(zero, Error::InvalidConfig(_)), "{zero:?}");
+}
+
+#[test]
+fn metrics_count_starts_attempts_outcomes_and_durations_with_bounded_labels() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let s = setup();
+            s.script.on(1, "charge", F, [Behavior::Retryable]);
+            s.script.on(2, "reserve", F, [Behavior::Permanent]);
+            s.start(1).await;
+            s.start(2).await;
+            s.executor().run_until_idle().await.unwrap();
+            s.clock.advance(Duration::from_secs(1));
+            s.executor().run_until_idle().await.unwrap();
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str, labels: &[(&str, &str)]| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("{name} is not a counter: {other:?}"),
+            })
+            .sum()
+    };
+    use saga_core::metrics as m;
+    assert_eq!(counter(m::SAGAS_STARTED, &[("saga", "scripted")]), 2);
+    assert_eq!(counter(m::SAGAS_COMPLETED, &[("saga", "scripted")]), 1);
+    assert_eq!(counter(m::SAGAS_COMPENSATED, &[("saga", "scripted")]), 1);
+    assert_eq!(counter(m::SAGAS_STUCK, &[]), 0);
+    assert_eq!(
+        counter(
+            m::STEP_ATTEMPTS,
+            &[
+                ("step", "charge"),
+                ("direction", "forward"),
+                ("outcome", "retryable")
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            m::STEP_ATTEMPTS,
+            &[
+                ("step", "charge"),
+                ("direction", "forward"),
+                ("outcome", "succeeded")
+            ]
+        ),
+        2
+    );
+    assert_eq!(
+        counter(
+            m::STEP_ATTEMPTS,
+            &[("step", "reserve"), ("outcome", "permanent")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            m::STEP_ATTEMPTS,
+            &[
+                ("step", "charge"),
+                ("direction", "compensate"),
+                ("outcome", "succeeded")
+            ]
+        ),
+        1
+    );
+    let durations = snapshot
+        .iter()
+        .filter(|(key, _, _, _)| key.key().name() == m::STEP_DURATION)
+        .map(|(_, _, _, v)| match v {
+            DebugValue::Histogram(h) => h.len(),
+            other => panic!("not a histogram: {other:?}"),
+        })
+        .sum::<usize>();
+    // Order 1: 5 steps and a retry. Order 2: 3 forward attempts, then the
+    // compensations of reserve (the failed step) and charge.
+    assert_eq!(durations, 11);
+    // No label carries an instance id.
+    for (key, _, _, _) in &snapshot {
+        for label in key.key().labels() {
+            assert!(uuid::Uuid::parse_str(label.value()).is_err(), "{key:?}");
+        }
+    }
+}
+
+#[test]
+fn each_attempt_runs_in_a_span_naming_saga_step_direction_and_attempt() {
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    #[derive(Default, Clone)]
+    struct Spans(Arc<Mutex<Vec<String>>>);
+    struct Fields<'a>(&'a mut String);
+    impl tracing::field::Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            use std::fmt::Write;
+            let _ = write!(self.0, "{}={:?} ", field.name(), value);
+        }
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            let mut line = format!("{} ", attrs.metadata().name());
+            attrs.record(&mut Fields(&mut line));
+            self.0.lock().unwrap().push(line);
+        }
+    }
+
+    let spans = Spans::default();
+    let subscriber = tracing_subscriber::registry().with(spans.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = tracing::subscriber::with_default(subscriber, || {
+        rt.block_on(async {
+            let s = setup();
+            s.script.on(1, "validate", F, [Behavior::Retryable]);
+            let id = s.start(1).await;
+            s.executor().run_until_idle().await.unwrap();
+            s.clock.advance(Duration::from_secs(1));
+            s.executor().run_until_idle().await.unwrap();
+            id
+        })
+    });
+    let spans = spans.0.lock().unwrap().clone();
+    let steps: Vec<_> = spans
+        .iter()
+        .filter(|l| l.starts_with("saga_step "))
+        .collect();
+    assert_eq!(steps.len(), 6, "{spans:#?}");
+    let first = steps[0];
+    assert!(first.contains(&format!("saga_id={id}")), "{first}");
+    assert!(first.contains("saga=scripted"), "{first}");
+    assert!(first.contains("step=validate"), "{first}");
+    assert!(first.contains("direction=forward"), "{first}");
+    assert!(first.contains("attempt=1"), "{first}");
+    assert!(steps[1].contains("step=validate") && steps[1].contains("attempt=2"));
+}
+
+#[tokio::test]
+async fn starting_twice_with_the_same_key_yields_one_instance_even_concurrently() {
+    let s = setup();
+    let client = s.executor().client();
+    let starts = (0..8).map(|_| {
+        let client = client.clone();
+        let saga = s.saga.clone();
+        tokio::spawn(async move { client.start(&saga, key(1), &TestState::order(1)).await })
+    });
+    let mut ids = Vec::new();
+    let mut created = 0;
+    for start in starts {
+        let started = start.await.unwrap().unwrap();
+        ids.push(started.id);
+        created += usize::from(started.created);
+    }
+    assert_eq!(created, 1);
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(s.store.snapshots().len(), 1);
+}
