@@ -8,9 +8,10 @@ use tokio::sync::Notify;
 
 use crate::definition::SagaDefinition;
 use crate::error::Error;
-use crate::ids::{Direction, SagaId, StartKey, TransitionId};
+use crate::ids::{Direction, SagaId, SagaName, StartKey, TransitionId};
 use crate::machine::Status;
 use crate::store::{HistoryEntry, NewSaga, Outcome, SagaSnapshot, SagaStore, Started};
+use crate::time::Timestamp;
 
 /// The default cap on a saga's serialized state and on an outbox payload:
 /// 256 KiB.
@@ -100,49 +101,11 @@ impl<St: SagaStore> SagaClient<St> {
         key: StartKey,
         input: &S,
     ) -> Result<Started, Error> {
-        let state = serde_json::to_value(input).map_err(|source| Error::SerializeState {
-            saga: saga.name().clone(),
-            source,
-        })?;
-        let size = serde_json::to_vec(&state).map_or(0, |b| b.len());
-        if size > self.limits.max_state_bytes {
-            return Err(Error::TooLarge {
-                what: "saga input",
-                size,
-                limit: self.limits.max_state_bytes,
-            });
-        }
-        let first_step = saga
-            .step_name(0)
-            .expect("a built definition has at least one step")
-            .clone();
         let now = self.store.clock().now();
-        let started = self
-            .store
-            .start(NewSaga {
-                id: SagaId::new(),
-                kind: saga.kind().clone(),
-                start_key: key,
-                input_digest: digest(&state),
-                state,
-                first_step: first_step.clone(),
-                history: HistoryEntry {
-                    transition_id: TransitionId::new(),
-                    step: first_step,
-                    direction: Direction::Forward,
-                    attempt: 0,
-                    outcome: Outcome::Created,
-                    error: None,
-                    from_status: None,
-                    to_status: Status::Running,
-                    started_at: now,
-                    finished_at: now,
-                },
-            })
-            .await?;
+        let new = NewSaga::new(saga, key, input, &self.limits, now)?;
+        let started = self.store.start(new).await?;
         if started.created {
-            metrics::counter!(crate::metrics::SAGAS_STARTED, "saga" => saga.name().to_string())
-                .increment(1);
+            count_started(saga.name());
             if let Some(wake) = &self.wake {
                 wake.notify_one();
             }
@@ -162,6 +125,63 @@ impl<St: SagaStore> SagaClient<St> {
             return Err(Error::NotFound(id));
         }
         Ok(history)
+    }
+}
+
+/// Counts a newly started instance (stores that start instances in the
+/// caller's own transaction call this after it commits).
+pub fn count_started(saga: &SagaName) {
+    metrics::counter!(crate::metrics::SAGAS_STARTED, "saga" => saga.to_string()).increment(1);
+}
+
+impl NewSaga {
+    /// Prepares the start of an instance of `saga` with `input`: serializes
+    /// and size-checks the input, digests it, and fills in the first step
+    /// and the `Created` history row. Used by [`SagaClient::start`] and by
+    /// stores that start instances inside the caller's own transaction.
+    pub fn new<S: Serialize>(
+        saga: &SagaDefinition<S>,
+        key: StartKey,
+        input: &S,
+        limits: &Limits,
+        now: Timestamp,
+    ) -> Result<NewSaga, Error> {
+        let state = serde_json::to_value(input).map_err(|source| Error::SerializeState {
+            saga: saga.name().clone(),
+            source,
+        })?;
+        let size = serde_json::to_vec(&state).map_or(0, |b| b.len());
+        if size > limits.max_state_bytes {
+            return Err(Error::TooLarge {
+                what: "saga input",
+                size,
+                limit: limits.max_state_bytes,
+            });
+        }
+        let first_step = saga
+            .step_name(0)
+            .expect("a built definition has at least one step")
+            .clone();
+        Ok(NewSaga {
+            id: SagaId::new(),
+            kind: saga.kind().clone(),
+            start_key: key,
+            input_digest: digest(&state),
+            state,
+            first_step: first_step.clone(),
+            history: HistoryEntry {
+                transition_id: TransitionId::new(),
+                step: first_step,
+                direction: Direction::Forward,
+                attempt: 0,
+                outcome: Outcome::Created,
+                error: None,
+                from_status: None,
+                to_status: Status::Running,
+                started_at: now,
+                finished_at: now,
+            },
+        })
     }
 }
 

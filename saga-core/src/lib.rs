@@ -17,7 +17,7 @@ mod store;
 pub mod testing;
 mod time;
 
-pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient};
+pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, count_started};
 pub use context::StepContext;
 pub use definition::{
     Action, ActionFn, AfterPivotPhase, BeforePivot, BeforePivotPhase, BoxFuture,

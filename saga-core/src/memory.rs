@@ -219,6 +219,7 @@ impl SagaStore for InMemorySagaStore {
             })
             .map(|r| (r.snapshot.next_run_at.unwrap_or(now), r.snapshot.id))
             .collect();
+        // Oldest due first; ties by id, as the Postgres store does.
         due.sort_unstable();
         due.truncate(request.limit);
         let mut claimed = Vec::with_capacity(due.len());
@@ -229,6 +230,8 @@ impl SagaStore for InMemorySagaStore {
             row.lease_token = Some(token);
             let s = &mut row.snapshot;
             s.lease = Some((request.worker, expires_at));
+            // Due again when the lease lapses, should the worker vanish.
+            s.next_run_at = Some(expires_at);
             s.attempt += 1;
             let first_attempt_at = *s.first_attempt_at.get_or_insert(now);
             s.version += 1;
@@ -259,6 +262,7 @@ impl SagaStore for InMemorySagaStore {
         if let Some((_, e)) = &mut row.snapshot.lease {
             *e = expires_at;
         }
+        row.snapshot.next_run_at = Some(expires_at);
         Ok(Lease {
             expires_at,
             ..*lease

@@ -248,7 +248,8 @@ pub struct SagaSnapshot {
     pub attempt: u32,
     /// When the first of them started.
     pub first_attempt_at: Option<Timestamp>,
-    /// When it is next due.
+    /// When it is next due. While leased, the lease's expiry: when it falls
+    /// due again should its worker vanish.
     pub next_run_at: Option<Timestamp>,
     /// The state.
     pub state: serde_json::Value,

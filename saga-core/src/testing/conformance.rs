@@ -303,6 +303,15 @@ pub async fn claim_leases_each_due_instance_once<Fa: StoreFactory>(f: &Fa) {
         assert_eq!(c.first_attempt_at, now);
         assert_eq!(c.lease.expires_at, now + LEASE);
         assert_eq!(
+            h.store
+                .load(c.lease.saga_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .next_run_at,
+            Some(now + LEASE)
+        );
+        assert_eq!(
             (c.step.as_str(), c.direction, c.status),
             ("validate", F, Status::Running)
         );
