@@ -4,6 +4,7 @@
 mod client;
 mod context;
 mod definition;
+mod diagram;
 mod error;
 mod executor;
 mod ids;

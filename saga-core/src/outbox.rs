@@ -161,8 +161,10 @@ impl Message {
         &self.payload
     }
 
-    /// Gives the message its id and its availability time.
-    pub(crate) fn into_outbox(self, id: MessageId, now: Timestamp) -> OutboxMessage {
+    /// Gives the message its id and its availability time (`now` plus the
+    /// delay set by [`deliver_after`](Message::deliver_after)). Stores use it
+    /// to enqueue a message outside a saga step.
+    pub fn into_outbox(self, id: MessageId, now: Timestamp) -> OutboxMessage {
         OutboxMessage {
             id,
             topic: self.topic,
