@@ -1,0 +1,164 @@
+//! This crate's error, keeping PostgreSQL's own error (and its SQLSTATE) as
+//! the source.
+
+use std::error::Error as StdError;
+use std::io;
+
+use tokio_postgres::error::SqlState;
+
+/// A boxed error that keeps its concrete type.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong in `saga-postgres`.
+///
+/// Inside the [`SagaStore`](saga_core::SagaStore) methods it travels as the
+/// source of [`saga_core::Error::Store`]; downcast it to inspect
+/// [`PgError::code`] or [`PgError::is_connection_error`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    /// The configured schema name is not a safe identifier.
+    #[error("invalid schema name {name:?}: {reason}")]
+    InvalidSchemaName {
+        /// The name given (truncated).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// PostgreSQL (or the connection to it) failed. The SQLSTATE, if the
+    /// server sent one, is available from [`PgError::code`].
+    #[error("database error")]
+    Db(#[from] tokio_postgres::Error),
+
+    /// No connection could be had from the pool.
+    #[error("could not get a database connection from the pool")]
+    Pool(#[from] deadpool_postgres::PoolError),
+
+    /// The pool could not be built.
+    #[error("could not build the connection pool")]
+    BuildPool(#[from] deadpool_postgres::BuildError),
+
+    /// The connection string does not parse.
+    #[error("invalid database URL")]
+    InvalidUrl(#[source] tokio_postgres::Error),
+
+    /// An applied migration's text differs from the one in this binary.
+    #[error(
+        "migration {version} `{name}` was changed after it was applied (checksum mismatch): \
+         restore its original text and put the change in a new migration"
+    )]
+    MigrationEdited {
+        /// The migration's version.
+        version: i32,
+        /// Its name.
+        name: String,
+    },
+
+    /// The schema has not been migrated to what this binary needs.
+    #[error(
+        "schema `{schema}` is at migration {found}, this binary needs {needed}: run \
+         `saga_postgres::migrate` (with a role allowed to run DDL) first"
+    )]
+    NotMigrated {
+        /// The schema.
+        schema: String,
+        /// The latest migration applied (0: none).
+        found: i32,
+        /// The latest migration this binary knows.
+        needed: i32,
+    },
+
+    /// A stored row could not be read back (an unknown status, a malformed
+    /// name): somebody wrote to the tables by hand.
+    #[error("malformed {what} in a stored row")]
+    CorruptRow {
+        /// Which column.
+        what: &'static str,
+        /// Why it does not parse.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A configuration value makes no sense.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
+}
+
+/// SQLSTATEs after which the whole operation may simply be tried again.
+const RETRYABLE_STATES: &[SqlState] = &[
+    SqlState::T_R_SERIALIZATION_FAILURE,
+    SqlState::T_R_DEADLOCK_DETECTED,
+    SqlState::ADMIN_SHUTDOWN,
+    SqlState::CRASH_SHUTDOWN,
+    SqlState::CANNOT_CONNECT_NOW,
+    SqlState::CONNECTION_EXCEPTION,
+    SqlState::CONNECTION_DOES_NOT_EXIST,
+    SqlState::CONNECTION_FAILURE,
+    SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+    SqlState::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
+    SqlState::TOO_MANY_CONNECTIONS,
+];
+
+impl PgError {
+    /// The SQLSTATE the server sent, if any.
+    #[must_use]
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            PgError::Db(e) | PgError::InvalidUrl(e) => e.code(),
+            PgError::Pool(deadpool_postgres::PoolError::Backend(e)) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection to the server was lost or could not be made:
+    /// a statement sent on it may or may not have taken effect.
+    #[must_use]
+    pub fn is_connection_error(&self) -> bool {
+        let pg = match self {
+            PgError::Db(e) => e,
+            PgError::Pool(deadpool_postgres::PoolError::Backend(e)) => e,
+            PgError::Pool(deadpool_postgres::PoolError::Timeout(_)) => return true,
+            _ => return false,
+        };
+        if pg.is_closed() {
+            return true;
+        }
+        if let Some(code) = pg.code() {
+            return matches!(
+                *code,
+                SqlState::ADMIN_SHUTDOWN
+                    | SqlState::CRASH_SHUTDOWN
+                    | SqlState::CANNOT_CONNECT_NOW
+                    | SqlState::CONNECTION_EXCEPTION
+                    | SqlState::CONNECTION_DOES_NOT_EXIST
+                    | SqlState::CONNECTION_FAILURE
+                    | SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+                    | SqlState::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION
+                    | SqlState::TOO_MANY_CONNECTIONS
+            );
+        }
+        // No SQLSTATE: an I/O failure on the socket, or a failure to connect.
+        let mut source = pg.source();
+        while let Some(e) = source {
+            if e.is::<io::Error>() {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    }
+
+    /// Whether the operation may be retried as a whole: a lost connection,
+    /// a server restart, a serialization failure or a deadlock.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        self.is_connection_error() || self.code().is_some_and(|c| RETRYABLE_STATES.contains(c))
+    }
+}
+
+impl From<PgError> for saga_core::Error {
+    fn from(e: PgError) -> Self {
+        saga_core::Error::store(e)
+    }
+}

@@ -1,0 +1,226 @@
+//! The operator's view of the outbox: dead letters, redrive, purge, counts.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use saga_core::{MessageId, OutboxMessage, Payload, SagaId, Timestamp};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::enqueue::Outbox;
+use super::error::OutboxError;
+use super::metrics;
+use crate::error::{BoxError, PgError};
+
+/// A message that exhausted its publish budget (or failed permanently), kept
+/// for an operator: inspect it, fix the cause, then
+/// [`redrive`](Outbox::redrive) or [`purge`](Outbox::purge) it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The message as enqueued.
+    pub message: OutboxMessage,
+    /// When it was enqueued.
+    pub created_at: Timestamp,
+    /// Publish attempts made.
+    pub attempts: u32,
+    /// The last failure, as text.
+    pub last_error: Option<String>,
+    /// When it was dead-lettered.
+    pub dead_at: Timestamp,
+    /// The saga instance whose step emitted it, if any.
+    pub saga_id: Option<SagaId>,
+}
+
+/// How many messages are where, for dashboards and alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    /// Messages waiting to be published: due now, delayed, or waiting for
+    /// a retry.
+    pub pending: u64,
+    /// Messages leased to a dispatcher that is publishing them.
+    pub in_flight: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Age of the oldest message not yet published and not dead (pending
+    /// or in flight): how far behind delivery is. `None` when there is none.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+fn corrupt(what: &'static str, e: impl Into<BoxError>) -> PgError {
+    PgError::CorruptRow {
+        what,
+        source: e.into(),
+    }
+}
+
+pub(crate) fn ts(t: SystemTime) -> Timestamp {
+    Timestamp::from_system_time(t)
+}
+
+/// Reads the columns common to claims and dead letters: `id, topic, key,
+/// payload_json, payload_bytes, headers, available_at, created_at,
+/// attempts, saga_id`.
+pub(crate) fn read_message(
+    row: &Row,
+) -> Result<(OutboxMessage, Timestamp, u32, Option<SagaId>), PgError> {
+    let json: Option<serde_json::Value> = row.get(3);
+    let bytes: Option<Vec<u8>> = row.get(4);
+    let payload = match (json, bytes) {
+        (Some(v), None) => Payload::Json(v),
+        (None, Some(b)) => Payload::Bytes(b),
+        _ => {
+            return Err(corrupt(
+                "outbox payload",
+                "exactly one of payload_json and payload_bytes must be set",
+            ));
+        }
+    };
+    let headers: BTreeMap<String, String> =
+        serde_json::from_value(row.get(5)).map_err(|e| corrupt("outbox headers", e))?;
+    let attempts: i32 = row.get(8);
+    let message = OutboxMessage {
+        id: MessageId::from_uuid(row.get(0)),
+        topic: row.get(1),
+        key: row.get(2),
+        payload,
+        headers,
+        available_at: ts(row.get(6)),
+    };
+    Ok((
+        message,
+        ts(row.get(7)),
+        u32::try_from(attempts).map_err(|e| corrupt("outbox attempts", e))?,
+        row.get::<_, Option<Uuid>>(9).map(SagaId::from_uuid),
+    ))
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Outbox {
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, OutboxError> {
+        let client = self.inner.pool.get().await?;
+        let stmt = client.prepare_cached(sql).await?;
+        Ok(client.query(&stmt, params).await?)
+    }
+
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, OutboxError> {
+        let client = self.inner.pool.get().await?;
+        let stmt = client.prepare_cached(sql).await?;
+        Ok(client.execute(&stmt, params).await?)
+    }
+
+    /// Up to `limit` dead letters, oldest dead first, after `after` (the
+    /// last one of the previous page; `None` for the first page).
+    pub async fn dead_letters(
+        &self,
+        limit: usize,
+        after: Option<&DeadLetter>,
+    ) -> Result<Vec<DeadLetter>, OutboxError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let cursor_at: Option<SystemTime> = after.map(|d| d.dead_at.to_system_time());
+        let cursor_id: Option<Uuid> = after.map(|d| d.message.id.as_uuid());
+        let rows = self
+            .query(
+                &self.inner.sql.dead_letters,
+                &[&cursor_at, &cursor_id, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let (message, created_at, attempts, saga_id) = read_message(row)?;
+                Ok(DeadLetter {
+                    message,
+                    created_at,
+                    attempts,
+                    last_error: row.get(10),
+                    dead_at: ts(row.get(11)),
+                    saga_id,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts dead letter `id` back in line: due now, with a fresh attempt
+    /// budget (its last error is kept until it is overwritten). Returns
+    /// whether there was such a dead letter. With per-key ordering it keeps
+    /// its place: it goes out before the later messages of its key that
+    /// are still pending.
+    pub async fn redrive(&self, id: MessageId) -> Result<bool, OutboxError> {
+        let now = self.inner.clock.now().to_system_time();
+        let uuid = id.as_uuid();
+        let rows = self
+            .query(
+                &self.inner.sql.redrive_one,
+                &[&uuid, &now, &self.inner.sql.channel],
+            )
+            .await?;
+        Ok(rows[0].get::<_, i64>(0) == 1)
+    }
+
+    /// Redrives every dead letter (of `topic`, if given). Returns how many.
+    pub async fn redrive_all(&self, topic: Option<&str>) -> Result<u64, OutboxError> {
+        let now = self.inner.clock.now().to_system_time();
+        let rows = self
+            .query(
+                &self.inner.sql.redrive_all,
+                &[&topic, &now, &self.inner.sql.channel],
+            )
+            .await?;
+        Ok(count(rows[0].get(0)))
+    }
+
+    /// Deletes dead letter `id` for good. Returns whether there was one.
+    /// Messages that are not dead are never purged.
+    pub async fn purge(&self, id: MessageId) -> Result<bool, OutboxError> {
+        let uuid = id.as_uuid();
+        Ok(self.execute(&self.inner.sql.purge_one, &[&uuid]).await? == 1)
+    }
+
+    /// Deletes every dead letter (of `topic`, if given). Returns how many.
+    pub async fn purge_all(&self, topic: Option<&str>) -> Result<u64, OutboxError> {
+        self.execute(&self.inner.sql.purge_all, &[&topic]).await
+    }
+
+    /// Counts pending, in-flight and dead messages and measures the age of
+    /// the oldest undelivered one. One aggregate over the outbox table:
+    /// cheap while the outbox is short, as it is when dispatch keeps up.
+    pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
+        let now = self.inner.clock.now();
+        let now_sys = now.to_system_time();
+        let rows = self.query(&self.inner.sql.stats, &[&now_sys]).await?;
+        let row = &rows[0];
+        let oldest: Option<SystemTime> = row.get(3);
+        Ok(OutboxStats {
+            pending: count(row.get(0)),
+            in_flight: count(row.get(1)),
+            dead: count(row.get(2)),
+            oldest_pending_age: oldest.map(|t| now.saturating_duration_since(ts(t))),
+        })
+    }
+
+    /// [`stats`](Outbox::stats), also recorded as gauges (see
+    /// [`metrics`](super::metrics)) labelled with the schema.
+    pub async fn record_stats(&self) -> Result<OutboxStats, OutboxError> {
+        let stats = self.stats().await?;
+        let schema = self.inner.schema.to_string();
+        #[allow(clippy::cast_precision_loss)]
+        {
+            ::metrics::gauge!(metrics::PENDING, "schema" => schema.clone())
+                .set(stats.pending as f64);
+            ::metrics::gauge!(metrics::IN_FLIGHT, "schema" => schema.clone())
+                .set(stats.in_flight as f64);
+            ::metrics::gauge!(metrics::DEAD, "schema" => schema.clone()).set(stats.dead as f64);
+        }
+        ::metrics::gauge!(metrics::OLDEST_PENDING_AGE, "schema" => schema)
+            .set(stats.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+        Ok(stats)
+    }
+}

@@ -1,0 +1,744 @@
+//! [`Dispatcher`]: claim short, publish outside, settle short.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use backon::BackoffBuilder;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use saga_core::{Jitter, RetryDecision, RetryPolicy, StepErrorKind, Timestamp};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use super::admin::{read_message, ts};
+use super::enqueue::Outbox;
+use super::error::OutboxError;
+use super::listener::{ListenerStatus, listen};
+use super::metrics;
+use super::publisher::{Outgoing, PublishError, Publisher, error_chain};
+
+/// The longest `last_error` text stored, in bytes.
+const MAX_ERROR_LEN: usize = 2000;
+
+/// Which order messages are published in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeliveryOrder {
+    /// No order: every due message may be published at once, by any
+    /// dispatcher. The fastest.
+    #[default]
+    Unordered,
+    /// Messages with the same key are published one at a time in enqueue
+    /// order; different keys (and messages without a key) proceed in
+    /// parallel. A key's next message waits until the previous one is
+    /// published or dead-lettered (see the [module docs](super)).
+    PerKey,
+}
+
+/// The outbox's default retry policy: 1 s doubling to at most 5 minutes,
+/// 20 attempts (about an hour of failures), equal jitter, no time cap.
+/// Patient, because a broker outage should delay messages, not dead-letter
+/// them.
+#[must_use]
+pub fn default_retry_policy() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_delay(Duration::from_secs(1))
+        .multiplier(2.0)
+        .max_delay(Duration::from_secs(300))
+        .max_attempts(20)
+        .no_max_elapsed()
+        .jitter(Jitter::Equal)
+        .build()
+        .expect("the default outbox retry policy is valid")
+}
+
+/// How a [`Dispatcher`] works. Build one with [`Dispatcher::builder`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DispatcherConfig {
+    /// Most messages claimed (and handed to the publisher) at once.
+    pub batch_size: usize,
+    /// How long a claim is held. A dispatcher that dies leaves its batch to
+    /// others once this has passed; keep it well above `publish_timeout`.
+    pub lease_for: Duration,
+    /// Longest wait for the publisher; past it the batch counts as failed
+    /// (outcome unknown: it is published again later, with the same ids).
+    pub publish_timeout: Duration,
+    /// How often an idle dispatcher looks for due messages. Notifications
+    /// wake it sooner; polling is what guarantees delivery.
+    pub poll_interval: Duration,
+    /// Per-message backoff and the attempt budget before dead-lettering.
+    /// Attempts count claims; elapsed time counts from the enqueue.
+    pub retry: RetryPolicy,
+    /// Unordered, or ordered per key.
+    pub order: DeliveryOrder,
+    /// Batches this dispatcher works on at once (each its own
+    /// claim-publish-settle loop).
+    pub concurrency: usize,
+    /// How often [`run`](Dispatcher::run) refreshes the outbox gauges;
+    /// `None`: never.
+    pub stats_interval: Option<Duration>,
+    /// How often the `LISTEN` connection is checked for life.
+    pub listen_health_interval: Duration,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            batch_size: 100,
+            lease_for: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(20),
+            poll_interval: Duration::from_secs(1),
+            retry: default_retry_policy(),
+            order: DeliveryOrder::Unordered,
+            concurrency: 1,
+            stats_interval: Some(Duration::from_secs(15)),
+            listen_health_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one [`dispatch_once`](Dispatcher::dispatch_once) (or a series of
+/// them) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct DispatchReport {
+    /// Messages claimed.
+    pub claimed: u64,
+    /// Messages published and deleted.
+    pub published: u64,
+    /// Messages that failed and were rescheduled.
+    pub retried: u64,
+    /// Messages dead-lettered (failed past their budget, failed
+    /// permanently, or abandoned by dispatchers past their budget).
+    pub dead_lettered: u64,
+    /// Messages whose lease was taken over by another dispatcher before
+    /// this one could settle them (they will be published again).
+    pub lost_leases: u64,
+}
+
+impl std::ops::AddAssign for DispatchReport {
+    fn add_assign(&mut self, o: Self) {
+        self.claimed += o.claimed;
+        self.published += o.published;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.lost_leases += o.lost_leases;
+    }
+}
+
+struct Inner<P> {
+    outbox: Outbox,
+    publisher: Arc<P>,
+    config: DispatcherConfig,
+    listen: Option<tokio_postgres::Config>,
+    rng: Mutex<StdRng>,
+    status: watch::Sender<ListenerStatus>,
+}
+
+/// Publishes outbox messages through a [`Publisher`], at least once.
+///
+/// Each cycle claims a batch of due messages in one short statement
+/// (`FOR UPDATE SKIP LOCKED`, setting a lease on the rows), publishes them
+/// with no transaction open, then, in one statement guarded by the lease
+/// token, deletes the published ones and reschedules (or dead-letters) the
+/// failed ones. Several dispatchers, in one process or many, share the work
+/// safely. Cheap to clone.
+pub struct Dispatcher<P> {
+    inner: Arc<Inner<P>>,
+}
+
+impl<P> Clone for Dispatcher<P> {
+    fn clone(&self) -> Self {
+        Dispatcher {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P> std::fmt::Debug for Dispatcher<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("outbox", &self.inner.outbox)
+            .field("config", &self.inner.config)
+            .field("listens", &self.inner.listen.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Dispatcher`].
+#[must_use]
+pub struct DispatcherBuilder<P> {
+    outbox: Outbox,
+    publisher: Arc<P>,
+    config: DispatcherConfig,
+    listen: Option<tokio_postgres::Config>,
+    seed: Option<u64>,
+}
+
+impl<P> std::fmt::Debug for DispatcherBuilder<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Publisher> DispatcherBuilder<P> {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: DispatcherConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Most messages per batch (default 100).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n;
+        self
+    }
+
+    /// Lease on a claimed batch (default 60 s).
+    pub fn lease_for(mut self, d: Duration) -> Self {
+        self.config.lease_for = d;
+        self
+    }
+
+    /// Longest wait for the publisher (default 20 s).
+    pub fn publish_timeout(mut self, d: Duration) -> Self {
+        self.config.publish_timeout = d;
+        self
+    }
+
+    /// How often an idle dispatcher polls (default 1 s).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+
+    /// Backoff and attempt budget (default [`default_retry_policy`]).
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// Unordered (default) or ordered per key.
+    pub fn order(mut self, order: DeliveryOrder) -> Self {
+        self.config.order = order;
+        self
+    }
+
+    /// Batches worked on at once (default 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
+    /// How often to refresh the outbox gauges (default 15 s; `None`: never).
+    pub fn stats_interval(mut self, d: Option<Duration>) -> Self {
+        self.config.stats_interval = d;
+        self
+    }
+
+    /// Listens for `NOTIFY` on its own connection made with `config` (no
+    /// TLS), to wake up as soon as a transaction enqueues messages. Without
+    /// it the dispatcher only polls.
+    pub fn listen(mut self, config: tokio_postgres::Config) -> Self {
+        self.listen = Some(config);
+        self
+    }
+
+    /// Seeds the jitter of the retry delays (for reproducible tests).
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Dispatcher<P>, OutboxError> {
+        let c = &self.config;
+        if c.batch_size == 0 {
+            return Err(OutboxError::InvalidConfig("batch_size must be at least 1"));
+        }
+        if c.concurrency == 0 {
+            return Err(OutboxError::InvalidConfig("concurrency must be at least 1"));
+        }
+        if c.publish_timeout.is_zero() || c.publish_timeout >= c.lease_for {
+            return Err(OutboxError::InvalidConfig(
+                "publish_timeout must be above zero and below lease_for",
+            ));
+        }
+        if c.poll_interval.is_zero() {
+            return Err(OutboxError::InvalidConfig(
+                "poll_interval must be above zero",
+            ));
+        }
+        if c.listen_health_interval.is_zero() || c.stats_interval.is_some_and(|d| d.is_zero()) {
+            return Err(OutboxError::InvalidConfig("intervals must be above zero"));
+        }
+        let rng = match self.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let (status, _) = watch::channel(ListenerStatus::default());
+        Ok(Dispatcher {
+            inner: Arc::new(Inner {
+                outbox: self.outbox,
+                publisher: self.publisher,
+                config: self.config,
+                listen: self.listen,
+                rng: Mutex::new(rng),
+                status,
+            }),
+        })
+    }
+}
+
+/// Aborts a spawned task when dropped (the dispatcher's future was dropped
+/// or the publish timed out).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a publish attempt as a whole failed.
+#[derive(Debug, thiserror::Error)]
+enum BatchFailure {
+    #[error("the publisher did not finish within {0:?}; the outcome is unknown")]
+    TimedOut(Duration),
+    #[error("the publisher panicked: {0}")]
+    Panicked(String),
+    #[error("the publisher returned no result for this message")]
+    NoResult,
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// An exponential backoff for in-process retries (database errors in the
+/// loop, reconnecting the listener).
+pub(crate) fn loop_backoff(max: Duration) -> impl Iterator<Item = Duration> + Send {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(max.max(Duration::from_millis(50)))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl<P: Publisher> Dispatcher<P> {
+    /// A builder for a dispatcher of `outbox`'s messages through
+    /// `publisher`.
+    pub fn builder(outbox: Outbox, publisher: P) -> DispatcherBuilder<P> {
+        DispatcherBuilder::from_arc(outbox, Arc::new(publisher))
+    }
+
+    /// The outbox.
+    #[must_use]
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    /// The publisher.
+    #[must_use]
+    pub fn publisher(&self) -> &Arc<P> {
+        &self.inner.publisher
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &DispatcherConfig {
+        &self.inner.config
+    }
+
+    /// Watches the `LISTEN` connection of [`run`](Dispatcher::run): whether
+    /// it is listening, and how many times it has connected.
+    #[must_use]
+    pub fn listener_status(&self) -> watch::Receiver<ListenerStatus> {
+        self.inner.status.subscribe()
+    }
+
+    /// One cycle: claims up to a batch of due messages, publishes them, and
+    /// settles them (deletes the published, reschedules or dead-letters the
+    /// failed). Two statements in all (claim, settle), neither open while
+    /// publishing.
+    pub async fn dispatch_once(&self) -> Result<DispatchReport, OutboxError> {
+        Ok(self.cycle().await?.0)
+    }
+
+    /// [`dispatch_once`](Dispatcher::dispatch_once), also returning how
+    /// many rows the claim returned.
+    async fn cycle(&self) -> Result<(DispatchReport, u64), OutboxError> {
+        let inner = &*self.inner;
+        let outbox = &inner.outbox.inner;
+        let config = &inner.config;
+        let mut report = DispatchReport::default();
+
+        // Claim.
+        let now = outbox.clock.now();
+        let token = Uuid::now_v7();
+        let expires = (now + config.lease_for).to_system_time();
+        let now_sys = now.to_system_time();
+        let limit = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
+        let max_attempts = i32::try_from(config.retry.max_attempts()).unwrap_or(i32::MAX);
+        let sql = match config.order {
+            DeliveryOrder::Unordered => &outbox.sql.claim_unordered,
+            DeliveryOrder::PerKey => &outbox.sql.claim_by_key,
+        };
+        let rows = {
+            let client = outbox.pool.get().await?;
+            let stmt = client.prepare_cached(sql).await?;
+            client
+                .query(&stmt, &[&now_sys, &limit, &token, &expires, &max_attempts])
+                .await?
+        };
+        let rows_claimed = u64::try_from(rows.len()).unwrap_or(u64::MAX);
+        if rows.is_empty() {
+            return Ok((report, 0));
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        let mut failed_ids = Vec::new();
+        let mut failed_errors = Vec::new();
+        let mut failed_retry_at: Vec<Option<SystemTime>> = Vec::new();
+        for row in &rows {
+            let id: Uuid = row.get(0);
+            if row.get::<_, bool>(10) {
+                tracing::error!(message_id = %id,
+                    "outbox message dead-lettered: abandoned by dispatchers past its attempt budget");
+                report.dead_lettered += 1;
+                continue;
+            }
+            match read_message(row) {
+                Ok((message, created_at, attempt, saga_id)) => batch.push(Outgoing {
+                    message,
+                    created_at,
+                    attempt,
+                    saga_id,
+                }),
+                Err(e) => {
+                    // A row that cannot be read cannot be published: dead-
+                    // letter it rather than let it come back forever.
+                    let text = error_chain(&e);
+                    tracing::error!(message_id = %id, error = %text,
+                        "unreadable outbox row dead-lettered");
+                    failed_ids.push(id);
+                    failed_errors.push(truncate(format!("unreadable row: {text}")));
+                    failed_retry_at.push(None);
+                }
+            }
+        }
+        report.claimed = rows_claimed - report.dead_lettered;
+
+        // Publish, with nothing open and nothing locked.
+        let batch = Arc::new(batch);
+        let results = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.publish(batch.clone()).await
+        };
+
+        // Settle.
+        let now = outbox.clock.now();
+        let mut published = Vec::with_capacity(batch.len());
+        for (i, out) in batch.iter().enumerate() {
+            let outcome = match results.get(i) {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => Err((error_chain(e), e.is_permanent())),
+                None => Err((error_chain(&BatchFailure::NoResult), false)),
+            };
+            match outcome {
+                Ok(()) => published.push(out.message.id.as_uuid()),
+                Err((text, permanent)) => {
+                    let (retry_at, text) = self.decide(out, permanent, now, text);
+                    tracing::warn!(message_id = %out.message.id, topic = %out.message.topic,
+                        attempt = out.attempt, error = %text, retry_at = ?retry_at.map(ts),
+                        "outbox message failed to publish");
+                    failed_ids.push(out.message.id.as_uuid());
+                    failed_errors.push(truncate(text));
+                    failed_retry_at.push(retry_at);
+                }
+            }
+        }
+        if published.is_empty() && failed_ids.is_empty() {
+            self.count(&report);
+            return Ok((report, rows_claimed));
+        }
+        let (done, retried, dead) = self
+            .settle(
+                &published,
+                token,
+                now.to_system_time(),
+                &failed_ids,
+                &failed_errors,
+                &failed_retry_at,
+            )
+            .await?;
+        report.published = done;
+        report.retried = retried;
+        report.dead_lettered += dead;
+        report.lost_leases = report.claimed.saturating_sub(done + retried + dead);
+        if report.lost_leases > 0 {
+            tracing::warn!(
+                lost = report.lost_leases,
+                "outbox lease expired during publishing and was taken over; those messages will be published again"
+            );
+        }
+        self.count(&report);
+        Ok((report, rows_claimed))
+    }
+
+    /// Runs [`dispatch_once`](Dispatcher::dispatch_once) until a cycle
+    /// claims nothing, and sums up what was done. Messages scheduled for
+    /// later (delayed, or waiting for a retry) are left for later.
+    pub async fn run_until_idle(&self) -> Result<DispatchReport, OutboxError> {
+        let mut total = DispatchReport::default();
+        loop {
+            let (report, rows) = self.cycle().await?;
+            total += report;
+            if rows == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Dispatches until `shutdown` completes: `concurrency` claim-publish-
+    /// settle loops, woken by notifications (if configured with
+    /// [`listen`](DispatcherBuilder::listen)) and by polling, plus the
+    /// listener and the gauges. Database errors are logged and retried with
+    /// backoff; nothing here gives up. On shutdown, batches being published
+    /// are finished and settled first.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (wake_tx, _) = watch::channel(0_u64);
+        let mut tasks = JoinSet::new();
+        if let Some(config) = &self.inner.listen {
+            tasks.spawn(listen(
+                config.clone(),
+                self.inner.outbox.inner.sql.channel.clone(),
+                self.inner.config.listen_health_interval,
+                wake_tx.clone(),
+                self.inner.status.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        for _ in 0..self.inner.config.concurrency {
+            tasks.spawn(self.clone().work(wake_tx.subscribe(), stop_rx.clone()));
+        }
+        if let Some(every) = self.inner.config.stats_interval {
+            let outbox = self.inner.outbox.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if let Err(e) = outbox.record_stats().await {
+                                tracing::warn!(error = %error_chain(&e), "could not read outbox stats");
+                            }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// One claim-publish-settle loop of [`run`](Dispatcher::run).
+    async fn work(self, mut wake: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
+        let config = &self.inner.config;
+        let batch = u64::try_from(config.batch_size).unwrap_or(u64::MAX);
+        let mut errors: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            // A wake-up from here on triggers another round.
+            wake.borrow_and_update();
+            match self.cycle().await {
+                Ok((_, rows)) => {
+                    errors = None;
+                    if rows >= batch {
+                        // A full batch: more is probably waiting.
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    let delay = errors
+                        .get_or_insert_with(|| {
+                            Box::new(loop_backoff(
+                                config.poll_interval.max(Duration::from_secs(5)),
+                            ))
+                        })
+                        .next()
+                        .unwrap_or(config.poll_interval);
+                    tracing::warn!(error = %error_chain(&e), retry_in = ?delay,
+                        "outbox dispatch failed; retrying");
+                    ::metrics::counter!(metrics::DISPATCH_ERRORS).increment(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                r = wake.changed() => {
+                    if r.is_err() {
+                        // No more wake-ups can come: poll.
+                        tokio::time::sleep(config.poll_interval).await;
+                    }
+                }
+                () = tokio::time::sleep(config.poll_interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Publishes `batch` in its own task (a panicking publisher fails the
+    /// batch instead of the dispatcher), within the publish timeout.
+    async fn publish(&self, batch: Arc<Vec<Outgoing>>) -> Vec<Result<(), PublishError>> {
+        let n = batch.len();
+        let publisher = self.inner.publisher.clone();
+        let handle = tokio::spawn(async move { publisher.publish(&batch).await });
+        let _abort = AbortOnDrop(handle.abort_handle());
+        let failure = match tokio::time::timeout(self.inner.config.publish_timeout, handle).await {
+            Ok(Ok(results)) => return results,
+            Ok(Err(join)) => {
+                let text = if join.is_panic() {
+                    let panic = join.into_panic();
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".to_owned())
+                } else {
+                    "cancelled".to_owned()
+                };
+                BatchFailure::Panicked(text)
+            }
+            Err(_) => BatchFailure::TimedOut(self.inner.config.publish_timeout),
+        };
+        let text = failure.to_string();
+        (0..n)
+            .map(|_| Err(PublishError::transient(text.clone())))
+            .collect()
+    }
+
+    /// When to try a failed message again (`None`: dead-letter it), and
+    /// the text to store.
+    fn decide(
+        &self,
+        out: &Outgoing,
+        permanent: bool,
+        now: Timestamp,
+        text: String,
+    ) -> (Option<SystemTime>, String) {
+        let kind = if permanent {
+            StepErrorKind::Permanent
+        } else {
+            StepErrorKind::Retryable
+        };
+        let decision = {
+            let mut rng = self.inner.rng.lock().unwrap_or_else(|e| e.into_inner());
+            self.inner
+                .config
+                .retry
+                .decide(kind, out.attempt, out.created_at, now, &mut *rng)
+        };
+        match decision {
+            RetryDecision::RetryAt { at, .. } => (Some(at.to_system_time()), text),
+            RetryDecision::GiveUp(reason) => (None, format!("{text} (dead-lettered: {reason})")),
+        }
+    }
+
+    /// Deletes the published and reschedules the failed, in one statement
+    /// guarded by the lease token. Safe to repeat, so it is retried through
+    /// connection failures for up to the lease duration; past that, the
+    /// messages are published again by whoever claims them next.
+    async fn settle(
+        &self,
+        published: &[Uuid],
+        token: Uuid,
+        now: SystemTime,
+        failed_ids: &[Uuid],
+        failed_errors: &[String],
+        failed_retry_at: &[Option<SystemTime>],
+    ) -> Result<(u64, u64, u64), OutboxError> {
+        let outbox = &self.inner.outbox.inner;
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(20))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.inner.config.lease_for))
+            .build();
+        loop {
+            let attempt = async {
+                let client = outbox.pool.get().await?;
+                let stmt = client.prepare_cached(&outbox.sql.settle).await?;
+                let row = client
+                    .query_one(
+                        &stmt,
+                        &[
+                            &published,
+                            &token,
+                            &now,
+                            &failed_ids,
+                            &failed_errors,
+                            &failed_retry_at,
+                        ],
+                    )
+                    .await?;
+                let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+                Ok::<_, OutboxError>((n(0), n(1), n(2)))
+            }
+            .await;
+            match attempt {
+                Ok(counts) => return Ok(counts),
+                Err(e) if e.is_retryable() => match backoff.next() {
+                    Some(delay) => {
+                        tracing::warn!(error = %error_chain(&e), retry_in = ?delay,
+                            "could not settle an outbox batch; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn count(&self, r: &DispatchReport) {
+        ::metrics::counter!(metrics::PUBLISHED).increment(r.published);
+        ::metrics::counter!(metrics::RETRIED).increment(r.retried);
+        ::metrics::counter!(metrics::DEAD_LETTERED).increment(r.dead_lettered);
+    }
+}
+
+impl<P: Publisher> DispatcherBuilder<P> {
+    /// A builder around a shared publisher.
+    pub fn from_arc(outbox: Outbox, publisher: Arc<P>) -> Self {
+        DispatcherBuilder {
+            outbox,
+            publisher,
+            config: DispatcherConfig::default(),
+            listen: None,
+            seed: None,
+        }
+    }
+}

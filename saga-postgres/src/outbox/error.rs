@@ -1,0 +1,64 @@
+//! The outbox's error type.
+
+use saga_core::MessageId;
+use tokio_postgres::error::SqlState;
+
+use crate::error::PgError;
+
+/// What can go wrong when enqueueing, dispatching or administering outbox
+/// messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// A message's payload is over the configured cap
+    /// ([`Outbox::with_max_payload_bytes`](super::Outbox::with_max_payload_bytes)).
+    /// Nothing was written.
+    #[error("outbox message {id}: payload is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The message.
+        id: MessageId,
+        /// Its payload's size.
+        size: usize,
+        /// The configured cap.
+        limit: usize,
+    },
+
+    /// The database failed (or could not be reached). The SQLSTATE, if the
+    /// server sent one, is available from [`OutboxError::code`].
+    #[error("outbox database operation failed")]
+    Store(#[from] PgError),
+
+    /// A configuration value makes no sense.
+    #[error("invalid outbox configuration: {0}")]
+    InvalidConfig(&'static str),
+}
+
+impl From<tokio_postgres::Error> for OutboxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        OutboxError::Store(PgError::Db(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for OutboxError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        OutboxError::Store(PgError::Pool(e))
+    }
+}
+
+impl OutboxError {
+    /// The SQLSTATE the server sent, if any.
+    #[must_use]
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            OutboxError::Store(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether the operation may be retried as a whole (a lost connection, a
+    /// restart, a serialization failure, a deadlock).
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, OutboxError::Store(e) if e.is_retryable())
+    }
+}

@@ -1,0 +1,159 @@
+//! The `LISTEN` connection: a hint that messages were enqueued, never the
+//! only way to find them.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::dispatcher::loop_backoff;
+use super::metrics;
+use super::publisher::error_chain;
+
+/// The state of a dispatcher's `LISTEN` connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ListenerStatus {
+    /// Whether it is connected and listening right now.
+    pub listening: bool,
+    /// How many times it has connected and started listening (so a
+    /// reconnection shows as a change even if it was quick).
+    pub connections: u64,
+}
+
+/// Longest wait for a health check of the listening connection.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between two reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error("listen connection failed")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("listen connection did not answer a health check within {0:?}")]
+    Unresponsive(Duration),
+    #[error("listen connection closed")]
+    Closed,
+}
+
+/// Listens on `channel` until `stop`, bumping `wake` on every notification
+/// and after every (re)connection (to catch up on what was committed while
+/// not listening). Reconnects with backoff after a drop.
+pub(crate) async fn listen(
+    mut config: tokio_postgres::Config,
+    channel: String,
+    health_every: Duration,
+    wake: watch::Sender<u64>,
+    status: watch::Sender<ListenerStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if config.get_application_name().is_none() {
+        config.application_name("saga-outbox-listener");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config.keepalives_idle(Duration::from_secs(30));
+    let mut backoff = loop_backoff(MAX_RECONNECT_DELAY);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let result = listen_once(&config, &channel, health_every, &wake, &status, &mut stop).await;
+        let was_listening = status.borrow().listening;
+        status.send_modify(|s| s.listening = false);
+        ::metrics::gauge!(metrics::LISTENER_CONNECTED).set(0.0);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                if was_listening {
+                    // It worked until now: start the backoff afresh.
+                    backoff = loop_backoff(MAX_RECONNECT_DELAY);
+                }
+                let delay = backoff.next().unwrap_or(MAX_RECONNECT_DELAY);
+                tracing::warn!(channel = %channel, error = %error_chain(&e), retry_in = ?delay,
+                    "outbox listener lost its connection; polling carries on; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// One connection's life: `Ok` when stopped, `Err` when the connection
+/// failed.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    channel: &str,
+    health_every: Duration,
+    wake: &watch::Sender<u64>,
+    status: &watch::Sender<ListenerStatus>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), ListenError> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    // Drives the connection and forwards notifications.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "outbox listener connection failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let _abort = AbortOnDrop(driver.abort_handle());
+    // The channel name is `<validated schema>_outbox`: a safe identifier.
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await?;
+    status.send_modify(|s| {
+        s.listening = true;
+        s.connections += 1;
+    });
+    ::metrics::gauge!(metrics::LISTENER_CONNECTED).set(1.0);
+    ::metrics::counter!(metrics::LISTENER_CONNECTIONS).increment(1);
+    tracing::debug!(channel, "outbox listener is listening");
+    // Whatever was committed while nobody listened.
+    wake.send_modify(|n| *n = n.wrapping_add(1));
+    let mut health = tokio::time::interval(health_every);
+    health.tick().await;
+    loop {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(()) => {
+                    // One wake-up for everything that arrived together.
+                    while rx.try_recv().is_ok() {}
+                    wake.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                None => return Err(ListenError::Closed),
+            },
+            _ = health.tick() => {
+                match tokio::time::timeout(HEALTH_TIMEOUT, client.check_connection()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => return Err(ListenError::Unresponsive(HEALTH_TIMEOUT)),
+                }
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,158 @@
+//! The transactional outbox: enqueueing in the caller's transaction, the
+//! dispatcher, dead letters, and publishers (in-process; NATS JetStream with
+//! feature `nats`).
+//!
+//! # Why
+//!
+//! A service that changes its database and then publishes an event does a
+//! *dual write*: a crash between the two loses the event, or publishes one
+//! for a change that rolled back. With the outbox the message is a row
+//! written in the same transaction as the change ([`Outbox::enqueue_in_tx`],
+//! or the saga store for the messages a step emits): it exists if and only
+//! if the change committed. A [`Dispatcher`] then publishes it.
+//!
+//! # Delivery guarantees
+//!
+//! - **At least once.** A row is deleted only after its [`Publisher`]
+//!   reported it delivered (for NATS: after JetStream's acknowledgement).
+//!   The dispatcher claims a batch by putting a *lease* on the rows in one
+//!   short statement, publishes with no transaction open and no row
+//!   locked, then deletes the published rows in one statement guarded by
+//!   its lease token. If it dies in between, the lease expires and another
+//!   dispatcher publishes the batch again. So a message can be delivered
+//!   more than once; it is never lost once its transaction committed.
+//! - **Ids for deduplication.** Every message has a unique, stable id
+//!   ([`MessageId`](saga_core::MessageId)): a UUIDv7 for messages enqueued
+//!   by hand, an id derived from (instance, step, direction, index) for
+//!   messages emitted by saga steps, so re-running a step after a crash
+//!   cannot enqueue a second copy. Publishers pass the id on (the NATS
+//!   publisher sets `Nats-Msg-Id`, so JetStream drops re-publishes within
+//!   its duplicate window); consumers deduplicate on it with the
+//!   [`Inbox`](crate::inbox::Inbox), turning at-least-once delivery into an
+//!   exactly-once effect.
+//! - **No skipped messages.** The dispatcher does not track a high-water
+//!   mark: it claims whatever rows are due, so a transaction that took a
+//!   lower sequence number and commits after higher ones is not skipped.
+//! - **Wake-up is a hint.** Each enqueueing transaction sends one
+//!   `NOTIFY` (PostgreSQL folds identical notifications of a transaction
+//!   into one). A dispatcher configured with
+//!   [`listen`](DispatcherBuilder::listen) wakes on it; polling every
+//!   [`poll_interval`](DispatcherBuilder::poll_interval) is what guarantees
+//!   delivery, and the listener reconnects (with backoff) after a drop.
+//!
+//! # Failures, backoff and dead letters
+//!
+//! A message that fails to publish is rescheduled with its own backoff
+//! ([`RetryPolicy`](saga_core::RetryPolicy); default
+//! [`default_retry_policy`]): its attempts, last error and next time are in
+//! its row, nothing sleeps. Once its attempts reach the policy's
+//! `max_attempts`, or at once if the publisher calls the failure
+//! [`permanent`](PublishError::permanent), it becomes a **dead letter**:
+//! kept, with its last error, never published again until an operator acts.
+//! A message whose dispatchers keep dying while publishing it (so no
+//! failure is ever recorded) is dead-lettered too once it has been claimed
+//! `max_attempts` times. Operators list dead letters with
+//! [`Outbox::dead_letters`], put them back in line with
+//! [`Outbox::redrive`] / [`Outbox::redrive_all`] (due now, with a fresh
+//! budget), or delete them with [`Outbox::purge`] / [`Outbox::purge_all`].
+//! [`Outbox::stats`] counts pending, in-flight and dead messages and the
+//! age of the oldest undelivered one; [`Dispatcher::run`] exports them as
+//! gauges (see [`metrics`]).
+//!
+//! # Per-key ordering, and its trade-off
+//!
+//! With [`DeliveryOrder::PerKey`], a dispatcher claims only the *oldest*
+//! not-dead message of each key, so a key has at most one message in flight
+//! across all dispatchers, and its messages go out in enqueue order;
+//! different keys (and messages without a key) proceed in parallel.
+//!
+//! - A failing message **blocks its key** until it is published or
+//!   dead-lettered: the later messages of that key wait (other keys do not).
+//! - When a message exhausts its budget it is dead-lettered and **its key
+//!   moves on**: the next message of the key is published. We chose
+//!   liveness over strictness: one poisoned message must not stop a key
+//!   forever. The price is a gap in the key's sequence (the dead letter)
+//!   that consumers may see; if they cannot tolerate gaps, give the
+//!   policy a large budget and alert on dead letters. A redriven dead letter
+//!   keeps its place and goes out before the key's later pending messages,
+//!   but after those already published.
+//! - A hot key is published one message per claim cycle (claim, publish,
+//!   delete), so per-key throughput is bounded by that latency; unordered
+//!   delivery has no such bound.
+//! - "Enqueue order" is the order in which the rows were inserted. For two
+//!   transactions that enqueue for the same key concurrently, whichever
+//!   commits first may go first; transactions that touch the same business
+//!   row are serialized by PostgreSQL anyway, and their messages keep
+//!   their commit order.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example(pool: saga_postgres::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+//! use saga_postgres::SchemaName;
+//! use saga_postgres::outbox::{DeliveryOrder, Dispatcher, InProcessPublisher, Outbox};
+//!
+//! let outbox = Outbox::new(pool, SchemaName::default());
+//! let publisher = InProcessPublisher::new().handle("order.paid", |msg| async move {
+//!     // Deduplicate with saga_postgres::inbox::Inbox, then act.
+//!     let _ = msg.message.id;
+//!     Ok(())
+//! });
+//! let dispatcher = Dispatcher::builder(outbox, publisher)
+//!     .order(DeliveryOrder::PerKey)
+//!     .listen("postgres://app@db/app".parse()?)
+//!     .build()?;
+//! let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! dispatcher.run(async { let _ = stopped.await; }).await; // until `_stop` is used or dropped
+//! # Ok(())
+//! # }
+//! ```
+
+mod admin;
+mod dispatcher;
+mod enqueue;
+mod error;
+mod in_process;
+mod listener;
+#[cfg(feature = "nats")]
+pub mod nats;
+mod publisher;
+mod sql;
+
+pub use admin::{DeadLetter, OutboxStats};
+pub use dispatcher::{
+    DeliveryOrder, DispatchReport, Dispatcher, DispatcherBuilder, DispatcherConfig,
+    default_retry_policy,
+};
+pub use enqueue::Outbox;
+pub use error::OutboxError;
+pub use in_process::{HandlerPanicked, InProcessPublisher, NoHandler};
+pub use listener::ListenerStatus;
+#[cfg(feature = "nats")]
+pub use nats::NatsPublisher;
+pub use publisher::{Outgoing, PublishError, PublishErrorKind, Publisher};
+
+/// Metric names of the outbox (recorded with the `metrics` crate).
+pub mod metrics {
+    /// Counter: messages published and deleted.
+    pub const PUBLISHED: &str = "saga_outbox_published_total";
+    /// Counter: failed publishes rescheduled for a retry.
+    pub const RETRIED: &str = "saga_outbox_retried_total";
+    /// Counter: messages dead-lettered.
+    pub const DEAD_LETTERED: &str = "saga_outbox_dead_lettered_total";
+    /// Counter: dispatch cycles that failed on a database error.
+    pub const DISPATCH_ERRORS: &str = "saga_outbox_dispatch_errors_total";
+    /// Gauge (label `schema`): messages waiting to be published.
+    pub const PENDING: &str = "saga_outbox_pending";
+    /// Gauge (label `schema`): messages being published (leased).
+    pub const IN_FLIGHT: &str = "saga_outbox_in_flight";
+    /// Gauge (label `schema`): dead letters.
+    pub const DEAD: &str = "saga_outbox_dead";
+    /// Gauge (label `schema`): age in seconds of the oldest undelivered
+    /// message (0 when there is none).
+    pub const OLDEST_PENDING_AGE: &str = "saga_outbox_oldest_pending_age_seconds";
+    /// Gauge: 1 while the dispatcher's `LISTEN` connection is up.
+    pub const LISTENER_CONNECTED: &str = "saga_outbox_listener_connected";
+    /// Counter: times the `LISTEN` connection was (re)established.
+    pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
+}

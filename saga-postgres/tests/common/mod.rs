@@ -1,0 +1,106 @@
+//! Shared by this crate's saga store tests: a fresh schema per test on the
+//! test server (`DATABASE_URL`, or a throwaway local cluster), dropped when
+//! the test passes and kept (its name printed) when it fails.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga_core::{
+    ClaimRequest, ClaimedSaga, Clock, Error, HistoryEntry, Lease, NewSaga, OutboxMessage, Record,
+    SagaId, SagaKind, SagaSnapshot, SagaStore, Started,
+};
+use saga_postgres::deadpool_postgres::Pool;
+use saga_postgres::testing::TestSchema;
+use saga_postgres::{PgSagaStore, SchemaName, pool_from_config};
+
+/// A pool on a fresh schema (not migrated yet), and its guard.
+pub struct FreshSchema {
+    pub pool: Pool,
+    pub schema: SchemaName,
+    pub url: String,
+    // Last: dropping it drops the schema.
+    pub guard: TestSchema,
+}
+
+pub async fn fresh_schema() -> FreshSchema {
+    let guard = saga_postgres::testing::fresh_schema()
+        .await
+        .expect("a test PostgreSQL server");
+    FreshSchema {
+        pool: pool_from_config(guard.config(), 8).unwrap(),
+        schema: SchemaName::new(guard.name()).unwrap(),
+        url: guard.url().to_owned(),
+        guard,
+    }
+}
+
+/// A Postgres store on a fresh, migrated schema, with the schema's guard.
+pub struct TestStore {
+    pub store: PgSagaStore,
+    pub url: String,
+    _guard: TestSchema,
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = PgSagaStore;
+    fn deref(&self) -> &PgSagaStore {
+        &self.store
+    }
+}
+
+/// A store on a fresh, migrated schema, reading `clock`.
+pub async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
+    let FreshSchema {
+        pool,
+        schema,
+        url,
+        guard,
+    } = fresh_schema().await;
+    let mut client = pool.get().await.unwrap();
+    saga_postgres::migrate(&mut client, &schema).await.unwrap();
+    drop(client);
+    TestStore {
+        store: PgSagaStore::new(pool, schema)
+            .with_clock(clock)
+            .with_reconnect_for(Duration::from_secs(20)),
+        url,
+        _guard: guard,
+    }
+}
+
+impl SagaStore for TestStore {
+    fn clock(&self) -> &Arc<dyn Clock> {
+        self.store.clock()
+    }
+    async fn start(&self, new: NewSaga) -> Result<Started, Error> {
+        self.store.start(new).await
+    }
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<ClaimedSaga>, Error> {
+        self.store.claim(request).await
+    }
+    async fn heartbeat(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, Error> {
+        self.store.heartbeat(lease, lease_for).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        self.store.release(lease).await
+    }
+    async fn record(&self, lease: &Lease, record: Record) -> Result<(), Error> {
+        self.store.record(lease, record).await
+    }
+    async fn record_unleased(&self, id: SagaId, version: u64, record: Record) -> Result<(), Error> {
+        self.store.record_unleased(id, version, record).await
+    }
+    async fn load(&self, id: SagaId) -> Result<Option<SagaSnapshot>, Error> {
+        self.store.load(id).await
+    }
+    async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, Error> {
+        self.store.history(id).await
+    }
+    async fn outbox_for(&self, id: SagaId) -> Result<Vec<OutboxMessage>, Error> {
+        self.store.outbox_for(id).await
+    }
+    async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
+        self.store.due_unregistered(kinds).await
+    }
+}
