@@ -1,0 +1,311 @@
+//! One checkout deployment: the database, the schemas, the fake services,
+//! the shop, and the workers that run sagas and dispatch the outbox.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SystemClock};
+use saga_postgres::deadpool_postgres::Pool;
+use saga_postgres::outbox::{Dispatcher, Outbox};
+use saga_postgres::testing::TestCluster;
+use saga_postgres::{PgSagaStore, pool_from_config, tokio_postgres};
+
+use crate::audit::{Audit, Schemas};
+use crate::clients::Downstream;
+use crate::model::Checkout;
+use crate::saga;
+use crate::services::{self, Service, email::HttpPublisher};
+use crate::shop::Shop;
+
+/// Where the database is.
+#[derive(Debug)]
+pub enum Database {
+    /// A server given by URL; the deployment's schemas are created there.
+    Url(String),
+    /// A throwaway local cluster, removed when the process ends.
+    Throwaway,
+}
+
+/// How workers behave.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Steps run at once per worker.
+    pub concurrency: usize,
+    /// Lease length: how long a dead worker's saga waits before another
+    /// worker resumes it.
+    pub lease: Duration,
+    /// Per-attempt timeout of each step.
+    pub step_timeout: Duration,
+    /// Per-call timeout of each HTTP call.
+    pub http_timeout: Duration,
+    /// Retry policy of forward steps.
+    pub retry: RetryPolicy,
+    /// Retry policy of compensations and of steps past the pivot.
+    pub compensation_retry: RetryPolicy,
+    /// How often an idle worker polls.
+    pub poll_interval: Duration,
+    /// Negative control: a fresh idempotency key on every attempt.
+    pub fresh_key_per_attempt: bool,
+    /// Negative control: email straight from the step, not via the outbox.
+    pub publish_directly: bool,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            concurrency: 16,
+            lease: Duration::from_secs(3),
+            step_timeout: Duration::from_secs(5),
+            http_timeout: Duration::from_secs(1),
+            retry: saga::demo_retry(),
+            compensation_retry: saga::demo_compensation_retry(),
+            poll_interval: Duration::from_millis(100),
+            fresh_key_per_attempt: false,
+            publish_directly: false,
+        }
+    }
+}
+
+/// A running deployment.
+#[derive(Debug)]
+pub struct Deployment {
+    /// A pool for the deployment's own bookkeeping (placing orders,
+    /// auditing).
+    pub pool: Pool,
+    /// The driver configuration of the database, for workers' own pools.
+    pub db_config: tokio_postgres::Config,
+    /// The schemas.
+    pub schemas: Schemas,
+    /// The saga store.
+    pub store: PgSagaStore,
+    /// The shop.
+    pub shop: Shop,
+    /// The payment service.
+    pub payment: Service,
+    /// The inventory service.
+    pub inventory: Service,
+    /// The email service.
+    pub email: Service,
+    _cluster: Option<TestCluster>,
+}
+
+impl Deployment {
+    /// Creates the schemas under `prefix`, stocks the inventory, starts the
+    /// fake services.
+    pub async fn start(
+        database: Database,
+        prefix: &str,
+        stock: &BTreeMap<String, i32>,
+        seed: u64,
+    ) -> Result<Deployment, crate::Error> {
+        let (db_config, cluster) = match database {
+            Database::Url(url) => (
+                tokio_postgres::Config::from_str(&url)
+                    .map_err(saga_postgres::PgError::InvalidUrl)?,
+                None,
+            ),
+            Database::Throwaway => {
+                let cluster = TestCluster::start()
+                    .await
+                    .map_err(crate::Error::TestDatabase)?;
+                (cluster.config("postgres"), Some(cluster))
+            }
+        };
+        let schemas = Schemas::with_prefix(prefix)?;
+        let pool = pool_from_config(db_config.clone(), 16)?;
+        let mut conn = pool.get().await?;
+        saga_postgres::migrate(&mut conn, &schemas.saga).await?;
+        drop(conn);
+        let store = PgSagaStore::new(pool.clone(), schemas.saga.clone());
+        store.check_schema().await?;
+        let shop = Shop::new(pool.clone(), schemas.shop.clone());
+        shop.create_schema().await?;
+        let payment = services::payment::start(pool.clone(), schemas.payment.clone(), seed).await?;
+        let inventory =
+            services::inventory::start(pool.clone(), schemas.inventory.clone(), stock, seed + 1)
+                .await?;
+        let email = services::email::start(pool.clone(), schemas.email.clone(), seed + 2).await?;
+        Ok(Deployment {
+            pool,
+            db_config,
+            schemas,
+            store,
+            shop,
+            payment,
+            inventory,
+            email,
+            _cluster: cluster,
+        })
+    }
+
+    /// The saga definition as a worker with `settings` runs it.
+    pub fn saga(
+        &self,
+        settings: &WorkerSettings,
+    ) -> Result<SagaDefinition<Checkout>, crate::Error> {
+        self.saga_with(settings, self.shop.clone(), None)
+    }
+
+    fn saga_with(
+        &self,
+        settings: &WorkerSettings,
+        shop: Shop,
+        crash: Option<saga::CrashHook>,
+    ) -> Result<SagaDefinition<Checkout>, crate::Error> {
+        let mut downstream = Downstream::new(
+            self.payment.url(),
+            self.inventory.url(),
+            settings.http_timeout,
+        )?;
+        downstream.fresh_key_per_attempt = settings.fresh_key_per_attempt;
+        Ok(saga::definition(&saga::Config {
+            downstream,
+            shop,
+            retry: settings.retry.clone(),
+            compensation_retry: settings.compensation_retry.clone(),
+            step_timeout: settings.step_timeout,
+            publish_directly_to: settings.publish_directly.then(|| self.email.url()),
+            crash,
+        })?)
+    }
+
+    /// A worker with its own connection pool: an executor running checkout
+    /// sagas and a dispatcher delivering the outbox to the email service.
+    pub fn worker(&self, settings: &WorkerSettings) -> Result<Worker, crate::Error> {
+        self.worker_with(settings, None, Arc::new(SystemClock))
+    }
+
+    /// [`Deployment::worker`] that reports and hangs right after reserving
+    /// the stock of the hook's order (before recording it): a worker about
+    /// to die at the worst moment.
+    pub fn crashing_worker(
+        &self,
+        settings: &WorkerSettings,
+        hook: saga::CrashHook,
+    ) -> Result<Worker, crate::Error> {
+        self.worker_with(settings, Some(hook), Arc::new(SystemClock))
+    }
+
+    /// A worker reading `clock` (tests drive time by hand).
+    pub fn worker_with(
+        &self,
+        settings: &WorkerSettings,
+        crash: Option<saga::CrashHook>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Worker, crate::Error> {
+        let pool = pool_from_config(self.db_config.clone(), settings.concurrency + 4)?;
+        let shop = Shop::new(pool.clone(), self.schemas.shop.clone());
+        let store =
+            PgSagaStore::new(pool.clone(), self.schemas.saga.clone()).with_clock(clock.clone());
+        let executor = Executor::builder(store)
+            .register(self.saga_with(settings, shop, crash)?)
+            .concurrency(settings.concurrency)
+            .lease_duration(settings.lease)
+            .heartbeat_interval(settings.lease / 3)
+            .poll_interval(settings.poll_interval)
+            .build()?;
+        let outbox = Outbox::new(pool, self.schemas.saga.clone()).with_clock(clock);
+        let publisher = HttpPublisher::new(self.email.url(), settings.http_timeout)?;
+        let dispatcher = Dispatcher::builder(outbox, publisher)
+            .poll_interval(settings.poll_interval)
+            .lease_for(settings.lease.max(Duration::from_secs(2)) * 4)
+            .publish_timeout(settings.lease.max(Duration::from_secs(2)))
+            .retry_policy(settings.compensation_retry.clone())
+            .listen(self.db_config.clone())
+            .build()
+            .map_err(crate::Error::Outbox)?;
+        Ok(Worker {
+            executor,
+            dispatcher,
+        })
+    }
+
+    /// Whether every saga has finished and every message was delivered.
+    pub async fn quiet(&self) -> Result<Progress, crate::Error> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_one(
+                &format!(
+                    "SELECT
+                        (SELECT count(*) FROM {s}.saga_instances),
+                        (SELECT count(*) FROM {s}.saga_instances
+                         WHERE status IN ('completed', 'compensated', 'stuck')),
+                        (SELECT count(*) FROM {s}.outbox WHERE dead_at IS NULL),
+                        (SELECT count(*) FROM {s}.outbox WHERE dead_at IS NOT NULL)",
+                    s = self.schemas.saga.quoted()
+                ),
+                &[],
+            )
+            .await?;
+        Ok(Progress {
+            sagas: row.get(0),
+            finished: row.get(1),
+            undelivered: row.get(2),
+            dead_letters: row.get(3),
+        })
+    }
+
+    /// The ledgers, checked.
+    pub async fn audit(&self) -> Result<Audit, crate::Error> {
+        Audit::collect(&self.pool, &self.schemas).await
+    }
+
+    /// Stops the fake services.
+    pub fn stop_services(&self) {
+        self.payment.stop();
+        self.inventory.stop();
+        self.email.stop();
+    }
+}
+
+/// How far a run has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Sagas started.
+    pub sagas: i64,
+    /// Sagas completed, compensated or stuck.
+    pub finished: i64,
+    /// Outbox messages not yet delivered (dead letters excluded).
+    pub undelivered: i64,
+    /// Dead letters.
+    pub dead_letters: i64,
+}
+
+impl Progress {
+    /// Everything finished and delivered.
+    #[must_use]
+    pub fn is_quiet(&self) -> bool {
+        self.finished == self.sagas && self.undelivered == 0
+    }
+}
+
+/// A worker: runs checkout sagas and dispatches their messages.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// The saga executor.
+    pub executor: Executor<PgSagaStore>,
+    /// The outbox dispatcher.
+    pub dispatcher: Dispatcher<HttpPublisher>,
+}
+
+impl Worker {
+    /// Runs both until `shutdown` completes.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), crate::Error> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let executor = self.executor.run(wait(stopped.clone()));
+        let dispatcher = self.dispatcher.run(wait(stopped));
+        let trigger = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        let (executed, (), ()) = tokio::join!(executor, dispatcher, trigger);
+        executed?;
+        Ok(())
+    }
+}

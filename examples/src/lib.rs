@@ -1,0 +1,20 @@
+//! The checkout service: the saga users run first, and the scenario the
+//! chaos harness attacks.
+//!
+//! validate order → charge payment → reserve inventory → confirm order
+//! (the pivot) → send confirmation, over fake payment, inventory and email
+//! services reached over HTTP, each with its own ledger of effects.
+//! Everything here is built on the public API of `saga-core` and
+//! `saga-postgres`, as a user would.
+
+pub mod audit;
+pub mod clients;
+pub mod demo;
+pub mod deploy;
+mod error;
+pub mod model;
+pub mod saga;
+pub mod services;
+pub mod shop;
+
+pub use error::Error;

@@ -1,0 +1,220 @@
+//! Fake downstream services that are real enough to be wrong.
+//!
+//! Payment, inventory and email each run as an HTTP server on 127.0.0.1
+//! with their own schema in the database and an append-only ledger of the
+//! effects they applied (charges, refunds, deductions, releases, emails),
+//! which is the ground truth for checking the run. Each can be told to
+//! misbehave ([`Faults`]): errors, an outage, latency, and success then
+//! timeout (the effect is applied and committed, then the reply is lost).
+
+pub mod email;
+pub mod inventory;
+pub mod payment;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use saga_postgres::SchemaName;
+use saga_postgres::deadpool_postgres::Pool;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// How a service misbehaves. Rates are probabilities per request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Faults {
+    /// Every request fails with 503 before doing anything.
+    pub outage: bool,
+    /// Fraction of requests failing with 503 before doing anything.
+    pub error_rate: f64,
+    /// Fraction of requests whose effect is applied and committed, and
+    /// whose reply is then never sent (the client times out).
+    pub lose_reply_rate: f64,
+    /// Added before handling each request.
+    pub latency: Duration,
+}
+
+/// What the fault dice decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Handle normally.
+    Serve,
+    /// Fail with 503 before doing anything.
+    Fail,
+    /// Apply the effect, then never reply.
+    LoseReply,
+}
+
+/// The state shared by a service's handlers.
+#[derive(Debug)]
+pub(crate) struct Common {
+    pub(crate) pool: Pool,
+    pub(crate) schema: SchemaName,
+    faults: Mutex<Faults>,
+    rng: Mutex<StdRng>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Common {
+    /// Rolls the dice for one request, after the configured latency.
+    pub(crate) async fn fate(&self) -> Fate {
+        let faults = self
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !faults.latency.is_zero() {
+            tokio::time::sleep(faults.latency).await;
+        }
+        if faults.outage {
+            return Fate::Fail;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let roll: f64 = rng.random();
+        if roll < faults.error_rate {
+            Fate::Fail
+        } else if roll < faults.error_rate + faults.lose_reply_rate {
+            Fate::LoseReply
+        } else {
+            Fate::Serve
+        }
+    }
+
+    /// Replies, or (for a lost reply) holds the request until the service
+    /// stops, so the client times out after the effect was committed.
+    pub(crate) async fn reply(&self, fate: Fate, response: Response) -> Response {
+        if fate == Fate::LoseReply {
+            let mut shutdown = self.shutdown.clone();
+            let _ = shutdown.wait_for(|stopped| *stopped).await;
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        response
+    }
+
+    /// The table `name` in this service's schema, quoted.
+    pub(crate) fn table(&self, name: &str) -> String {
+        format!("{}.{name}", self.schema.quoted())
+    }
+}
+
+/// A running fake service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    addr: SocketAddr,
+    common: Arc<Common>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl Service {
+    /// Where it listens.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its base URL.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes how it misbehaves from now on.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.common.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    /// Stops serving (requests held for a lost reply are released).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Serves `router` on 127.0.0.1 on a free port.
+pub(crate) async fn serve(
+    pool: Pool,
+    schema: SchemaName,
+    seed: u64,
+    router: impl FnOnce(Arc<Common>) -> axum::Router,
+) -> std::io::Result<Service> {
+    let (stop, shutdown) = watch::channel(false);
+    let common = Arc::new(Common {
+        pool,
+        schema,
+        faults: Mutex::new(Faults::default()),
+        rng: Mutex::new(StdRng::seed_from_u64(seed)),
+        shutdown: shutdown.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let app = router(common.clone());
+    let mut until = shutdown;
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = until.wait_for(|stopped| *stopped).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %e, "fake service stopped");
+        }
+    });
+    Ok(Service {
+        addr,
+        common,
+        stop: Arc::new(stop),
+    })
+}
+
+/// An error inside a fake service: answered with a 500.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServiceError {
+    #[error("database error")]
+    Db(#[from] saga_postgres::tokio_postgres::Error),
+    #[error("no database connection")]
+    Pool(#[from] saga_postgres::deadpool_postgres::PoolError),
+    #[error("inbox error")]
+    Inbox(#[from] saga_postgres::PgError),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        tracing::warn!(error = %self, "fake service request failed");
+        (status, self.to_string()).into_response()
+    }
+}
+
+/// The `Idempotency-Key` header, as a UUID.
+pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<uuid::Uuid, ServiceError> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| uuid::Uuid::parse_str(v).ok())
+        .ok_or(ServiceError::BadRequest(
+            "a UUID Idempotency-Key header is required",
+        ))
+}
+
+/// A stored reply, replayed for a repeated idempotency key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Stored {
+    pub(crate) status: u16,
+    pub(crate) body: serde_json::Value,
+}
+
+impl IntoResponse for Stored {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.body)).into_response()
+    }
+}

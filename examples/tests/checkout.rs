@@ -1,0 +1,326 @@
+//! The checkout example, end to end, and the behaviour of its fake services.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use checkout::demo::{self, Options, Scenario};
+use checkout::deploy::{Database, Deployment};
+use checkout::model::{CARD_OK, Order, OrderLine};
+use checkout::services::Faults;
+use saga_core::{Direction, Outcome, Status};
+use serde_json::json;
+
+async fn database() -> (Database, saga_postgres::testing::TestDatabase) {
+    let db = saga_postgres::testing::fresh_database()
+        .await
+        .expect("a test database");
+    (Database::Url(db.url().to_owned()), db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_ends_every_order_as_its_scenario_says_and_the_ledgers_balance() {
+    let (database, _db) = database().await;
+    let report = demo::run(
+        Options {
+            orders: 12,
+            workers: 2,
+            database,
+            deadline: Duration::from_secs(120),
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        report.audit.violations.is_empty(),
+        "{:#?}",
+        report.audit.violations
+    );
+    let scenarios: std::collections::BTreeSet<Scenario> =
+        report.orders.iter().map(|o| o.scenario).collect();
+    assert_eq!(scenarios.len(), 4, "every scenario is shown: {scenarios:?}");
+    for o in &report.orders {
+        let ledger = &report.audit.orders[&o.order.id];
+        let steps = |direction| -> Vec<(String, Outcome)> {
+            o.history
+                .iter()
+                .filter(|h| h.direction == direction && h.outcome != Outcome::Created)
+                .map(|h| (h.step.to_string(), h.outcome))
+                .collect()
+        };
+        match o.scenario {
+            Scenario::Ok => {
+                assert_eq!(o.status, Status::Completed, "{}", o.order.id);
+                assert_eq!(ledger.charged_cents, o.order.total_cents);
+                assert_eq!(ledger.emails, 1);
+            }
+            Scenario::Declined => {
+                assert_eq!(o.status, Status::Compensated, "{}", o.order.id);
+                assert_eq!(ledger.charges, 0);
+                // The failed step is compensated too: its refund finds
+                // nothing to undo.
+                assert_eq!(
+                    steps(Direction::Compensate),
+                    [("charge_payment".into(), Outcome::Succeeded)]
+                );
+            }
+            Scenario::OutOfStock => {
+                assert_eq!(o.status, Status::Compensated, "{}", o.order.id);
+                assert_eq!(
+                    (ledger.charges, ledger.refunded_cents),
+                    (1, o.order.total_cents)
+                );
+                assert_eq!(
+                    steps(Direction::Compensate),
+                    [
+                        ("reserve_inventory".into(), Outcome::Succeeded),
+                        ("charge_payment".into(), Outcome::Succeeded)
+                    ],
+                    "reverse order"
+                );
+            }
+            Scenario::GatewayDown => {
+                assert_eq!(o.status, Status::Compensated, "{}", o.order.id);
+                let forward = steps(Direction::Forward);
+                let charges: Vec<_> = forward
+                    .iter()
+                    .filter(|(s, _)| s == "charge_payment")
+                    .collect();
+                assert_eq!(charges.len(), 4, "retried up to the budget: {forward:?}");
+                assert_eq!(charges[3].1, Outcome::FailedForGood);
+                assert_eq!(ledger.charges, 0);
+            }
+        }
+    }
+    let (worker, crashed) = report.crashed_during.clone().expect("a worker was killed");
+    assert!(worker >= 1);
+    let order = report
+        .orders
+        .iter()
+        .find(|o| o.order.id == crashed)
+        .unwrap();
+    assert_eq!(order.status, Status::Completed);
+    let reserve: Vec<u32> = order
+        .history
+        .iter()
+        .filter(|h| h.step.as_str() == "reserve_inventory")
+        .map(|h| h.attempt)
+        .collect();
+    assert_eq!(
+        reserve,
+        [2],
+        "the killed attempt left no record; the second one succeeded"
+    );
+    assert_eq!(
+        report.audit.orders[&crashed].reservations.values().max(),
+        Some(&1)
+    );
+    let rendered = demo::render(&report);
+    assert!(rendered.contains("Invariants: all hold"), "{rendered}");
+    assert!(rendered.contains(&format!("{crashed:<11}")), "{rendered}");
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    key: uuid::Uuid,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = http
+        .post(url)
+        .header("Idempotency-Key", key.to_string())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(json!(null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_charges_once_per_key_and_a_refund_for_nothing_voids_the_key() {
+    let (database, _db) = database().await;
+    let stock = BTreeMap::from([("mug".to_owned(), 5)]);
+    let d = Deployment::start(database, "pay", &stock, 1).await.unwrap();
+    let http = reqwest::Client::new();
+    let charge = |order: &str| json!({ "order_id": order, "amount_cents": 500, "card": CARD_OK });
+    let (k1, k2) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+
+    let first = post(
+        &http,
+        format!("{}/charges", d.payment.url()),
+        k1,
+        charge("o1"),
+    )
+    .await;
+    let again = post(
+        &http,
+        format!("{}/charges", d.payment.url()),
+        k1,
+        charge("o1"),
+    )
+    .await;
+    assert_eq!(first.0, 201);
+    assert_eq!(again, first, "the same key returns the first result");
+    let refund = post(
+        &http,
+        format!("{}/refunds", d.payment.url()),
+        k2,
+        json!({ "charge_key": k1 }),
+    )
+    .await;
+    assert_eq!(refund.1["refunded"], true);
+    let refund_again = post(
+        &http,
+        format!("{}/refunds", d.payment.url()),
+        k2,
+        json!({ "charge_key": k1 }),
+    )
+    .await;
+    assert_eq!(refund_again, refund);
+
+    // A refund for a key that never charged is a no-op, and a charge
+    // arriving late with that key is refused.
+    let (never, undo) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let noop = post(
+        &http,
+        format!("{}/refunds", d.payment.url()),
+        undo,
+        json!({ "charge_key": never }),
+    )
+    .await;
+    assert_eq!(noop, (200, json!({ "refunded": false })));
+    let late = post(
+        &http,
+        format!("{}/charges", d.payment.url()),
+        never,
+        charge("o2"),
+    )
+    .await;
+    assert_eq!(late.0, 409);
+
+    // A lost reply: the charge happens, the caller times out, the retry
+    // gets the stored result.
+    d.payment.set_faults(Faults {
+        lose_reply_rate: 1.0,
+        ..Faults::default()
+    });
+    let k3 = uuid::Uuid::now_v7();
+    let timed_out = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+        .post(format!("{}/charges", d.payment.url()))
+        .header("Idempotency-Key", k3.to_string())
+        .json(&charge("o3"))
+        .send()
+        .await;
+    assert!(timed_out.unwrap_err().is_timeout());
+    d.payment.set_faults(Faults::default());
+    let retried = post(
+        &http,
+        format!("{}/charges", d.payment.url()),
+        k3,
+        charge("o3"),
+    )
+    .await;
+    assert_eq!(retried.0, 201);
+
+    let audit = d.audit().await.unwrap();
+    let charges: BTreeMap<_, _> = audit
+        .orders
+        .iter()
+        .map(|(k, o)| (k.clone(), (o.charges, o.refunded_cents)))
+        .collect();
+    assert_eq!(charges["o1"], (1, 500));
+    assert_eq!(charges.get("o2").copied().unwrap_or((0, 0)), (0, 0));
+    assert_eq!(charges["o3"], (1, 0));
+    d.stop_services();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_deducts_once_per_key_and_never_below_zero() {
+    let (database, _db) = database().await;
+    let stock = BTreeMap::from([("mug".to_owned(), 3)]);
+    let d = Deployment::start(database, "inv", &stock, 1).await.unwrap();
+    let http = reqwest::Client::new();
+    let order = Order {
+        id: "o1".into(),
+        email: "a@example.com".into(),
+        card: CARD_OK.into(),
+        lines: vec![OrderLine {
+            sku: "mug".into(),
+            qty: 2,
+        }],
+        total_cents: 100,
+    };
+    let body = json!({ "order_id": order.id, "lines": order.lines });
+    let k = uuid::Uuid::now_v7();
+    let first = post(
+        &http,
+        format!("{}/reservations", d.inventory.url()),
+        k,
+        body.clone(),
+    )
+    .await;
+    let again = post(
+        &http,
+        format!("{}/reservations", d.inventory.url()),
+        k,
+        body.clone(),
+    )
+    .await;
+    assert_eq!((first.0, again), (201, first.clone()));
+    let other = post(
+        &http,
+        format!("{}/reservations", d.inventory.url()),
+        uuid::Uuid::now_v7(),
+        body,
+    )
+    .await;
+    assert_eq!(
+        other,
+        (409, json!({ "error": "out_of_stock" })),
+        "only 1 left"
+    );
+    let release = uuid::Uuid::now_v7();
+    for _ in 0..2 {
+        let r = post(
+            &http,
+            format!("{}/releases", d.inventory.url()),
+            release,
+            json!({ "reservation_key": k }),
+        )
+        .await;
+        assert_eq!(r, (200, json!({ "released": true })));
+    }
+    let audit = d.audit().await.unwrap();
+    assert_eq!(audit.stock["mug"], (3, 3), "released once, back to 3");
+    d.stop_services();
+}
+
+#[test]
+fn the_diagram_is_generated_from_the_definition() {
+    let diagram = checkout::saga::diagram();
+    assert!(diagram.starts_with("flowchart LR\n    %% checkout v1\n"));
+    for step in [
+        "validate_order",
+        "charge_payment",
+        "reserve_inventory",
+        "send_confirmation",
+    ] {
+        assert!(diagram.contains(step), "{step}");
+    }
+    assert!(
+        diagram.contains(r#"s3{{"confirm_order<br/>pivot"}}"#),
+        "{diagram}"
+    );
+    assert!(
+        diagram.contains("s3 -. fails .-> c2"),
+        "the pivot's failure undoes the steps before it"
+    );
+    assert!(
+        diagram.contains("c2 --> c1"),
+        "compensations run in reverse"
+    );
+}
