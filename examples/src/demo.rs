@@ -257,10 +257,11 @@ pub async fn run(
     let (stop, stopped) = watch::channel(false);
     let mut workers = Vec::new();
     for i in 0..options.workers.max(1) {
-        let worker = match &hook {
-            Some(hook) => deployment.crashing_worker(&settings, hook.for_worker(i))?,
-            None => deployment.worker(&settings)?,
+        let hooks = crate::deploy::Hooks {
+            after_effect: hook.as_ref().map(|h| h.for_worker(i)),
+            after_publish: None,
         };
+        let worker = deployment.worker_with_hooks(&settings, hooks)?;
         let mut stopped = stopped.clone();
         workers.push(tokio::spawn(async move {
             worker

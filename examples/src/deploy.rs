@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SystemClock};
+
+use crate::audit::Schemas;
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{Dispatcher, Outbox};
 use saga_postgres::testing::TestCluster;
 use saga_postgres::{PgSagaStore, pool_from_config, tokio_postgres};
 
-use crate::audit::{Audit, Schemas};
+use crate::audit::Audit;
 use crate::clients::Downstream;
 use crate::model::Checkout;
 use crate::saga;
@@ -29,8 +31,9 @@ pub enum Database {
     Throwaway,
 }
 
-/// How workers behave.
-#[derive(Debug, Clone)]
+/// How workers behave. Serializable, so that a worker in another process
+/// can be given the same settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerSettings {
     /// Steps run at once per worker.
     pub concurrency: usize,
@@ -49,8 +52,12 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// Negative control: a fresh idempotency key on every attempt.
     pub fresh_key_per_attempt: bool,
+    /// Retry policy of outbox deliveries.
+    pub delivery_retry: RetryPolicy,
     /// Negative control: email straight from the step, not via the outbox.
     pub publish_directly: bool,
+    /// Negative control: record step results without checking the lease.
+    pub no_fencing: bool,
 }
 
 impl Default for WorkerSettings {
@@ -64,8 +71,43 @@ impl Default for WorkerSettings {
             compensation_retry: saga::demo_compensation_retry(),
             poll_interval: Duration::from_millis(100),
             fresh_key_per_attempt: false,
+            delivery_retry: saga::demo_compensation_retry(),
             publish_directly: false,
+            no_fencing: false,
         }
+    }
+}
+
+/// Where a worker finds everything: serializable, for worker processes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    /// The database, as the workers reach it.
+    pub database_url: String,
+    /// The schema prefix (see [`Schemas::with_prefix`]).
+    pub prefix: String,
+    /// The payment service's base URL.
+    pub payment_url: String,
+    /// The inventory service's base URL.
+    pub inventory_url: String,
+    /// The email service's base URL.
+    pub email_url: String,
+}
+
+/// Where a worker can be made to stall or die on purpose.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// After each downstream effect, before its step is recorded.
+    pub after_effect: Option<saga::EffectHook>,
+    /// After each delivered outbox batch, before it is deleted.
+    pub after_publish: Option<services::email::PublishHook>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("after_effect", &self.after_effect.is_some())
+            .field("after_publish", &self.after_publish.is_some())
+            .finish()
     }
 }
 
@@ -75,14 +117,16 @@ pub struct Deployment {
     /// A pool for the deployment's own bookkeeping (placing orders,
     /// auditing).
     pub pool: Pool,
-    /// The driver configuration of the database, for workers' own pools.
-    pub db_config: tokio_postgres::Config,
+    /// The database's URL.
+    pub db_url: String,
     /// The schemas.
     pub schemas: Schemas,
     /// The saga store.
     pub store: PgSagaStore,
     /// The shop.
     pub shop: Shop,
+    /// The schema prefix.
+    pub prefix: String,
     /// The payment service.
     pub payment: Service,
     /// The inventory service.
@@ -101,19 +145,17 @@ impl Deployment {
         stock: &BTreeMap<String, i32>,
         seed: u64,
     ) -> Result<Deployment, crate::Error> {
-        let (db_config, cluster) = match database {
-            Database::Url(url) => (
-                tokio_postgres::Config::from_str(&url)
-                    .map_err(saga_postgres::PgError::InvalidUrl)?,
-                None,
-            ),
+        let (db_url, cluster) = match database {
+            Database::Url(url) => (url, None),
             Database::Throwaway => {
                 let cluster = TestCluster::start()
                     .await
                     .map_err(crate::Error::TestDatabase)?;
-                (cluster.config("postgres"), Some(cluster))
+                (cluster.url("postgres"), Some(cluster))
             }
         };
+        let db_config = tokio_postgres::Config::from_str(&db_url)
+            .map_err(saga_postgres::PgError::InvalidUrl)?;
         let schemas = Schemas::with_prefix(prefix)?;
         let pool = pool_from_config(db_config.clone(), 16)?;
         let mut conn = pool.get().await?;
@@ -130,10 +172,11 @@ impl Deployment {
         let email = services::email::start(pool.clone(), schemas.email.clone(), seed + 2).await?;
         Ok(Deployment {
             pool,
-            db_config,
+            db_url: db_url.clone(),
             schemas,
             store,
             shop,
+            prefix: prefix.to_owned(),
             payment,
             inventory,
             email,
@@ -141,86 +184,44 @@ impl Deployment {
         })
     }
 
+    /// Where workers find this deployment's database and services.
+    #[must_use]
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            database_url: self.db_url.clone(),
+            prefix: self.prefix.clone(),
+            payment_url: self.payment.url(),
+            inventory_url: self.inventory.url(),
+            email_url: self.email.url(),
+        }
+    }
+
     /// The saga definition as a worker with `settings` runs it.
     pub fn saga(
         &self,
         settings: &WorkerSettings,
     ) -> Result<SagaDefinition<Checkout>, crate::Error> {
-        self.saga_with(settings, self.shop.clone(), None)
-    }
-
-    fn saga_with(
-        &self,
-        settings: &WorkerSettings,
-        shop: Shop,
-        crash: Option<saga::CrashHook>,
-    ) -> Result<SagaDefinition<Checkout>, crate::Error> {
-        let mut downstream = Downstream::new(
-            self.payment.url(),
-            self.inventory.url(),
-            settings.http_timeout,
-        )?;
-        downstream.fresh_key_per_attempt = settings.fresh_key_per_attempt;
-        Ok(saga::definition(&saga::Config {
-            downstream,
-            shop,
-            retry: settings.retry.clone(),
-            compensation_retry: settings.compensation_retry.clone(),
-            step_timeout: settings.step_timeout,
-            publish_directly_to: settings.publish_directly.then(|| self.email.url()),
-            crash,
-        })?)
+        definition(&self.endpoints(), settings, self.shop.clone(), None)
     }
 
     /// A worker with its own connection pool: an executor running checkout
     /// sagas and a dispatcher delivering the outbox to the email service.
     pub fn worker(&self, settings: &WorkerSettings) -> Result<Worker, crate::Error> {
-        self.worker_with(settings, None, Arc::new(SystemClock))
+        Worker::new(
+            &self.endpoints(),
+            settings,
+            Hooks::default(),
+            Arc::new(SystemClock),
+        )
     }
 
-    /// [`Deployment::worker`] that reports and hangs right after reserving
-    /// the stock of the hook's order (before recording it): a worker about
-    /// to die at the worst moment.
-    pub fn crashing_worker(
+    /// [`Deployment::worker`] with hooks (where it stalls or dies).
+    pub fn worker_with_hooks(
         &self,
         settings: &WorkerSettings,
-        hook: saga::CrashHook,
+        hooks: Hooks,
     ) -> Result<Worker, crate::Error> {
-        self.worker_with(settings, Some(hook), Arc::new(SystemClock))
-    }
-
-    /// A worker reading `clock` (tests drive time by hand).
-    pub fn worker_with(
-        &self,
-        settings: &WorkerSettings,
-        crash: Option<saga::CrashHook>,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Worker, crate::Error> {
-        let pool = pool_from_config(self.db_config.clone(), settings.concurrency + 4)?;
-        let shop = Shop::new(pool.clone(), self.schemas.shop.clone());
-        let store =
-            PgSagaStore::new(pool.clone(), self.schemas.saga.clone()).with_clock(clock.clone());
-        let executor = Executor::builder(store)
-            .register(self.saga_with(settings, shop, crash)?)
-            .concurrency(settings.concurrency)
-            .lease_duration(settings.lease)
-            .heartbeat_interval(settings.lease / 3)
-            .poll_interval(settings.poll_interval)
-            .build()?;
-        let outbox = Outbox::new(pool, self.schemas.saga.clone()).with_clock(clock);
-        let publisher = HttpPublisher::new(self.email.url(), settings.http_timeout)?;
-        let dispatcher = Dispatcher::builder(outbox, publisher)
-            .poll_interval(settings.poll_interval)
-            .lease_for(settings.lease.max(Duration::from_secs(2)) * 4)
-            .publish_timeout(settings.lease.max(Duration::from_secs(2)))
-            .retry_policy(settings.compensation_retry.clone())
-            .listen(self.db_config.clone())
-            .build()
-            .map_err(crate::Error::Outbox)?;
-        Ok(Worker {
-            executor,
-            dispatcher,
-        })
+        Worker::new(&self.endpoints(), settings, hooks, Arc::new(SystemClock))
     }
 
     /// Whether every saga has finished and every message was delivered.
@@ -289,9 +290,86 @@ pub struct Worker {
     pub executor: Executor<PgSagaStore>,
     /// The outbox dispatcher.
     pub dispatcher: Dispatcher<HttpPublisher>,
+    store: PgSagaStore,
+}
+
+fn definition(
+    endpoints: &Endpoints,
+    settings: &WorkerSettings,
+    shop: Shop,
+    after_effect: Option<saga::EffectHook>,
+) -> Result<SagaDefinition<Checkout>, crate::Error> {
+    let mut downstream = Downstream::new(
+        endpoints.payment_url.clone(),
+        endpoints.inventory_url.clone(),
+        settings.http_timeout,
+    )?;
+    downstream.fresh_key_per_attempt = settings.fresh_key_per_attempt;
+    Ok(saga::definition(&saga::Config {
+        downstream,
+        shop,
+        retry: settings.retry.clone(),
+        compensation_retry: settings.compensation_retry.clone(),
+        step_timeout: settings.step_timeout,
+        publish_directly_to: settings
+            .publish_directly
+            .then(|| endpoints.email_url.clone()),
+        after_effect,
+    })?)
 }
 
 impl Worker {
+    /// A worker with its own connection pool on `endpoints`, reading
+    /// `clock`.
+    pub fn new(
+        endpoints: &Endpoints,
+        settings: &WorkerSettings,
+        hooks: Hooks,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Worker, crate::Error> {
+        let schemas = Schemas::with_prefix(&endpoints.prefix)?;
+        let db_config = tokio_postgres::Config::from_str(&endpoints.database_url)
+            .map_err(saga_postgres::PgError::InvalidUrl)?;
+        let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
+        let shop = Shop::new(pool.clone(), schemas.shop.clone());
+        let mut store =
+            PgSagaStore::new(pool.clone(), schemas.saga.clone()).with_clock(clock.clone());
+        if settings.no_fencing {
+            store = store.without_fencing_for_negative_control();
+        }
+        let executor = Executor::builder(store.clone())
+            .register(definition(endpoints, settings, shop, hooks.after_effect)?)
+            .concurrency(settings.concurrency)
+            .lease_duration(settings.lease)
+            .heartbeat_interval(settings.lease / 3)
+            .poll_interval(settings.poll_interval)
+            .build()?;
+        let outbox = Outbox::new(pool, schemas.saga.clone()).with_clock(clock);
+        let mut publisher = HttpPublisher::new(endpoints.email_url.clone(), settings.http_timeout)?;
+        if let Some(hook) = hooks.after_publish {
+            publisher = publisher.with_after_publish(hook);
+        }
+        let dispatcher = Dispatcher::builder(outbox, publisher)
+            .poll_interval(settings.poll_interval)
+            .lease_for(settings.lease.max(Duration::from_secs(2)) * 4)
+            .publish_timeout(settings.lease.max(Duration::from_secs(2)))
+            .retry_policy(settings.delivery_retry.clone())
+            .listen(db_config)
+            .build()
+            .map_err(crate::Error::Outbox)?;
+        Ok(Worker {
+            executor,
+            dispatcher,
+            store,
+        })
+    }
+
+    /// What the worker's store had to recover from (ambiguous commits...).
+    #[must_use]
+    pub fn store_stats(&self) -> saga_postgres::StoreStats {
+        self.store.stats()
+    }
+
     /// Runs both until `shutdown` completes.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), crate::Error> {
         let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -33,7 +33,7 @@ pub const NAME: &str = "checkout";
 pub const VERSION: u32 = 1;
 
 /// What the checkout saga needs to run its steps.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// The payment and inventory clients.
     pub downstream: Downstream,
@@ -49,8 +49,53 @@ pub struct Config {
     /// service at this URL instead of emitting into the outbox (a dual
     /// write). Breaks "exactly one email per confirmed order" on purpose.
     pub publish_directly_to: Option<String>,
-    /// Demo: make this worker die right after reserving one order's stock.
-    pub crash: Option<CrashHook>,
+    /// Called after each downstream call that applied (or may have
+    /// applied) an effect, before the step's result is recorded: where a
+    /// test or the chaos harness makes a worker die or stall at the worst
+    /// moment.
+    pub after_effect: Option<EffectHook>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("downstream", &self.downstream)
+            .field("step_timeout", &self.step_timeout)
+            .field("publish_directly_to", &self.publish_directly_to)
+            .field("after_effect", &self.after_effect.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where an effect was just applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectPoint {
+    /// The order.
+    pub order_id: String,
+    /// The step.
+    pub step: &'static str,
+    /// Forward or compensation.
+    pub direction: saga_core::Direction,
+}
+
+/// A hook run after each effect; see [`Config::after_effect`].
+pub type EffectHook =
+    std::sync::Arc<dyn Fn(EffectPoint) -> saga_core::BoxFuture<'static, ()> + Send + Sync>;
+
+async fn after_effect(
+    hook: &Option<EffectHook>,
+    order_id: &str,
+    step: &'static str,
+    direction: saga_core::Direction,
+) {
+    if let Some(hook) = hook {
+        hook(EffectPoint {
+            order_id: order_id.to_owned(),
+            step,
+            direction,
+        })
+        .await;
+    }
 }
 
 /// Makes `reserve_inventory` of one order report and hang right after the
@@ -59,15 +104,9 @@ pub struct Config {
 /// with its own number); fires once, in whichever worker gets there.
 #[derive(Debug, Clone)]
 pub struct CrashHook {
-    worker: usize,
-    shared: std::sync::Arc<CrashShared>,
-}
-
-#[derive(Debug)]
-struct CrashShared {
     order_id: String,
     report: tokio::sync::mpsc::UnboundedSender<(usize, String)>,
-    fired: std::sync::atomic::AtomicBool,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CrashHook {
@@ -78,32 +117,31 @@ impl CrashHook {
         report: tokio::sync::mpsc::UnboundedSender<(usize, String)>,
     ) -> Self {
         CrashHook {
-            worker: 0,
-            shared: std::sync::Arc::new(CrashShared {
-                order_id,
-                report,
-                fired: std::sync::atomic::AtomicBool::new(false),
-            }),
+            order_id,
+            report,
+            fired: std::sync::Arc::default(),
         }
     }
 
-    /// The same hook, for worker number `worker`.
+    /// The hook for worker number `worker`.
     #[must_use]
-    pub fn for_worker(&self, worker: usize) -> Self {
-        CrashHook {
-            worker,
-            shared: self.shared.clone(),
-        }
-    }
-
-    async fn maybe_crash(&self, order_id: &str) {
-        use std::sync::atomic::Ordering;
-        let s = &self.shared;
-        if order_id == s.order_id && !s.fired.swap(true, Ordering::SeqCst) {
-            let _ = s.report.send((self.worker, order_id.to_owned()));
-            // The worker is about to be killed: never return.
-            std::future::pending::<()>().await;
-        }
+    pub fn for_worker(&self, worker: usize) -> EffectHook {
+        let this = self.clone();
+        std::sync::Arc::new(move |point: EffectPoint| {
+            let this = this.clone();
+            Box::pin(async move {
+                use std::sync::atomic::Ordering;
+                if point.step == "reserve_inventory"
+                    && point.direction == saga_core::Direction::Forward
+                    && point.order_id == this.order_id
+                    && !this.fired.swap(true, Ordering::SeqCst)
+                {
+                    let _ = this.report.send((worker, point.order_id));
+                    // The worker is about to be killed: never return.
+                    std::future::pending::<()>().await;
+                }
+            })
+        })
     }
 }
 
@@ -161,15 +199,17 @@ impl Action<Checkout> for ValidateOrder {
 #[error("invalid order: {0}")]
 pub struct InvalidOrder(&'static str);
 
-struct ChargePayment(Downstream);
+struct ChargePayment(Downstream, Option<EffectHook>);
 impl Action<Checkout> for ChargePayment {
     async fn run(&self, ctx: &mut StepContext, s: &mut Checkout) -> Result<(), StepError> {
-        s.charge_id = Some(self.0.charge(ctx.idempotency_key(), &s.order).await?);
+        let charge_id = self.0.charge(ctx.idempotency_key(), &s.order).await?;
+        after_effect(&self.1, &s.order.id, "charge_payment", ctx.direction()).await;
+        s.charge_id = Some(charge_id);
         Ok(())
     }
 }
 
-struct RefundPayment(Downstream);
+struct RefundPayment(Downstream, Option<EffectHook>);
 impl Action<Checkout> for RefundPayment {
     async fn run(&self, ctx: &mut StepContext, s: &mut Checkout) -> Result<(), StepError> {
         // The charge may have happened even if we never heard back: the
@@ -177,32 +217,32 @@ impl Action<Checkout> for RefundPayment {
         self.0
             .refund(ctx.idempotency_key(), ctx.forward_key())
             .await?;
+        after_effect(&self.1, &s.order.id, "charge_payment", ctx.direction()).await;
         s.charge_id = None;
         Ok(())
     }
 }
 
-struct ReserveInventory(Downstream, Option<CrashHook>);
+struct ReserveInventory(Downstream, Option<EffectHook>);
 impl Action<Checkout> for ReserveInventory {
     async fn run(&self, ctx: &mut StepContext, s: &mut Checkout) -> Result<(), StepError> {
         let id = self
             .0
             .reserve(ctx.idempotency_key(), &s.order.id, &s.order.lines)
             .await?;
-        if let Some(hook) = &self.1 {
-            hook.maybe_crash(&s.order.id).await;
-        }
+        after_effect(&self.1, &s.order.id, "reserve_inventory", ctx.direction()).await;
         s.reservation_id = Some(id);
         Ok(())
     }
 }
 
-struct ReleaseInventory(Downstream);
+struct ReleaseInventory(Downstream, Option<EffectHook>);
 impl Action<Checkout> for ReleaseInventory {
     async fn run(&self, ctx: &mut StepContext, s: &mut Checkout) -> Result<(), StepError> {
         self.0
             .release(ctx.idempotency_key(), ctx.forward_key())
             .await?;
+        after_effect(&self.1, &s.order.id, "reserve_inventory", ctx.direction()).await;
         s.reservation_id = None;
         Ok(())
     }
@@ -255,6 +295,7 @@ impl Action<Checkout> for SendConfirmation {
 /// The checkout saga's definition.
 pub fn definition(config: &Config) -> Result<SagaDefinition<Checkout>, saga_core::Error> {
     let d = &config.downstream;
+    let h = &config.after_effect;
     let t = config.step_timeout;
     SagaDefinition::builder(NAME, VERSION)
         .step(
@@ -263,23 +304,20 @@ pub fn definition(config: &Config) -> Result<SagaDefinition<Checkout>, saga_core
                 .no_compensation(),
         )
         .step(
-            Step::new("charge_payment", ChargePayment(d.clone()))
+            Step::new("charge_payment", ChargePayment(d.clone(), h.clone()))
                 .retry(config.retry.clone())
                 .timeout(t)
-                .compensate_with(RefundPayment(d.clone()))
+                .compensate_with(RefundPayment(d.clone(), h.clone()))
                 .compensation_retry(config.compensation_retry.clone())
                 .compensation_timeout(t),
         )
         .step(
-            Step::new(
-                "reserve_inventory",
-                ReserveInventory(d.clone(), config.crash.clone()),
-            )
-            .retry(config.retry.clone())
-            .timeout(t)
-            .compensate_with(ReleaseInventory(d.clone()))
-            .compensation_retry(config.compensation_retry.clone())
-            .compensation_timeout(t),
+            Step::new("reserve_inventory", ReserveInventory(d.clone(), h.clone()))
+                .retry(config.retry.clone())
+                .timeout(t)
+                .compensate_with(ReleaseInventory(d.clone(), h.clone()))
+                .compensation_retry(config.compensation_retry.clone())
+                .compensation_timeout(t),
         )
         .pivot(Step::new("confirm_order", ConfirmOrder(config.shop.clone())).timeout(t))
         .step(
@@ -312,7 +350,7 @@ pub fn diagram() -> String {
         compensation_retry: demo_compensation_retry(),
         step_timeout: Duration::from_secs(5),
         publish_directly_to: None,
-        crash: None,
+        after_effect: None,
     };
     definition(&config)
         .expect("a valid definition")

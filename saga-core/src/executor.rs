@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -331,6 +332,7 @@ impl<St: SagaStore> ExecutorBuilder<St> {
                 worker: self.worker,
                 rng: Mutex::new(rng),
                 wake: Arc::new(Notify::new()),
+                counters: Counters::default(),
             }),
         })
     }
@@ -343,6 +345,28 @@ struct Shared<St> {
     worker: WorkerId,
     rng: Mutex<StdRng>,
     wake: Arc<Notify>,
+    counters: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    claimed: AtomicU64,
+    recorded: AtomicU64,
+    leases_lost: AtomicU64,
+    store_errors: AtomicU64,
+}
+
+/// What an executor has done since it was built (all its clones together).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecutorStats {
+    /// Instances claimed.
+    pub claimed: u64,
+    /// Transitions recorded.
+    pub recorded: u64,
+    /// Results refused because the lease had been lost (fenced writes).
+    pub leases_lost: u64,
+    /// Store operations that failed.
+    pub store_errors: u64,
 }
 
 /// Claims and runs due saga instances; see the [module docs](self).
@@ -429,6 +453,18 @@ impl<St: SagaStore> Executor<St> {
     #[must_use]
     pub fn worker_id(&self) -> WorkerId {
         self.shared.worker
+    }
+
+    /// What this executor has done so far.
+    #[must_use]
+    pub fn stats(&self) -> ExecutorStats {
+        let c = &self.shared.counters;
+        ExecutorStats {
+            claimed: c.claimed.load(Ordering::Relaxed),
+            recorded: c.recorded.load(Ordering::Relaxed),
+            leases_lost: c.leases_lost.load(Ordering::Relaxed),
+            store_errors: c.store_errors.load(Ordering::Relaxed),
+        }
     }
 
     /// The saga kinds registered here.
@@ -644,7 +680,9 @@ impl<St: SagaStore> Executor<St> {
 
     async fn claim(&self, limit: usize) -> Result<Vec<ClaimedSaga>, Error> {
         let cfg = &self.shared.config;
-        self.shared
+        let counters = &self.shared.counters;
+        let claimed = self
+            .shared
             .store
             .claim(ClaimRequest {
                 worker: self.shared.worker,
@@ -653,7 +691,14 @@ impl<St: SagaStore> Executor<St> {
                 lease_for: cfg.lease_duration,
             })
             .await
-            .inspect_err(|_| store_error("claim"))
+            .inspect_err(|_| {
+                counters.store_errors.fetch_add(1, Ordering::Relaxed);
+                store_error("claim");
+            })?;
+        counters
+            .claimed
+            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+        Ok(claimed)
     }
 
     async fn check_unregistered(&self) -> Result<Vec<(SagaKind, u64)>, Error> {
@@ -795,7 +840,7 @@ async fn process_in_span<St: SagaStore>(
         let timer = Instant::now();
         let result = match run_with_heartbeat(&shared, claimed.lease, attempt).await {
             Some(result) => result,
-            None => return lease_lost(&claimed),
+            None => return lease_lost(&shared, &claimed),
         };
         metrics::histogram!(m::STEP_DURATION, &labels).record(timer.elapsed().as_secs_f64());
         let now = clock.now();
@@ -897,7 +942,8 @@ fn attempt_metric(labels: &[(&'static str, String); 3], outcome: &'static str) {
     .increment(1);
 }
 
-fn lease_lost(claimed: &ClaimedSaga) -> Processed {
+fn lease_lost<St>(shared: &Shared<St>, claimed: &ClaimedSaga) -> Processed {
+    shared.counters.leases_lost.fetch_add(1, Ordering::Relaxed);
     tracing::warn!("lease lost: another worker has taken this instance over; result discarded");
     metrics::counter!(m::LEASES_LOST, "saga" => claimed.kind.name.to_string()).increment(1);
     Processed::LeaseLost
@@ -972,6 +1018,7 @@ async fn record<St: SagaStore>(
     let id = claimed.lease.saga_id;
     match shared.store.record(&claimed.lease, record).await {
         Ok(()) => {
+            shared.counters.recorded.fetch_add(1, Ordering::Relaxed);
             count_status(&claimed.kind, t.status);
             tracing::debug!(transition = ?t.kind, status = %t.status, "recorded");
             if matches!(t.command, Command::Schedule { at: None, .. }) {
@@ -980,8 +1027,9 @@ async fn record<St: SagaStore>(
             }
             Processed::Recorded(id, t.kind)
         }
-        Err(Error::LeaseLost(_)) => lease_lost(claimed),
+        Err(Error::LeaseLost(_)) => lease_lost(shared, claimed),
         Err(e) => {
+            shared.counters.store_errors.fetch_add(1, Ordering::Relaxed);
             store_error("record");
             tracing::error!(error = %e, "recording the step's outcome failed; the step will run again when the lease expires");
             Processed::StoreError

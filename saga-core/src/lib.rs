@@ -29,7 +29,8 @@ pub use error::{
     BoxError, DefinitionProblem, Error, InvalidName, InvalidRetryPolicy, StepError, StepErrorKind,
 };
 pub use executor::{
-    AttemptTimedOut, Executor, ExecutorBuilder, ExecutorConfig, RunReport, StepPanicked,
+    AttemptTimedOut, Executor, ExecutorBuilder, ExecutorConfig, ExecutorStats, RunReport,
+    StepPanicked,
 };
 pub use ids::{
     Direction, IdempotencyKey, LeaseToken, MAX_NAME_LEN, MAX_START_KEY_LEN, MessageId, SagaId,

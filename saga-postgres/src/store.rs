@@ -56,6 +56,10 @@ pub struct StoreStats {
     /// Transitions whose commit was ambiguous and turned out not to have
     /// committed (they were written again).
     pub ambiguous_not_committed: u64,
+    /// Transitions whose commit was ambiguous and that could not be
+    /// resolved before the reconnect budget ran out (the caller got an
+    /// error; the step runs again once its lease expires).
+    pub ambiguous_unresolved: u64,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +67,11 @@ struct Counters {
     retries: AtomicU64,
     ambiguous_committed: AtomicU64,
     ambiguous_not_committed: AtomicU64,
+    // A "not committed" answer later corrected to "committed" (the first
+    // attempt's backend committed after the lookup): taken back from the
+    // not-committed count.
+    ambiguous_not_committed_undo: AtomicU64,
+    ambiguous_unresolved: AtomicU64,
 }
 
 /// The SQL of every operation, rendered once for the schema.
@@ -88,7 +97,7 @@ const SNAPSHOT_COLUMNS: &str = "id, saga_name, saga_version, start_key, status, 
     version, created_at, updated_at";
 
 impl Sql {
-    fn new(schema: &SchemaName) -> Self {
+    fn new(schema: &SchemaName, fencing: bool) -> Self {
         let s = schema.quoted();
         // The common tail of a transition: history row, outbox rows, one
         // notification for the whole transaction if anything was enqueued.
@@ -180,9 +189,13 @@ impl Sql {
             heartbeat: format!(
                 "UPDATE {s}.saga_instances
                  SET lease_expires_at = $3::timestamptz, next_run_at = $3::timestamptz
-                 WHERE id = $1::uuid AND lease_token = $2::uuid
-                   AND lease_expires_at > $4::timestamptz
-                 RETURNING lease_expires_at"
+                 WHERE id = $1::uuid AND {guard}
+                 RETURNING lease_expires_at",
+                guard = if fencing {
+                    "lease_token = $2::uuid AND lease_expires_at > $4::timestamptz"
+                } else {
+                    "($2::uuid IS NOT NULL OR $4::timestamptz IS NOT NULL)"
+                }
             ),
             release: format!(
                 "UPDATE {s}.saga_instances
@@ -197,11 +210,16 @@ impl Sql {
             record_leased: format!(
                 "WITH upd AS (
                     UPDATE {s}.saga_instances SET {set_transition}
-                    WHERE id = $1::uuid AND lease_token = $2::uuid
-                      AND lease_expires_at > $11::timestamptz
+                    WHERE id = $1::uuid AND {guard}
                     RETURNING id
                 ),
-                {transition_tail}"
+                {transition_tail}",
+                guard = if fencing {
+                    "lease_token = $2::uuid AND lease_expires_at > $11::timestamptz"
+                } else {
+                    // Negative control only: any worker may write.
+                    "($2::uuid IS NOT NULL OR $11::timestamptz IS NOT NULL)"
+                }
             ),
             record_unleased: format!(
                 "WITH upd AS (
@@ -247,6 +265,7 @@ impl Sql {
 struct Inner {
     pool: Pool,
     schema: SchemaName,
+    fencing: bool,
     clock: Arc<dyn Clock>,
     sql: Sql,
     reconnect_for: Duration,
@@ -324,11 +343,12 @@ impl PgSagaStore {
     /// database; see [`check_schema`](PgSagaStore::check_schema).
     #[must_use]
     pub fn new(pool: Pool, schema: SchemaName) -> Self {
-        let sql = Sql::new(&schema);
+        let sql = Sql::new(&schema, true);
         PgSagaStore {
             inner: Arc::new(Inner {
                 pool,
                 schema,
+                fencing: true,
                 clock: Arc::new(SystemClock),
                 sql,
                 reconnect_for: DEFAULT_RECONNECT_FOR,
@@ -349,8 +369,9 @@ impl PgSagaStore {
         let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
             pool: shared.pool.clone(),
             schema: shared.schema.clone(),
+            fencing: shared.fencing,
             clock: shared.clock.clone(),
-            sql: Sql::new(&shared.schema),
+            sql: Sql::new(&shared.schema, shared.fencing),
             reconnect_for: shared.reconnect_for,
             counters: Counters::default(),
         });
@@ -364,6 +385,19 @@ impl PgSagaStore {
     #[must_use]
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
         self.with_inner(|i| i.clock = clock)
+    }
+
+    /// NEGATIVE CONTROL, for the chaos harness only: records a worker's
+    /// result (and extends its lease) even if its lease expired or was
+    /// taken over. This breaks the
+    /// engine on purpose, so that a harness can show it notices.
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn without_fencing_for_negative_control(self) -> Self {
+        self.with_inner(|i| {
+            i.fencing = false;
+            i.sql = Sql::new(&i.schema, false);
+        })
     }
 
     /// How long an operation keeps retrying while the database is
@@ -392,7 +426,11 @@ impl PgSagaStore {
         StoreStats {
             retries: c.retries.load(Ordering::Relaxed),
             ambiguous_committed: c.ambiguous_committed.load(Ordering::Relaxed),
-            ambiguous_not_committed: c.ambiguous_not_committed.load(Ordering::Relaxed),
+            ambiguous_not_committed: c
+                .ambiguous_not_committed
+                .load(Ordering::Relaxed)
+                .saturating_sub(c.ambiguous_not_committed_undo.load(Ordering::Relaxed)),
+            ambiguous_unresolved: c.ambiguous_unresolved.load(Ordering::Relaxed),
         }
     }
 
@@ -541,6 +579,12 @@ impl PgSagaStore {
     }
 
     /// Applies a transition under `guard`, resolving ambiguous commits.
+    ///
+    /// An ambiguity is *resolved* once the transition id has been looked up:
+    /// found, it committed; not found, it did not (and is written again,
+    /// still guarded, which may then be refused because the lease lapsed
+    /// meanwhile). It stays *unresolved* only if the lookup itself cannot
+    /// be made before the reconnect budget runs out.
     async fn apply(&self, id: SagaId, guard: Guard, record: Record) -> Result<(), Error> {
         let tid = record.transition_id;
         let p = TransitionParams::new(&record, &self.inner.schema);
@@ -548,66 +592,77 @@ impl PgSagaStore {
             Guard::Lease(_) => &self.inner.sql.record_leased,
             Guard::Version(_) => &self.inner.sql.record_unleased,
         };
+        let counters = &self.inner.counters;
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
         let mut backoff = self.backoff();
-        let mut ambiguous = false;
+        // Whether an earlier attempt's outcome is unknown and not yet
+        // looked up.
+        let mut in_doubt = false;
         loop {
             let now = self.now().to_system_time();
             let attempt = async {
                 let client = self.inner.pool.get().await?;
                 let stmt = client.prepare_cached(sql).await?;
                 let id = id.as_uuid();
-                let (token, version) = match guard {
-                    Guard::Lease(t) => (Some(t), None),
-                    Guard::Version(v) => (None, Some(v)),
-                };
-                let rows = match (token, version) {
-                    (Some(t), _) => client.query(&stmt, &p.params(&id, &t, &now)).await?,
-                    (_, Some(v)) => client.query(&stmt, &p.params(&id, &v, &now)).await?,
-                    _ => unreachable!("a guard is a lease or a version"),
+                let rows = match guard {
+                    Guard::Lease(t) => client.query(&stmt, &p.params(&id, &t, &now)).await?,
+                    Guard::Version(v) => client.query(&stmt, &p.params(&id, &v, &now)).await?,
                 };
                 Ok::<i64, PgError>(rows[0].get(0))
             }
             .await;
             match attempt {
-                Ok(1) => {
-                    if ambiguous {
-                        self.inner
-                            .counters
-                            .ambiguous_not_committed
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
+                Ok(1) => return Ok(()),
                 Ok(_) => {
-                    // The guard refused. After an ambiguous attempt, the first
-                    // write may have committed meanwhile: look once more.
-                    if ambiguous && self.transition_applied(tid).await? {
-                        self.resolved_committed();
-                        return Ok(());
+                    // The guard refused. An earlier attempt whose reply was
+                    // lost may have committed meanwhile (its backend was
+                    // still running): look once more.
+                    if in_doubt {
+                        match self.transition_applied(tid).await {
+                            Ok(true) => {
+                                count(&counters.ambiguous_committed);
+                                count(&counters.ambiguous_not_committed_undo);
+                                return Ok(());
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                count(&counters.ambiguous_unresolved);
+                                count(&counters.ambiguous_not_committed_undo);
+                                return Err(e.into());
+                            }
+                        }
                     }
                     return Err(self.refusal(id, guard).await?);
                 }
                 Err(e) if e.is_connection_error() => {
-                    ambiguous = true;
                     tracing::warn!(saga_id = %id, transition = %tid, error = %e,
                         "connection lost while a transition was in flight; checking whether it committed");
                     metrics::counter!(crate::metrics::AMBIGUOUS_COMMITS).increment(1);
-                    self.pause("record", e, &mut backoff).await?;
-                    if self.transition_applied(tid).await? {
-                        self.resolved_committed();
-                        return Ok(());
+                    if let Err(e) = self.pause("record", e, &mut backoff).await {
+                        count(&counters.ambiguous_unresolved);
+                        return Err(e.into());
+                    }
+                    match self.transition_applied(tid).await {
+                        Ok(true) => {
+                            count(&counters.ambiguous_committed);
+                            return Ok(());
+                        }
+                        Ok(false) => {
+                            // Resolved: it did not commit. Write it again.
+                            count(&counters.ambiguous_not_committed);
+                            in_doubt = true;
+                        }
+                        Err(e) => {
+                            count(&counters.ambiguous_unresolved);
+                            return Err(e.into());
+                        }
                     }
                 }
                 Err(e) => self.pause("record", e, &mut backoff).await?,
             }
         }
-    }
-
-    fn resolved_committed(&self) {
-        self.inner
-            .counters
-            .ambiguous_committed
-            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Why a guarded write changed nothing.

@@ -117,6 +117,10 @@ async fn deliver(
         .process_once_in_tx(&tx, &s.consumer, delivery.id)
         .await?
         .is_first();
+    if !first {
+        c.duplicates
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     if first {
         tx.execute(
             &format!(
@@ -138,10 +142,23 @@ async fn deliver(
 
 /// Publishes outbox messages to the email service over HTTP: the outbox
 /// dispatcher's [`Publisher`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpPublisher {
     http: reqwest::Client,
     url: String,
+    after_publish: Option<PublishHook>,
+}
+
+/// A hook run after a batch was delivered and before the dispatcher
+/// deletes it: where the chaos harness kills a dispatcher.
+pub type PublishHook = std::sync::Arc<dyn Fn() -> saga_core::BoxFuture<'static, ()> + Send + Sync>;
+
+impl std::fmt::Debug for HttpPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpPublisher")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpPublisher {
@@ -152,7 +169,19 @@ impl HttpPublisher {
             .timeout(timeout)
             .build()
             .map_err(crate::Error::Http)?;
-        Ok(HttpPublisher { http, url })
+        Ok(HttpPublisher {
+            http,
+            url,
+            after_publish: None,
+        })
+    }
+
+    /// Runs `hook` after each batch with at least one delivered message,
+    /// before the results go back to the dispatcher.
+    #[must_use]
+    pub fn with_after_publish(mut self, hook: PublishHook) -> Self {
+        self.after_publish = Some(hook);
+        self
     }
 
     async fn send(&self, message: &OutboxMessage) -> Result<(), PublishError> {
@@ -190,6 +219,11 @@ impl Publisher for HttpPublisher {
         let mut results = Vec::with_capacity(batch.len());
         for outgoing in batch {
             results.push(self.send(&outgoing.message).await);
+        }
+        if let Some(hook) = &self.after_publish
+            && results.iter().any(Result::is_ok)
+        {
+            hook().await;
         }
         results
     }

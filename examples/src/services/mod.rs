@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod payment;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,6 +58,21 @@ pub(crate) struct Common {
     faults: Mutex<Faults>,
     rng: Mutex<StdRng>,
     shutdown: watch::Receiver<bool>,
+    failed: AtomicU64,
+    lost: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+}
+
+/// How many faults a service injected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Injected {
+    /// Requests failed with a 503 (errors and outages).
+    pub failures: u64,
+    /// Requests whose reply was lost after the effect.
+    pub lost_replies: u64,
+    /// Repeated deliveries it recognised and applied no effect for (the
+    /// email service's inbox).
+    pub duplicates_absorbed: u64,
 }
 
 impl Common {
@@ -70,18 +86,24 @@ impl Common {
         if !faults.latency.is_zero() {
             tokio::time::sleep(faults.latency).await;
         }
-        if faults.outage {
-            return Fate::Fail;
-        }
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let roll: f64 = rng.random();
-        if roll < faults.error_rate {
+        let fate = if faults.outage {
             Fate::Fail
-        } else if roll < faults.error_rate + faults.lose_reply_rate {
-            Fate::LoseReply
         } else {
-            Fate::Serve
-        }
+            let roll: f64 = self.rng.lock().unwrap_or_else(|e| e.into_inner()).random();
+            if roll < faults.error_rate {
+                Fate::Fail
+            } else if roll < faults.error_rate + faults.lose_reply_rate {
+                Fate::LoseReply
+            } else {
+                Fate::Serve
+            }
+        };
+        match fate {
+            Fate::Fail => self.failed.fetch_add(1, Ordering::Relaxed),
+            Fate::LoseReply => self.lost.fetch_add(1, Ordering::Relaxed),
+            Fate::Serve => 0,
+        };
+        fate
     }
 
     /// Replies, or (for a lost reply) holds the request until the service
@@ -127,6 +149,16 @@ impl Service {
         *self.common.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
+    /// The faults injected so far.
+    #[must_use]
+    pub fn injected(&self) -> Injected {
+        Injected {
+            failures: self.common.failed.load(Ordering::Relaxed),
+            lost_replies: self.common.lost.load(Ordering::Relaxed),
+            duplicates_absorbed: self.common.duplicates.load(Ordering::Relaxed),
+        }
+    }
+
     /// Stops serving (requests held for a lost reply are released).
     pub fn stop(&self) {
         let _ = self.stop.send(true);
@@ -147,6 +179,9 @@ pub(crate) async fn serve(
         faults: Mutex::new(Faults::default()),
         rng: Mutex::new(StdRng::seed_from_u64(seed)),
         shutdown: shutdown.clone(),
+        failed: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
     });
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;

@@ -765,7 +765,8 @@ pub async fn a_lease_lost_mid_step_is_taken_over_and_the_stale_result_refused<Fa
     let gate = Gate::new();
     h.script.on(1, "charge", F, [Behavior::Wait(gate.clone())]);
     let id = h.start(1).await;
-    let stale = h.executor();
+    let stale_exec = h.executor();
+    let stale = stale_exec.clone();
     let stale_run = tokio::spawn(async move { stale.run_until_idle().await });
     gate.entered().await;
     // The stale worker is inside `charge`, holding the lease. Time passes.
@@ -779,6 +780,11 @@ pub async fn a_lease_lost_mid_step_is_taken_over_and_the_stale_result_refused<Fa
     gate.open();
     let stale = stale_run.await.unwrap().unwrap();
     assert_eq!(stale.leases_lost, 1);
+    assert_eq!(
+        stale_exec.stats().leases_lost,
+        1,
+        "the executor counts fenced writes"
+    );
     assert_eq!(h.store.load(id).await.unwrap().unwrap(), before);
     assert_eq!(h.store.history(id).await.unwrap(), history_before);
 
