@@ -1,0 +1,133 @@
+//! `chaos`: the chaos harness (`chaos run`), and the worker processes it
+//! starts (`chaos worker`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chaos_tests::schedule::FaultKind;
+use chaos_tests::worker::{self, SPEC_ENV, WorkerSpec};
+use chaos_tests::{Config, NegativeControl, report};
+use clap::{Args, Parser, Subcommand};
+
+/// Seeded fault injection against the checkout saga, checking the checkout
+/// invariants from the services' ledgers and the database.
+#[derive(Debug, Parser)]
+#[command(name = "chaos", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the harness and print the report.
+    Run(RunArgs),
+    /// A worker process (started by `run`; reads its spec from the
+    /// environment).
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Seed of the fault schedule, the orders and the services' dice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Orders placed during the fault phase.
+    #[arg(long, default_value_t = 300)]
+    orders: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    /// Seconds of fault injection.
+    #[arg(long, default_value_t = 40)]
+    seconds: u64,
+    /// Faults started per second, on average (every kind at least once).
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Break the system on purpose, to see the checker notice.
+    #[arg(long, value_enum)]
+    negative: Option<NegativeControl>,
+    /// Seconds after the last fault within which every saga must finish.
+    #[arg(long, default_value_t = 120)]
+    quiesce_bound: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match cli.command {
+        Command::Worker => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+            let spec: WorkerSpec = match std::env::var(SPEC_ENV)
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+            {
+                Ok(spec) => spec,
+                Err(e) => {
+                    eprintln!("chaos worker: no valid {SPEC_ENV}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(worker::main(spec)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("chaos worker: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run(args) => {
+            let exe: PathBuf = std::env::current_exe().expect("the path of this executable");
+            let config = Config {
+                seed: args.seed,
+                orders: args.orders,
+                workers: args.workers.max(1),
+                duration: Duration::from_secs(args.seconds),
+                rate: args.rate,
+                kinds: FaultKind::ALL.to_vec(),
+                negative: args.negative,
+                quiesce_bound: Duration::from_secs(args.quiesce_bound),
+                worker_exe: exe,
+                progress: !args.json,
+            };
+            match runtime.block_on(chaos_tests::run(config)) {
+                Ok(report) => {
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).expect("a serializable report")
+                        );
+                    } else {
+                        print!("{}", report::table(&report));
+                    }
+                    if report.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    let mut message = format!("chaos: {e}");
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        message.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    eprintln!("{message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

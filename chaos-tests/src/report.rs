@@ -1,0 +1,93 @@
+//! The report: a table for people, JSON for machines.
+
+use std::fmt::Write;
+
+use crate::harness::Report;
+
+/// The report as a table.
+#[must_use]
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "\nchaos run, seed {}{}",
+        r.seed,
+        match r.negative {
+            Some(n) => format!(" — NEGATIVE CONTROL {n:?} (the system is broken on purpose)"),
+            None => String::new(),
+        }
+    );
+    let _ = writeln!(w, "  sagas                      {}", r.sagas);
+    let _ = writeln!(w, "  workers                    {}", r.workers);
+    let _ = writeln!(w, "  fault phase                {:.1} s", r.fault_seconds);
+    let _ = writeln!(w, "  faults injected            {}", r.faults_total);
+    for (kind, n) in &r.faults {
+        let _ = writeln!(w, "    {kind:<24} {n}");
+    }
+    let _ = writeln!(
+        w,
+        "  duplicate deliveries absorbed  {}",
+        r.duplicates_absorbed
+    );
+    let c = &r.counts;
+    let _ = writeln!(
+        w,
+        "  ambiguous commits resolved {} ({} had committed, {} had not; {} unresolved)",
+        c.ambiguous_committed + c.ambiguous_not_committed,
+        c.ambiguous_committed,
+        c.ambiguous_not_committed,
+        c.ambiguous_unresolved
+    );
+    let _ = writeln!(w, "  stale writes fenced off    {}", c.leases_lost);
+    let _ = writeln!(w, "  database retries           {}", c.retries);
+    let _ = writeln!(
+        w,
+        "  outcomes                   {}",
+        r.outcomes
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        w,
+        "  time to quiesce            {}",
+        match r.seconds_to_quiesce {
+            Some(s) => format!("{s:.1} s (bound {:.0} s)", r.quiesce_bound_seconds),
+            None => format!("NOT within {:.0} s", r.quiesce_bound_seconds),
+        }
+    );
+    let _ = writeln!(
+        w,
+        "  throughput                 {:.1} sagas/s over {:.1} s",
+        r.throughput, r.seconds
+    );
+    let _ = writeln!(w, "  violations");
+    for (invariant, n) in &r.violations {
+        let _ = writeln!(w, "    {invariant:<24} {n}");
+    }
+    for (order, reason) in &r.stuck {
+        let _ = writeln!(w, "  stuck: {order}: {reason}");
+    }
+    if r.passed() {
+        let _ = writeln!(w, "\nall invariants hold");
+    } else {
+        let _ = writeln!(
+            w,
+            "\nFAILED (seed {}): {} violations",
+            r.seed,
+            r.violation_details.len()
+        );
+        for v in r.violation_details.iter().take(10) {
+            let _ = writeln!(w, "  {} {}", v.invariant, v.detail);
+        }
+        if !r.first_violating_orders.is_empty() {
+            let _ = writeln!(w, "first violating orders:");
+            for (order, timeline) in &r.first_violating_orders {
+                let _ = writeln!(w, "  {order}: {timeline}");
+            }
+        }
+    }
+    out
+}

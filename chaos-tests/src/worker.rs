@@ -1,0 +1,265 @@
+//! A worker process: runs checkout sagas and dispatches the outbox like any
+//! production worker, and lets the harness choose the worst moments to kill
+//! or stall it.
+//!
+//! Commands, one per line on stdin: `crash-after-effect` and
+//! `pause-after-effect` (after the next downstream call that applied an
+//! effect, before the step's result is recorded), `crash-after-publish`
+//! (after the next delivered outbox batch, before it is deleted), `resume`
+//! (end a pause), `disarm-effect`, `disarm-publish`, `disarm`, `stop`. Events, one JSON object per line on
+//! stdout: [`WorkerEvent`].
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use checkout::deploy::{Endpoints, Hooks, Worker, WorkerSettings};
+use saga_core::SystemClock;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{Notify, watch};
+
+/// The environment variable carrying a worker's [`WorkerSpec`] as JSON.
+pub const SPEC_ENV: &str = "CHAOS_WORKER_SPEC";
+
+/// What a worker process runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// Where the database and services are.
+    pub endpoints: Endpoints,
+    /// How the worker behaves (negative controls included).
+    pub settings: WorkerSettings,
+    /// The worker's number, for reports.
+    pub number: usize,
+}
+
+/// What the worker does at an armed point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointAction {
+    /// Hang until killed.
+    Crash,
+    /// Wait for `resume`.
+    Pause,
+}
+
+/// The counters a worker reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Instances claimed.
+    pub claimed: u64,
+    /// Transitions recorded.
+    pub recorded: u64,
+    /// Results refused because the lease was lost (fenced writes).
+    pub leases_lost: u64,
+    /// Store operations that failed.
+    pub store_errors: u64,
+    /// Database operations retried.
+    pub retries: u64,
+    /// Ambiguous commits found committed.
+    pub ambiguous_committed: u64,
+    /// Ambiguous commits found not committed (written again).
+    pub ambiguous_not_committed: u64,
+    /// Ambiguous commits left unresolved.
+    pub ambiguous_unresolved: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.claimed += o.claimed;
+        self.recorded += o.recorded;
+        self.leases_lost += o.leases_lost;
+        self.store_errors += o.store_errors;
+        self.retries += o.retries;
+        self.ambiguous_committed += o.ambiguous_committed;
+        self.ambiguous_not_committed += o.ambiguous_not_committed;
+        self.ambiguous_unresolved += o.ambiguous_unresolved;
+    }
+}
+
+/// A line a worker writes on stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    /// Started.
+    Ready,
+    /// Its counters so far.
+    Stats {
+        /// The counters.
+        counts: Counts,
+    },
+    /// An armed effect point was reached.
+    EffectPoint {
+        /// What it does now.
+        action: PointAction,
+        /// The order.
+        order_id: String,
+        /// The step.
+        step: String,
+    },
+    /// An armed publish point was reached: it hangs until killed.
+    PublishPoint,
+    /// Stopped cleanly.
+    Stopped,
+}
+
+fn emit(event: &WorkerEvent) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, event);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+#[derive(Debug, Default)]
+struct Armed {
+    effect: Option<PointAction>,
+    publish: bool,
+}
+
+fn counts(worker: &Worker) -> Counts {
+    let e = worker.executor.stats();
+    let s = worker.store_stats();
+    Counts {
+        claimed: e.claimed,
+        recorded: e.recorded,
+        leases_lost: e.leases_lost,
+        store_errors: e.store_errors,
+        retries: s.retries,
+        ambiguous_committed: s.ambiguous_committed,
+        ambiguous_not_committed: s.ambiguous_not_committed,
+        ambiguous_unresolved: s.ambiguous_unresolved,
+    }
+}
+
+/// Runs a worker process until `stop` (or the end of stdin).
+pub async fn main(spec: WorkerSpec) -> Result<(), checkout::Error> {
+    let armed = Arc::new(Mutex::new(Armed::default()));
+    let resume = Arc::new(Notify::new());
+    let effect_hook = {
+        let armed = armed.clone();
+        let resume = resume.clone();
+        Arc::new(move |point: checkout::saga::EffectPoint| {
+            let action = armed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .effect
+                .take();
+            let resume = resume.clone();
+            Box::pin(async move {
+                let Some(action) = action else { return };
+                emit(&WorkerEvent::EffectPoint {
+                    action,
+                    order_id: point.order_id,
+                    step: point.step.to_owned(),
+                });
+                match action {
+                    PointAction::Crash => std::future::pending::<()>().await,
+                    PointAction::Pause => resume.notified().await,
+                }
+            }) as saga_core::BoxFuture<'static, ()>
+        })
+    };
+    let publish_hook = {
+        let armed = armed.clone();
+        Arc::new(move || {
+            let fire = std::mem::take(&mut armed.lock().unwrap_or_else(|e| e.into_inner()).publish);
+            Box::pin(async move {
+                if fire {
+                    emit(&WorkerEvent::PublishPoint);
+                    std::future::pending::<()>().await;
+                }
+            }) as saga_core::BoxFuture<'static, ()>
+        })
+    };
+    let worker = Worker::new(
+        &spec.endpoints,
+        &spec.settings,
+        Hooks {
+            after_effect: Some(effect_hook),
+            after_publish: Some(publish_hook),
+        },
+        Arc::new(SystemClock),
+    )?;
+    emit(&WorkerEvent::Ready);
+
+    let (stop, stopped) = watch::channel(false);
+    let commands = {
+        let armed = armed.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut a = armed.lock().unwrap_or_else(|e| e.into_inner());
+                match line.trim() {
+                    "crash-after-effect" => a.effect = Some(PointAction::Crash),
+                    "pause-after-effect" => a.effect = Some(PointAction::Pause),
+                    "crash-after-publish" => a.publish = true,
+                    "resume" => resume.notify_one(),
+                    "disarm-effect" => a.effect = None,
+                    "disarm-publish" => a.publish = false,
+                    "disarm" => *a = Armed::default(),
+                    "stop" => break,
+                    other => tracing::warn!(command = other, "unknown command"),
+                }
+            }
+            // `stop`, or the harness is gone: stop.
+            let _ = stop.send(true);
+        })
+    };
+    let stats = {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                ticker.tick().await;
+                emit(&WorkerEvent::Stats {
+                    counts: counts(&worker),
+                });
+            }
+        })
+    };
+    let mut until = stopped;
+    worker
+        .run(async move {
+            let _ = until.wait_for(|s| *s).await;
+        })
+        .await?;
+    stats.abort();
+    commands.abort();
+    emit(&WorkerEvent::Stats {
+        counts: counts(&worker),
+    });
+    emit(&WorkerEvent::Stopped);
+    Ok(())
+}
+
+/// The settings chaos workers run with: short leases so that recovery is
+/// quick, and retry budgets sized so that the schedule's outages (at most
+/// a few seconds) never exhaust a compensation or a delivery.
+#[must_use]
+pub fn chaos_settings() -> WorkerSettings {
+    use saga_core::{Jitter, RetryPolicy};
+    let policy = |attempts, elapsed| {
+        RetryPolicy::builder()
+            .initial_delay(Duration::from_millis(100))
+            .multiplier(2.0)
+            .max_delay(Duration::from_secs(2))
+            .max_attempts(attempts)
+            .max_elapsed(Duration::from_secs(elapsed))
+            .jitter(Jitter::Equal)
+            .build()
+            .expect("a valid policy")
+    };
+    WorkerSettings {
+        concurrency: 16,
+        lease: Duration::from_secs(2),
+        step_timeout: Duration::from_secs(4),
+        http_timeout: Duration::from_millis(800),
+        retry: policy(8, 60),
+        compensation_retry: policy(60, 600),
+        delivery_retry: policy(100, 900),
+        poll_interval: Duration::from_millis(100),
+        fresh_key_per_attempt: false,
+        publish_directly: false,
+        no_fencing: false,
+    }
+}
