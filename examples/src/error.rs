@@ -35,3 +35,17 @@ pub enum Error {
     #[error("I/O error")]
     Io(#[from] std::io::Error),
 }
+
+/// An error and its causes on one line, `: `-separated, for a CLI's last
+/// word.
+#[must_use]
+pub fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

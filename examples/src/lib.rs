@@ -17,4 +17,4 @@ pub mod saga;
 pub mod services;
 pub mod shop;
 
-pub use error::Error;
+pub use error::{Error, describe};

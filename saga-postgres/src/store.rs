@@ -805,7 +805,7 @@ impl TransitionParams {
     }
 }
 
-fn corrupt(what: &'static str, e: impl Into<BoxError>) -> PgError {
+pub(crate) fn corrupt(what: &'static str, e: impl Into<BoxError>) -> PgError {
     PgError::CorruptRow {
         what,
         source: e.into(),

@@ -118,13 +118,7 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e) => {
-                    let mut message = format!("chaos: {e}");
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        message.push_str(&format!(": {s}"));
-                        source = s.source();
-                    }
-                    eprintln!("{message}");
+                    eprintln!("chaos: {}", checkout::describe(&e));
                     ExitCode::FAILURE
                 }
             }

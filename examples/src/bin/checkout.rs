@@ -181,13 +181,7 @@ async fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            let mut message = format!("checkout: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{message}");
+            eprintln!("checkout: {}", checkout::describe(&e));
             ExitCode::FAILURE
         }
     }

@@ -22,6 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use saga_postgres::SchemaName;
 use saga_postgres::deadpool_postgres::Pool;
+use saga_postgres::tokio_postgres::Transaction;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -238,6 +239,55 @@ pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<uuid::U
         .ok_or(ServiceError::BadRequest(
             "a UUID Idempotency-Key header is required",
         ))
+}
+
+/// Serializes requests for one key, until the transaction ends.
+pub(crate) async fn lock(tx: &Transaction<'_>, key: uuid::Uuid) -> Result<(), ServiceError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))",
+        &[&key.to_string()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The reply stored for `key`, if any.
+pub(crate) async fn stored(
+    tx: &Transaction<'_>,
+    c: &Common,
+    key: uuid::Uuid,
+) -> Result<Option<Stored>, ServiceError> {
+    let row = tx
+        .query_opt(
+            &format!(
+                "SELECT status, body FROM {} WHERE key = $1",
+                c.table("idempotency")
+            ),
+            &[&key],
+        )
+        .await?;
+    Ok(row.map(|r| Stored {
+        status: u16::try_from(r.get::<_, i32>(0)).unwrap_or(500),
+        body: r.get(1),
+    }))
+}
+
+/// Stores `reply` as the answer to `key`.
+pub(crate) async fn store(
+    tx: &Transaction<'_>,
+    c: &Common,
+    key: uuid::Uuid,
+    reply: &Stored,
+) -> Result<(), ServiceError> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (key, status, body) VALUES ($1, $2, $3)",
+            c.table("idempotency")
+        ),
+        &[&key, &i32::from(reply.status), &reply.body],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A stored reply, replayed for a repeated idempotency key.

@@ -21,12 +21,13 @@ use axum::routing::post;
 use axum::{Json, Router};
 use saga_postgres::SchemaName;
 use saga_postgres::deadpool_postgres::Pool;
-use saga_postgres::tokio_postgres::Transaction;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{Common, Fate, Service, ServiceError, Stored, idempotency_key, serve};
+use super::{
+    Common, Fate, Service, ServiceError, Stored, idempotency_key, lock, serve, store, stored,
+};
 use crate::model::{CARD_DECLINED, CARD_GATEWAY_DOWN};
 
 /// A charge request.
@@ -86,53 +87,6 @@ pub async fn start(pool: Pool, schema: SchemaName, seed: u64) -> Result<Service,
             .with_state(common)
     })
     .await?)
-}
-
-/// Serializes requests for one key, until the transaction ends.
-async fn lock(tx: &Transaction<'_>, key: Uuid) -> Result<(), ServiceError> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))",
-        &[&key.to_string()],
-    )
-    .await?;
-    Ok(())
-}
-
-async fn stored(
-    tx: &Transaction<'_>,
-    c: &Common,
-    key: Uuid,
-) -> Result<Option<Stored>, ServiceError> {
-    let row = tx
-        .query_opt(
-            &format!(
-                "SELECT status, body FROM {} WHERE key = $1",
-                c.table("idempotency")
-            ),
-            &[&key],
-        )
-        .await?;
-    Ok(row.map(|r| Stored {
-        status: u16::try_from(r.get::<_, i32>(0)).unwrap_or(500),
-        body: r.get(1),
-    }))
-}
-
-async fn store(
-    tx: &Transaction<'_>,
-    c: &Common,
-    key: Uuid,
-    reply: &Stored,
-) -> Result<(), ServiceError> {
-    tx.execute(
-        &format!(
-            "INSERT INTO {} (key, status, body) VALUES ($1, $2, $3)",
-            c.table("idempotency")
-        ),
-        &[&key, &i32::from(reply.status), &reply.body],
-    )
-    .await?;
-    Ok(())
 }
 
 async fn charge(

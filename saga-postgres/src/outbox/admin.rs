@@ -1,9 +1,8 @@
 //! The operator's view of the outbox: dead letters, redrive, purge, counts.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use saga_core::{MessageId, OutboxMessage, Payload, SagaId, Timestamp};
+use saga_core::{MessageId, OutboxMessage, SagaId, Timestamp};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -11,7 +10,8 @@ use uuid::Uuid;
 use super::enqueue::Outbox;
 use super::error::OutboxError;
 use super::metrics;
-use crate::error::{BoxError, PgError};
+use crate::error::PgError;
+use crate::store::corrupt;
 
 /// A message that exhausted its publish budget (or failed permanently), kept
 /// for an operator: inspect it, fix the cause, then
@@ -48,13 +48,6 @@ pub struct OutboxStats {
     pub oldest_pending_age: Option<Duration>,
 }
 
-fn corrupt(what: &'static str, e: impl Into<BoxError>) -> PgError {
-    PgError::CorruptRow {
-        what,
-        source: e.into(),
-    }
-}
-
 pub(crate) fn ts(t: SystemTime) -> Timestamp {
     Timestamp::from_system_time(t)
 }
@@ -65,29 +58,8 @@ pub(crate) fn ts(t: SystemTime) -> Timestamp {
 pub(crate) fn read_message(
     row: &Row,
 ) -> Result<(OutboxMessage, Timestamp, u32, Option<SagaId>), PgError> {
-    let json: Option<serde_json::Value> = row.get(3);
-    let bytes: Option<Vec<u8>> = row.get(4);
-    let payload = match (json, bytes) {
-        (Some(v), None) => Payload::Json(v),
-        (None, Some(b)) => Payload::Bytes(b),
-        _ => {
-            return Err(corrupt(
-                "outbox payload",
-                "exactly one of payload_json and payload_bytes must be set",
-            ));
-        }
-    };
-    let headers: BTreeMap<String, String> =
-        serde_json::from_value(row.get(5)).map_err(|e| corrupt("outbox headers", e))?;
+    let message = crate::store::outbox_message(row)?;
     let attempts: i32 = row.get(8);
-    let message = OutboxMessage {
-        id: MessageId::from_uuid(row.get(0)),
-        topic: row.get(1),
-        key: row.get(2),
-        payload,
-        headers,
-        available_at: ts(row.get(6)),
-    };
     Ok((
         message,
         ts(row.get(7)),
