@@ -18,6 +18,7 @@ pub struct StepContext {
     saga_id: SagaId,
     saga_name: SagaName,
     step: StepName,
+    key_name: StepName,
     direction: Direction,
     attempt: u32,
     started_at: Timestamp,
@@ -48,6 +49,7 @@ impl StepContext {
         StepContext {
             saga_id,
             saga_name,
+            key_name: step.clone(),
             step,
             direction,
             attempt,
@@ -58,6 +60,15 @@ impl StepContext {
             max_payload_bytes: crate::DEFAULT_MAX_BYTES,
             emitted: Vec::new(),
         }
+    }
+
+    /// Derives keys and message ids from `name` (the step's oldest name)
+    /// rather than its current one.
+    pub(crate) fn with_key_name(mut self, name: StepName) -> Self {
+        self.key = IdempotencyKey::derive(self.saga_id, &name, self.direction);
+        self.forward_key = IdempotencyKey::derive(self.saga_id, &name, Direction::Forward);
+        self.key_name = name;
+        self
     }
 
     pub(crate) fn with_max_payload_bytes(mut self, limit: usize) -> Self {
@@ -140,7 +151,7 @@ impl StepContext {
             }));
         }
         let index = u32::try_from(self.emitted.len()).unwrap_or(u32::MAX);
-        let id = MessageId::derive(self.saga_id, &self.step, self.direction, index);
+        let id = MessageId::derive(self.saga_id, &self.key_name, self.direction, index);
         self.emitted.push(message.into_outbox(id, self.started_at));
         Ok(id)
     }

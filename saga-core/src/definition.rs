@@ -286,7 +286,11 @@ impl<S, C> Step<S, C> {
     }
 
     /// A former name of this step, so that instances recorded under the old
-    /// name still resolve after a rename.
+    /// name still resolve after a rename. Give aliases oldest first: the
+    /// step's idempotency keys and message ids keep deriving from its
+    /// *oldest* name, so a rename never changes them under an instance in
+    /// flight (a changed key would let a retried charge charge again, or a
+    /// refund miss the charge).
     pub fn alias(mut self, old_name: impl AsRef<str>) -> Self {
         self.aliases.push(StepName::new(old_name));
         self
@@ -322,6 +326,8 @@ impl<S, C> fmt::Debug for Step<S, C> {
 /// A step as it sits in a built definition.
 pub(crate) struct StepDef<S> {
     pub(crate) name: StepName,
+    /// What keys and message ids derive from: the oldest name.
+    pub(crate) key_name: StepName,
     pub(crate) kind: StepKind,
     pub(crate) forward: Arc<dyn DynAction<S>>,
     pub(crate) compensation: Option<Arc<dyn DynAction<S>>>,
@@ -469,16 +475,21 @@ where
             let step_name = step
                 .name
                 .map_err(|e| problem(DefinitionProblem::InvalidName(e)))?;
+            let mut key_name = None;
             for n in std::iter::once(Ok(step_name.clone())).chain(aliases) {
                 let n = n.map_err(|e| problem(DefinitionProblem::InvalidName(e)))?;
                 if index.insert(n.clone(), i).is_some() {
                     return Err(problem(DefinitionProblem::DuplicateStep(n)));
+                }
+                if n != step_name && key_name.is_none() {
+                    key_name = Some(n);
                 }
             }
             if step.timeout.is_zero() || step.compensation_timeout.is_zero() {
                 return Err(problem(DefinitionProblem::ZeroTimeout(step_name)));
             }
             steps.push(StepDef {
+                key_name: key_name.unwrap_or_else(|| step_name.clone()),
                 name: step_name,
                 kind,
                 forward: step.forward,

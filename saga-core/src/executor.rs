@@ -90,6 +90,8 @@ trait ErasedSaga: Send + Sync + 'static {
     fn plan(&self) -> &[StepKind];
     fn step_index(&self, name: &str) -> Option<usize>;
     fn step_name(&self, index: usize) -> &StepName;
+    /// The name the step's keys and message ids derive from.
+    fn key_name(&self, index: usize) -> &StepName;
     fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)>;
     /// Deserializes the state and returns the attempt, ready to run; or why
     /// it cannot run.
@@ -119,6 +121,13 @@ where
         SagaDefinition::step_name(self, index).expect("index from the definition")
     }
 
+    fn key_name(&self, index: usize) -> &StepName {
+        &self
+            .step_def(index)
+            .expect("index from the definition")
+            .key_name
+    }
+
     fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)> {
         let (_, policy, timeout) = self.step_def(index)?.side(direction)?;
         Some((policy, timeout))
@@ -144,17 +153,18 @@ where
             .ok_or_else(|| format!("step `{}` has no compensation", def.name))?;
         let action = action.clone();
         Ok(Box::pin(async move {
-            // The step runs in its own task: a panic is caught as a failure
-            // and a timeout aborts it.
+            // The step runs in its own task: a panic is caught as a failure.
+            // The task is aborted when the attempt ends without it: on a
+            // timeout, and when the attempt is dropped (its lease was lost,
+            // or the executor abandoned it at shutdown).
             let mut task = tokio::spawn(async move {
                 let result = action.call(&mut ctx, &mut state).await;
                 (ctx, state, result)
             });
-            let abort = task.abort_handle();
+            let _abort_on_drop = AbortOnDrop(task.abort_handle());
             let joined = match tokio::time::timeout(timeout, &mut task).await {
                 Ok(joined) => joined,
                 Err(_) => {
-                    abort.abort();
                     return AttemptResult {
                         outcome: Err(StepError::timeout(AttemptTimedOut(timeout))),
                     };
@@ -170,6 +180,15 @@ where
             };
             AttemptResult { outcome }
         }))
+    }
+}
+
+/// Aborts a task when dropped (a no-op once the task has finished).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -819,12 +838,13 @@ async fn process_in_span<St: SagaStore>(
         let ctx = StepContext::new(
             id,
             claimed.kind.name.clone(),
-            claimed.step.clone(),
+            saga.step_name(index).clone(),
             claimed.direction,
             claimed.attempt,
             started_at,
             timeout,
         )
+        .with_key_name(saga.key_name(index).clone())
         .with_max_payload_bytes(shared.config.limits.max_payload_bytes);
         let attempt = match saga.attempt(
             index,

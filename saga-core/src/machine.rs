@@ -39,7 +39,7 @@ pub enum Status {
     Compensated,
     /// Parked for a person: a compensation kept failing, a step past the
     /// pivot gave up, or the state could not be read. Never dropped;
-    /// [`resume`](crate::SagaClient::resume) takes it up again.
+    /// [`Executor::resume`](crate::Executor::resume) takes it up again.
     Stuck,
 }
 

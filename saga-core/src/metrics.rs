@@ -14,7 +14,7 @@ pub const SAGAS_COMPENSATED: &str = "saga_compensated_total";
 /// Counter: instances parked as `Stuck` (label `saga`). Alert on it.
 pub const SAGAS_STUCK: &str = "saga_stuck_total";
 /// Counter: step attempts by result (labels `saga`, `step`, `direction`,
-/// `outcome`: `succeeded`, `retryable`, `permanent`, `timeout`, `snoozed`,
+/// `outcome`: `succeeded`, `retryable`, `permanent`, `timeout`, `snooze`,
 /// `panicked`, `exhausted`).
 pub const STEP_ATTEMPTS: &str = "saga_step_attempts_total";
 /// Histogram: seconds per step attempt (labels `saga`, `step`, `direction`).

@@ -489,13 +489,18 @@ fn definitions_refuse_bad_names_no_steps_and_duplicates() {
     assert!(zero.to_string().contains("zero timeout"), "{zero}");
 }
 
+async fn later(_: &mut StepContext, _: &mut Vec<String>) -> Result<(), StepError> {
+    Err(StepError::snooze(Duration::from_secs(3600)))
+}
+
 #[tokio::test]
-async fn a_renamed_step_resumes_instances_recorded_under_its_alias() {
+async fn a_renamed_step_resumes_instances_recorded_under_its_alias_with_the_same_keys() {
     let clock = Arc::new(ManualClock::starting_now());
-    let store = Arc::new(InMemorySagaStore::with_clock(clock));
+    let store = Arc::new(InMemorySagaStore::with_clock(clock.clone()));
+    // Version 1 of the definition: the instance stops at `old_name`.
     let old = SagaDefinition::<Vec<String>>::builder("renames", 1)
         .step(Step::new("first", ok).no_compensation())
-        .step(Step::new("old_name", ok).no_compensation())
+        .step(Step::new("old_name", later).no_compensation())
         .build()
         .unwrap();
     let id = saga_core::SagaClient::from_arc(store.clone())
@@ -503,41 +508,58 @@ async fn a_renamed_step_resumes_instances_recorded_under_its_alias() {
         .await
         .unwrap()
         .id;
-    let first_only = Executor::builder_from_arc(store.clone())
+    Executor::builder_from_arc(store.clone())
         .register(old)
         .build()
-        .unwrap();
-    // Run only the first step: claim, run, and stop before the second.
-    let kinds = first_only.registered().to_vec();
-    let claimed = store
-        .claim(ClaimRequest {
-            worker: first_only.worker_id(),
-            kinds: &kinds,
-            limit: 1,
-            lease_for: LEASE,
-        })
+        .unwrap()
+        .run_until_idle()
         .await
         .unwrap();
-    store.release(&claimed[0].lease).await.unwrap();
+    assert_eq!(
+        store.load(id).await.unwrap().unwrap().step.as_str(),
+        "old_name"
+    );
+
+    // The step is renamed; the instance in flight resumes under the new name
+    // with the key it would have had under the old one.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = {
+        let seen = seen.clone();
+        saga_core::action_fn(move |ctx, _: &mut Vec<String>| {
+            seen.lock()
+                .unwrap()
+                .push((ctx.step().to_string(), ctx.idempotency_key()));
+            Box::pin(async { Ok(()) })
+        })
+    };
     let renamed = SagaDefinition::<Vec<String>>::builder("renames", 1)
         .step(Step::new("first", ok).no_compensation())
         .step(
-            Step::new("new_name", ok)
+            Step::new("new_name", record)
                 .alias("old_name")
                 .no_compensation(),
         )
         .build()
         .unwrap();
     assert_eq!(renamed.step_index("old_name"), Some(1));
-    let exec = Executor::builder_from_arc(store.clone())
+    clock.advance(Duration::from_secs(3600));
+    Executor::builder_from_arc(store.clone())
         .register(renamed)
         .build()
+        .unwrap()
+        .run_until_idle()
+        .await
         .unwrap();
-    exec.run_until_idle().await.unwrap();
     assert_eq!(
         store.load(id).await.unwrap().unwrap().status,
         Status::Completed
     );
+    let old_key = saga_core::IdempotencyKey::derive(
+        id,
+        &saga_core::StepName::new("old_name").unwrap(),
+        Direction::Forward,
+    );
+    assert_eq!(*seen.lock().unwrap(), [("new_name".to_owned(), old_key)]);
 }
 
 #[test]
@@ -742,4 +764,111 @@ async fn starting_twice_with_the_same_key_yields_one_instance_even_concurrently(
     ids.dedup();
     assert_eq!(ids.len(), 1);
     assert_eq!(s.store.snapshots().len(), 1);
+}
+
+/// Signals when the step's future is dropped (the step was stopped).
+struct Dropped(Option<oneshot::Sender<()>>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn hanging_saga(
+    entered: Arc<Notify>,
+    dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+) -> SagaDefinition<Vec<String>> {
+    let hang = saga_core::action_fn(move |_, _: &mut Vec<String>| {
+        let entered = entered.clone();
+        let guard = Dropped(dropped.lock().unwrap().take());
+        Box::pin(async move {
+            let _guard = guard;
+            entered.notify_one();
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    });
+    SagaDefinition::<Vec<String>>::builder("hangs", 1)
+        .step(
+            Step::new("hang", hang)
+                .timeout(Duration::from_secs(3600))
+                .no_compensation(),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_whose_lease_is_lost_is_stopped_not_left_running() {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_micros(
+        1_750_000_000_000_000,
+    )));
+    let store = Arc::new(InMemorySagaStore::with_clock(clock.clone()));
+    let entered = Arc::new(Notify::new());
+    let (tx, stopped) = oneshot::channel();
+    let saga = hanging_saga(entered.clone(), Arc::new(Mutex::new(Some(tx))));
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(saga.clone())
+        .lease_duration(LEASE)
+        .heartbeat_interval(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    exec.client()
+        .start(&saga, key(1), &Vec::new())
+        .await
+        .unwrap();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move { exec.run_until_idle().await }
+    });
+    entered.notified().await;
+    // The lease lapses (the worker was paused, say); the next heartbeat
+    // finds it lost.
+    clock.advance(LEASE + Duration::from_secs(1));
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.leases_lost, 1);
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the step was stopped")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_abandoned_at_shutdown_is_stopped() {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_micros(
+        1_750_000_000_000_000,
+    )));
+    let store = Arc::new(InMemorySagaStore::with_clock(clock));
+    let entered = Arc::new(Notify::new());
+    let (tx, stopped) = oneshot::channel();
+    let saga = hanging_saga(entered.clone(), Arc::new(Mutex::new(Some(tx))));
+    let exec = Executor::builder_from_arc(store)
+        .register(saga.clone())
+        .shutdown_grace(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    exec.client()
+        .start(&saga, key(1), &Vec::new())
+        .await
+        .unwrap();
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move {
+            exec.run(async {
+                let _ = stop_rx.await;
+            })
+            .await
+        }
+    });
+    entered.notified().await;
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the abandoned step was stopped")
+        .unwrap();
 }
