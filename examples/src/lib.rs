@@ -18,3 +18,18 @@ pub mod services;
 pub mod shop;
 
 pub use error::{Error, describe};
+
+/// `docs/walkthrough.md`: its code blocks, compiled and run as doctests.
+#[doc = include_str!("../../docs/walkthrough.md")]
+#[cfg(doctest)]
+pub struct WalkthroughDoctests;
+
+/// `docs/guarantees.md`: its code blocks, compiled and run as doctests.
+#[doc = include_str!("../../docs/guarantees.md")]
+#[cfg(doctest)]
+pub struct GuaranteesDoctests;
+
+/// `docs/operations.md`: its code blocks, compiled and run as doctests.
+#[doc = include_str!("../../docs/operations.md")]
+#[cfg(doctest)]
+pub struct OperationsDoctests;
