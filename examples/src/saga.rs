@@ -319,7 +319,13 @@ pub fn definition(config: &Config) -> Result<SagaDefinition<Checkout>, saga_core
                 .compensation_retry(config.compensation_retry.clone())
                 .compensation_timeout(t),
         )
-        .pivot(Step::new("confirm_order", ConfirmOrder(config.shop.clone())).timeout(t))
+        .pivot(
+            // A local, idempotent write: retried patiently. Giving up here
+            // would leave its outcome in doubt and park the saga.
+            Step::new("confirm_order", ConfirmOrder(config.shop.clone()))
+                .retry(config.compensation_retry.clone())
+                .timeout(t),
+        )
         .step(
             Step::new(
                 "send_confirmation",

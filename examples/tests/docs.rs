@@ -68,7 +68,14 @@ fn machine_edges() -> BTreeSet<(String, String)> {
         Event::Succeeded,
         Event::RetryScheduled { at },
         Event::Snoozed { until: at },
-        Event::FailedForGood { reason: "r".into() },
+        Event::FailedForGood {
+            reason: "r".into(),
+            definitive: true,
+        },
+        Event::FailedForGood {
+            reason: "r".into(),
+            definitive: false,
+        },
         Event::Cancel {
             reason: "r".into(),
             current_step_started: true,

@@ -430,9 +430,14 @@ impl<S> SagaBuilder<S, BeforePivotPhase> {
         self.push(step, kind)
     }
 
-    /// Adds the pivot: the point of no return. If it fails for good, the
-    /// steps before it are compensated; once it succeeds, the saga only
-    /// goes forward. Make it a step whose failure means "nothing happened".
+    /// Adds the pivot: the point of no return. Once it succeeds, the saga
+    /// only goes forward. If it fails with a permanent error (a definitive
+    /// "no"), the steps before it are compensated. If it gives up without a
+    /// definitive answer (its retry budget spent on transient errors,
+    /// timeouts or lost attempts), it may have taken effect: the saga is
+    /// parked as `Stuck` for a person, who resumes it or, knowing it did not
+    /// happen, cancels it. Give the pivot a patient retry policy, and return
+    /// [`StepError::permanent`] when you know it did not happen.
     pub fn pivot<C: PivotOrAfter>(self, step: Step<S, C>) -> SagaBuilder<S, AfterPivotPhase> {
         self.push(step, StepKind::Pivot).phase()
     }

@@ -37,7 +37,7 @@ use crate::ids::{Direction, SagaId, SagaKind, StepName, TransitionId, WorkerId};
 use crate::machine::{self, Attempts, Command, Event, Position, Status, StepKind, TransitionKind};
 use crate::metrics as m;
 use crate::outbox::OutboxMessage;
-use crate::retry::{RetryDecision, RetryPolicy};
+use crate::retry::{GiveUpReason, RetryDecision, RetryPolicy};
 use crate::store::{ClaimRequest, ClaimedSaga, HistoryEntry, Lease, Outcome, Record, SagaStore};
 use crate::time::Timestamp;
 
@@ -612,10 +612,13 @@ impl<St: SagaStore> Executor<St> {
             .await
     }
 
-    /// Cancels a running instance whose pivot has not succeeded: what was
-    /// started is compensated, in reverse order. Fails with
-    /// [`Error::InvalidStatus`] past the pivot or once finished, and with
-    /// [`Error::Conflict`] while a worker holds the instance (try again).
+    /// Cancels an instance whose pivot has not succeeded: what was started
+    /// is compensated, in reverse order. Works on a running instance, and
+    /// on one stuck at (or before) its pivot: for a pivot parked in doubt,
+    /// cancelling is the operator's statement that it did not take effect.
+    /// Fails with [`Error::InvalidStatus`] past the pivot or once finished,
+    /// and with [`Error::Conflict`] while a worker holds the instance (try
+    /// again).
     pub async fn cancel(&self, id: SagaId, reason: impl Into<String>) -> Result<(), Error> {
         let snapshot = self
             .shared
@@ -833,7 +836,13 @@ async fn process_in_span<St: SagaStore>(
             let reason = exhausted_reason(claimed.attempt, &policy);
             attempt_metric(&labels, "exhausted");
             error_text = Some(reason.clone());
-            break 'event (Event::FailedForGood { reason }, Outcome::FailedForGood);
+            break 'event (
+                Event::FailedForGood {
+                    reason,
+                    definitive: false,
+                },
+                Outcome::FailedForGood,
+            );
         }
         let ctx = StepContext::new(
             id,
@@ -903,7 +912,11 @@ async fn process_in_span<St: SagaStore>(
                                 let reason = format!("{why}: {}", err.describe());
                                 tracing::warn!(%reason, "step failed for good");
                                 error_text = Some(reason.clone());
-                                (Event::FailedForGood { reason }, Outcome::FailedForGood)
+                                let definitive = why == GiveUpReason::Permanent;
+                                (
+                                    Event::FailedForGood { reason, definitive },
+                                    Outcome::FailedForGood,
+                                )
                             }
                         }
                     }

@@ -179,9 +179,15 @@ pub enum Event {
     FailedForGood {
         /// Why, for the history and for an operator.
         reason: String,
+        /// Whether the step is known not to have taken effect (it returned
+        /// a permanent error). A budget spent on transient errors, timeouts
+        /// or lost attempts leaves the outcome in doubt. Only matters for
+        /// the pivot: a pivot in doubt is parked, not compensated.
+        definitive: bool,
     },
-    /// The saga is cancelled (or passed its deadline) before the pivot
-    /// succeeded: undo what was started.
+    /// The saga is cancelled before the pivot succeeded: undo what was
+    /// started. From `Stuck` at the pivot (or before it), an operator's
+    /// decision that the stuck step did not take effect.
     Cancel {
         /// Why.
         reason: String,
@@ -264,6 +270,9 @@ pub enum TransitionKind {
     ForwardFailedNothingToCompensate,
     /// Running → Stuck: a step after the pivot gave up.
     ForwardFailedAfterPivot,
+    /// Running → Stuck: the pivot gave up without a definitive answer (its
+    /// effect may have happened): parked for a person, not compensated.
+    PivotInDoubt,
     /// Running → Compensating: cancelled before the pivot succeeded.
     CancelCompensate,
     /// Running → Compensated: cancelled with nothing to undo.
@@ -286,11 +295,16 @@ pub enum TransitionKind {
     ResumeForward,
     /// Stuck → Compensating: an operator resumed a stuck compensation.
     ResumeCompensation,
+    /// Stuck → Compensating: an operator cancelled a saga stuck at (or
+    /// before) the pivot, deciding that the stuck step did not take effect.
+    CancelStuckCompensate,
+    /// Stuck → Compensated: the same, with nothing to undo.
+    CancelStuckNothingToCompensate,
 }
 
 impl TransitionKind {
     /// Every edge, so that a test can check each was exercised.
-    pub const ALL: [TransitionKind; 18] = [
+    pub const ALL: [TransitionKind; 21] = [
         TransitionKind::ForwardSucceeded,
         TransitionKind::ForwardSucceededLast,
         TransitionKind::ForwardRetry,
@@ -298,6 +312,7 @@ impl TransitionKind {
         TransitionKind::ForwardFailedCompensate,
         TransitionKind::ForwardFailedNothingToCompensate,
         TransitionKind::ForwardFailedAfterPivot,
+        TransitionKind::PivotInDoubt,
         TransitionKind::CancelCompensate,
         TransitionKind::CancelNothingToCompensate,
         TransitionKind::ParkForward,
@@ -309,6 +324,8 @@ impl TransitionKind {
         TransitionKind::ParkCompensation,
         TransitionKind::ResumeForward,
         TransitionKind::ResumeCompensation,
+        TransitionKind::CancelStuckCompensate,
+        TransitionKind::CancelStuckNothingToCompensate,
     ];
 }
 
@@ -411,7 +428,7 @@ pub fn transition(
             position,
             schedule(Some(*until), Attempts::Refund),
         ),
-        (Status::Running, Event::FailedForGood { reason }) => {
+        (Status::Running, Event::FailedForGood { reason, definitive }) => {
             if plan[i] == StepKind::Retriable {
                 return to(
                     TransitionKind::ForwardFailedAfterPivot,
@@ -419,6 +436,19 @@ pub fn transition(
                     position,
                     Command::Park {
                         reason: reason.clone(),
+                    },
+                );
+            }
+            if plan[i] == StepKind::Pivot && !definitive {
+                // The pivot may have taken effect: undoing the steps before
+                // it could refund a confirmed order. A person decides
+                // (resume to retry it, cancel if it did not happen).
+                return to(
+                    TransitionKind::PivotInDoubt,
+                    Status::Stuck,
+                    position,
+                    Command::Park {
+                        reason: format!("the pivot's outcome is unknown: {reason}"),
                     },
                 );
             }
@@ -507,7 +537,7 @@ pub fn transition(
             position,
             schedule(Some(*until), Attempts::Refund),
         ),
-        (Status::Compensating, Event::FailedForGood { reason }) => to(
+        (Status::Compensating, Event::FailedForGood { reason, .. }) => to(
             TransitionKind::CompensationFailed,
             Status::Stuck,
             position,
@@ -540,10 +570,33 @@ pub fn transition(
                 schedule(None, Attempts::Reset),
             ),
         },
+        (Status::Stuck, Event::Cancel { .. }) => {
+            if position.direction != Direction::Forward || plan[i] == StepKind::Retriable {
+                return Err(invalid(
+                    "only a saga stuck at or before its pivot can be cancelled",
+                ));
+            }
+            // The operator decides the stuck step did not take effect; its
+            // own compensation (if it has one) still runs, as it was started.
+            match last_compensatable(plan, Some(i)) {
+                Some(k) => to(
+                    TransitionKind::CancelStuckCompensate,
+                    Status::Compensating,
+                    Position::compensate(k),
+                    schedule(None, Attempts::Reset),
+                ),
+                None => to(
+                    TransitionKind::CancelStuckNothingToCompensate,
+                    Status::Compensated,
+                    position,
+                    Command::Finish,
+                ),
+            }
+        }
         (Status::Running | Status::Compensating, Event::Resume) => {
             Err(invalid("only a stuck saga can be resumed"))
         }
-        (Status::Stuck, _) => Err(invalid("a stuck saga only accepts resume")),
+        (Status::Stuck, _) => Err(invalid("a stuck saga only accepts resume or cancel")),
         (Status::Completed | Status::Compensated, _) => Err(invalid("the saga has finished")),
     }
 }
@@ -569,6 +622,13 @@ mod tests {
     fn fail() -> Event {
         Event::FailedForGood {
             reason: "boom".into(),
+            definitive: true,
+        }
+    }
+    fn give_up() -> Event {
+        Event::FailedForGood {
+            reason: "boom".into(),
+            definitive: false,
         }
     }
     fn park() -> Event {
@@ -713,7 +773,7 @@ mod tests {
                     now(Attempts::Reset),
                 )),
             ),
-            // The pivot failing compensates what came before it.
+            // The pivot refusing for certain compensates what came before it.
             row(
                 CHECKOUT,
                 Running,
@@ -726,6 +786,71 @@ mod tests {
                     now(Attempts::Reset),
                 )),
             ),
+            // The pivot giving up in doubt is parked: it may have happened.
+            row(
+                CHECKOUT,
+                Running,
+                Pos::forward(3),
+                give_up(),
+                Some((
+                    K::PivotInDoubt,
+                    Stuck,
+                    Pos::forward(3),
+                    parked("the pivot's outcome is unknown: boom"),
+                )),
+            ),
+            // Before the pivot, doubt does not matter: compensations cope.
+            row(
+                CHECKOUT,
+                Running,
+                Pos::forward(2),
+                give_up(),
+                Some((
+                    K::ForwardFailedCompensate,
+                    Compensating,
+                    Pos::compensate(2),
+                    now(Attempts::Reset),
+                )),
+            ),
+            row(
+                CHECKOUT,
+                Running,
+                Pos::forward(4),
+                give_up(),
+                Some((
+                    K::ForwardFailedAfterPivot,
+                    Stuck,
+                    Pos::forward(4),
+                    parked("boom"),
+                )),
+            ),
+            // An operator cancels a pivot in doubt: it did not happen.
+            row(
+                CHECKOUT,
+                Stuck,
+                Pos::forward(3),
+                cancel(true),
+                Some((
+                    K::CancelStuckCompensate,
+                    Compensating,
+                    Pos::compensate(2),
+                    now(Attempts::Reset),
+                )),
+            ),
+            row(
+                &[N, P, R],
+                Stuck,
+                Pos::forward(1),
+                cancel(true),
+                Some((
+                    K::CancelStuckNothingToCompensate,
+                    Compensated,
+                    Pos::forward(1),
+                    Command::Finish,
+                )),
+            ),
+            row(CHECKOUT, Stuck, Pos::forward(4), cancel(true), None),
+            row(CHECKOUT, Stuck, Pos::compensate(2), cancel(true), None),
             // A failing step without compensation skips itself.
             row(
                 &[C, N, P],
@@ -1016,6 +1141,7 @@ mod tests {
             Event::RetryScheduled { at: T },
             Event::Snoozed { until: T },
             fail(),
+            give_up(),
             cancel(true),
             cancel(false),
             park(),

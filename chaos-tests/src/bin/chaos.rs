@@ -1,6 +1,7 @@
 //! `chaos`: the chaos harness (`chaos run`), and the worker processes it
 //! starts (`chaos worker`).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,6 +24,9 @@ struct Cli {
 enum Command {
     /// Run the harness and print the report.
     Run(RunArgs),
+    /// Print the fault schedule a run would follow (one JSON event per
+    /// line), then the number of events per kind.
+    Schedule(RunArgs),
     /// A worker process (started by `run`; reads its spec from the
     /// environment).
     #[command(hide = true)]
@@ -86,6 +90,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Schedule(args) => {
+            let events = chaos_tests::schedule::schedule(&chaos_tests::schedule::Plan {
+                seed: args.seed,
+                duration: Duration::from_secs(args.seconds),
+                workers: args.workers.max(1),
+                kinds: FaultKind::ALL.to_vec(),
+                rate: args.rate,
+            });
+            let mut per_kind = std::collections::BTreeMap::new();
+            let mut out = std::io::stdout().lock();
+            for event in &events {
+                *per_kind.entry(event.fault.kind().name()).or_insert(0u64) += 1;
+                let line = serde_json::to_string(event).expect("a serializable event");
+                if writeln!(out, "{line}").is_err() {
+                    return ExitCode::SUCCESS; // The reader went away (| head).
+                }
+            }
+            let counts = serde_json::to_string(&per_kind).expect("serializable counts");
+            let _ = writeln!(out, "{counts}");
+            ExitCode::SUCCESS
         }
         Command::Run(args) => {
             let exe: PathBuf = std::env::current_exe().expect("the path of this executable");

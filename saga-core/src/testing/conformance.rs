@@ -755,6 +755,58 @@ pub async fn a_failing_step_after_the_pivot_is_stuck_never_compensated<Fa: Store
     assert!(h.script.calls().iter().all(|c| c.direction == F));
 }
 
+/// A pivot that runs out of budget without a definitive answer may have
+/// taken effect: it is parked, not compensated. An operator who knows it
+/// did not happen cancels, and the steps before it are compensated.
+pub async fn a_pivot_that_gives_up_in_doubt_is_parked_until_an_operator_decides<
+    Fa: StoreFactory,
+>(
+    f: &Fa,
+) {
+    let h = Harness::new(f).await;
+    h.script.on(
+        1,
+        "confirm",
+        F,
+        [
+            Behavior::Retryable,
+            Behavior::Retryable,
+            Behavior::Retryable,
+        ],
+    );
+    let id = h.start(1).await;
+    h.drain().await;
+    h.advance_and_drain(Duration::from_secs(1)).await;
+    h.advance_and_drain(Duration::from_secs(2)).await;
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.direction),
+        (Status::Stuck, "confirm", F)
+    );
+    assert!(
+        s.stuck_reason
+            .unwrap()
+            .contains("the pivot's outcome is unknown")
+    );
+    assert!(
+        h.script.calls().iter().all(|c| c.direction == F),
+        "nothing was compensated while the pivot was in doubt"
+    );
+    h.executor()
+        .cancel(id, "confirmed it never happened")
+        .await
+        .unwrap();
+    h.drain().await;
+    assert_eq!(h.status(id).await, Status::Compensated);
+    let tail: Vec<String> = h.script.trace(1).into_iter().rev().take(2).collect();
+    assert_eq!(tail, ["charge:compensate", "reserve:compensate"]);
+    assert!(
+        h.outcomes(id)
+            .await
+            .contains(&("confirm".into(), F, Outcome::Cancelled))
+    );
+}
+
 /// A worker whose lease expires mid-step loses the instance to another
 /// worker, which finishes it; the stale worker's result is refused and
 /// changes nothing.
@@ -1092,6 +1144,7 @@ macro_rules! store_conformance_tests {
             a_compensation_retries_then_succeeds,
             an_exhausted_compensation_is_stuck_until_resumed,
             a_failing_step_after_the_pivot_is_stuck_never_compensated,
+            a_pivot_that_gives_up_in_doubt_is_parked_until_an_operator_decides,
             a_lease_lost_mid_step_is_taken_over_and_the_stale_result_refused,
             the_idempotency_key_is_stable_across_retries_and_workers,
             a_snooze_does_not_spend_an_attempt,
