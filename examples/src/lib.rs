@@ -33,3 +33,13 @@ pub struct GuaranteesDoctests;
 #[doc = include_str!("../../docs/operations.md")]
 #[cfg(doctest)]
 pub struct OperationsDoctests;
+
+/// `docs/ARCHITECTURE.md`: its code blocks, compiled and run as doctests.
+#[doc = include_str!("../../docs/ARCHITECTURE.md")]
+#[cfg(doctest)]
+pub struct ArchitectureDoctests;
+
+/// `docs/chaos.md`: its code blocks, compiled and run as doctests.
+#[doc = include_str!("../../docs/chaos.md")]
+#[cfg(doctest)]
+pub struct ChaosDoctests;

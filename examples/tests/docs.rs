@@ -1,7 +1,8 @@
 //! The diagrams in `docs/` are generated or checked, not hand-drawn:
 //! the checkout flowchart in `docs/walkthrough.md` is exactly what the
 //! definition renders, and the state diagram in `docs/ARCHITECTURE.md` has
-//! exactly the status machine's edges.
+//! exactly the status machine's edges. Every page of `docs/` is pulled into
+//! the doctests, so no Rust block there goes unchecked.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -134,5 +135,31 @@ fn the_state_diagram_in_the_architecture_page_has_exactly_the_machines_edges() {
         drawn,
         machine_edges(),
         "docs/ARCHITECTURE.md's state diagram and saga_core::machine disagree"
+    );
+}
+
+#[test]
+fn every_page_in_docs_is_compiled_as_doctests() {
+    let lib = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"))
+        .expect("examples/src/lib.rs");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let mut missing = Vec::new();
+    let mut pages = 0;
+    for entry in std::fs::read_dir(&dir).expect("docs/") {
+        let name = entry.expect("docs/ entry").file_name();
+        let name = name.to_string_lossy();
+        if !name.ends_with(".md") {
+            continue;
+        }
+        pages += 1;
+        let include = format!("#[doc = include_str!(\"../../docs/{name}\")]");
+        if !lib.contains(&include) {
+            missing.push(name.into_owned());
+        }
+    }
+    assert!(pages > 0, "no pages found in {}", dir.display());
+    assert!(
+        missing.is_empty(),
+        "docs pages whose code blocks are never compiled; add them to examples/src/lib.rs: {missing:?}"
     );
 }
