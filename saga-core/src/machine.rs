@@ -252,9 +252,27 @@ pub enum Command {
     },
 }
 
-/// Every edge of the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TransitionKind {
+/// Declares [`TransitionKind`] and [`TransitionKind::ALL`] from one list of
+/// edges, so that `ALL` cannot leave one out.
+macro_rules! transition_kinds {
+    ($($(#[$doc:meta])* $kind:ident,)*) => {
+        /// Every edge of the machine.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum TransitionKind {
+            $($(#[$doc])* $kind,)*
+        }
+
+        impl TransitionKind {
+            /// Every edge, in declaration order, so that a test can check
+            /// each was exercised. Generated with the enum: a new edge is
+            /// in it.
+            pub const ALL: [TransitionKind; [$(TransitionKind::$kind),*].len()] =
+                [$(TransitionKind::$kind),*];
+        }
+    };
+}
+
+transition_kinds! {
     /// Running → Running: a forward step succeeded; the next one is due.
     ForwardSucceeded,
     /// Running → Completed: the last forward step succeeded.
@@ -300,33 +318,6 @@ pub enum TransitionKind {
     CancelStuckCompensate,
     /// Stuck → Compensated: the same, with nothing to undo.
     CancelStuckNothingToCompensate,
-}
-
-impl TransitionKind {
-    /// Every edge, so that a test can check each was exercised.
-    pub const ALL: [TransitionKind; 21] = [
-        TransitionKind::ForwardSucceeded,
-        TransitionKind::ForwardSucceededLast,
-        TransitionKind::ForwardRetry,
-        TransitionKind::ForwardSnoozed,
-        TransitionKind::ForwardFailedCompensate,
-        TransitionKind::ForwardFailedNothingToCompensate,
-        TransitionKind::ForwardFailedAfterPivot,
-        TransitionKind::PivotInDoubt,
-        TransitionKind::CancelCompensate,
-        TransitionKind::CancelNothingToCompensate,
-        TransitionKind::ParkForward,
-        TransitionKind::CompensationSucceeded,
-        TransitionKind::CompensationSucceededLast,
-        TransitionKind::CompensationRetry,
-        TransitionKind::CompensationSnoozed,
-        TransitionKind::CompensationFailed,
-        TransitionKind::ParkCompensation,
-        TransitionKind::ResumeForward,
-        TransitionKind::ResumeCompensation,
-        TransitionKind::CancelStuckCompensate,
-        TransitionKind::CancelStuckNothingToCompensate,
-    ];
 }
 
 /// The machine's answer.
@@ -656,7 +647,8 @@ mod tests {
         status: Status,
         at: Position,
         event: Event,
-        expect: Result<(TransitionKind, Status, Position, Command), ()>,
+        /// The transition, or the reason it is refused.
+        expect: Result<(TransitionKind, Status, Position, Command), &'static str>,
     }
 
     fn row(
@@ -664,14 +656,30 @@ mod tests {
         status: Status,
         at: Position,
         event: Event,
-        expect: Option<(TransitionKind, Status, Position, Command)>,
+        expect: (TransitionKind, Status, Position, Command),
     ) -> Row {
         Row {
             plan,
             status,
             at,
             event,
-            expect: expect.ok_or(()),
+            expect: Ok(expect),
+        }
+    }
+
+    fn refused(
+        plan: &'static [StepKind],
+        status: Status,
+        at: Position,
+        event: Event,
+        why: &'static str,
+    ) -> Row {
+        Row {
+            plan,
+            status,
+            at,
+            event,
+            expect: Err(why),
         }
     }
 
@@ -686,43 +694,43 @@ mod tests {
                 Running,
                 Pos::forward(0),
                 Event::Succeeded,
-                Some((
+                (
                     K::ForwardSucceeded,
                     Running,
                     Pos::forward(1),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(3),
                 Event::Succeeded,
-                Some((
+                (
                     K::ForwardSucceeded,
                     Running,
                     Pos::forward(4),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(4),
                 Event::Succeeded,
-                Some((
+                (
                     K::ForwardSucceededLast,
                     Completed,
                     Pos::forward(4),
                     Command::Finish,
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(1),
                 Event::RetryScheduled { at: T },
-                Some((
+                (
                     K::ForwardRetry,
                     Running,
                     Pos::forward(1),
@@ -730,14 +738,14 @@ mod tests {
                         at: Some(T),
                         attempts: Attempts::Keep,
                     },
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(4),
                 Event::Snoozed { until: T },
-                Some((
+                (
                     K::ForwardSnoozed,
                     Running,
                     Pos::forward(4),
@@ -745,7 +753,7 @@ mod tests {
                         at: Some(T),
                         attempts: Attempts::Refund,
                     },
-                )),
+                ),
             ),
             // A failure for good compensates every started step, the failed
             // one included, in reverse order.
@@ -754,24 +762,24 @@ mod tests {
                 Running,
                 Pos::forward(2),
                 fail(),
-                Some((
+                (
                     K::ForwardFailedCompensate,
                     Compensating,
                     Pos::compensate(2),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(1),
                 fail(),
-                Some((
+                (
                     K::ForwardFailedCompensate,
                     Compensating,
                     Pos::compensate(1),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             // The pivot refusing for certain compensates what came before it.
             row(
@@ -779,12 +787,12 @@ mod tests {
                 Running,
                 Pos::forward(3),
                 fail(),
-                Some((
+                (
                     K::ForwardFailedCompensate,
                     Compensating,
                     Pos::compensate(2),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             // The pivot giving up in doubt is parked: it may have happened.
             row(
@@ -792,12 +800,12 @@ mod tests {
                 Running,
                 Pos::forward(3),
                 give_up(),
-                Some((
+                (
                     K::PivotInDoubt,
                     Stuck,
                     Pos::forward(3),
                     parked("the pivot's outcome is unknown: boom"),
-                )),
+                ),
             ),
             // Before the pivot, doubt does not matter: compensations cope.
             row(
@@ -805,24 +813,24 @@ mod tests {
                 Running,
                 Pos::forward(2),
                 give_up(),
-                Some((
+                (
                     K::ForwardFailedCompensate,
                     Compensating,
                     Pos::compensate(2),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(4),
                 give_up(),
-                Some((
+                (
                     K::ForwardFailedAfterPivot,
                     Stuck,
                     Pos::forward(4),
                     parked("boom"),
-                )),
+                ),
             ),
             // An operator cancels a pivot in doubt: it did not happen.
             row(
@@ -830,63 +838,75 @@ mod tests {
                 Stuck,
                 Pos::forward(3),
                 cancel(true),
-                Some((
+                (
                     K::CancelStuckCompensate,
                     Compensating,
                     Pos::compensate(2),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 &[N, P, R],
                 Stuck,
                 Pos::forward(1),
                 cancel(true),
-                Some((
+                (
                     K::CancelStuckNothingToCompensate,
                     Compensated,
                     Pos::forward(1),
                     Command::Finish,
-                )),
+                ),
             ),
-            row(CHECKOUT, Stuck, Pos::forward(4), cancel(true), None),
-            row(CHECKOUT, Stuck, Pos::compensate(2), cancel(true), None),
+            refused(
+                CHECKOUT,
+                Stuck,
+                Pos::forward(4),
+                cancel(true),
+                "only a saga stuck at or before its pivot can be cancelled",
+            ),
+            refused(
+                CHECKOUT,
+                Stuck,
+                Pos::compensate(2),
+                cancel(true),
+                "only a saga stuck at or before its pivot can be cancelled",
+            ),
             // A failing step without compensation skips itself.
             row(
                 &[C, N, P],
                 Running,
                 Pos::forward(1),
                 fail(),
-                Some((
+                (
                     K::ForwardFailedCompensate,
                     Compensating,
                     Pos::compensate(0),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(0),
                 fail(),
-                Some((
+                (
                     K::ForwardFailedNothingToCompensate,
                     Compensated,
                     Pos::forward(0),
                     Command::Finish,
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(4),
                 fail(),
-                Some((
+                (
                     K::ForwardFailedAfterPivot,
                     Stuck,
                     Pos::forward(4),
                     parked("boom"),
-                )),
+                ),
             ),
             // Cancellation.
             row(
@@ -894,69 +914,75 @@ mod tests {
                 Running,
                 Pos::forward(2),
                 cancel(true),
-                Some((
+                (
                     K::CancelCompensate,
                     Compensating,
                     Pos::compensate(2),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(2),
                 cancel(false),
-                Some((
+                (
                     K::CancelCompensate,
                     Compensating,
                     Pos::compensate(1),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(1),
                 cancel(false),
-                Some((
+                (
                     K::CancelNothingToCompensate,
                     Compensated,
                     Pos::forward(1),
                     Command::Finish,
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(0),
                 cancel(false),
-                Some((
+                (
                     K::CancelNothingToCompensate,
                     Compensated,
                     Pos::forward(0),
                     Command::Finish,
-                )),
+                ),
             ),
-            row(CHECKOUT, Running, Pos::forward(4), cancel(true), None),
+            refused(
+                CHECKOUT,
+                Running,
+                Pos::forward(4),
+                cancel(true),
+                "the pivot has succeeded; the saga only goes forward",
+            ),
             // Parking.
             row(
                 CHECKOUT,
                 Running,
                 Pos::forward(1),
                 park(),
-                Some((K::ParkForward, Stuck, Pos::forward(1), parked("bad state"))),
+                (K::ParkForward, Stuck, Pos::forward(1), parked("bad state")),
             ),
             row(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(1),
                 park(),
-                Some((
+                (
                     K::ParkCompensation,
                     Stuck,
                     Pos::compensate(1),
                     parked("bad state"),
-                )),
+                ),
             ),
             // Compensation walks backwards over steps with compensations.
             row(
@@ -964,31 +990,31 @@ mod tests {
                 Compensating,
                 Pos::compensate(2),
                 Event::Succeeded,
-                Some((
+                (
                     K::CompensationSucceeded,
                     Compensating,
                     Pos::compensate(1),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(1),
                 Event::Succeeded,
-                Some((
+                (
                     K::CompensationSucceededLast,
                     Compensated,
                     Pos::compensate(1),
                     Command::Finish,
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(1),
                 Event::RetryScheduled { at: T },
-                Some((
+                (
                     K::CompensationRetry,
                     Compensating,
                     Pos::compensate(1),
@@ -996,14 +1022,14 @@ mod tests {
                         at: Some(T),
                         attempts: Attempts::Keep,
                     },
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(2),
                 Event::Snoozed { until: T },
-                Some((
+                (
                     K::CompensationSnoozed,
                     Compensating,
                     Pos::compensate(2),
@@ -1011,26 +1037,26 @@ mod tests {
                         at: Some(T),
                         attempts: Attempts::Refund,
                     },
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(2),
                 fail(),
-                Some((
+                (
                     K::CompensationFailed,
                     Stuck,
                     Pos::compensate(2),
                     parked("boom"),
-                )),
+                ),
             ),
-            row(
+            refused(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(2),
                 cancel(true),
-                None,
+                "the saga is already being compensated",
             ),
             // Operators resume stuck instances where they stopped.
             row(
@@ -1038,70 +1064,118 @@ mod tests {
                 Stuck,
                 Pos::forward(4),
                 Event::Resume,
-                Some((
+                (
                     K::ResumeForward,
                     Running,
                     Pos::forward(4),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             row(
                 CHECKOUT,
                 Stuck,
                 Pos::compensate(2),
                 Event::Resume,
-                Some((
+                (
                     K::ResumeCompensation,
                     Compensating,
                     Pos::compensate(2),
                     now(Attempts::Reset),
-                )),
+                ),
             ),
             // Everything else is refused.
-            row(CHECKOUT, Running, Pos::forward(1), Event::Resume, None),
-            row(
+            refused(
+                CHECKOUT,
+                Running,
+                Pos::forward(1),
+                Event::Resume,
+                "only a stuck saga can be resumed",
+            ),
+            refused(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(1),
                 Event::Resume,
-                None,
+                "only a stuck saga can be resumed",
             ),
-            row(CHECKOUT, Stuck, Pos::forward(4), Event::Succeeded, None),
-            row(CHECKOUT, Stuck, Pos::compensate(1), fail(), None),
-            row(CHECKOUT, Completed, Pos::forward(4), Event::Succeeded, None),
-            row(CHECKOUT, Completed, Pos::forward(4), Event::Resume, None),
-            row(CHECKOUT, Compensated, Pos::compensate(1), fail(), None),
-            row(
+            refused(
+                CHECKOUT,
+                Stuck,
+                Pos::forward(4),
+                Event::Succeeded,
+                "a stuck saga only accepts resume or cancel",
+            ),
+            refused(
+                CHECKOUT,
+                Stuck,
+                Pos::compensate(1),
+                fail(),
+                "a stuck saga only accepts resume or cancel",
+            ),
+            refused(
+                CHECKOUT,
+                Completed,
+                Pos::forward(4),
+                Event::Succeeded,
+                "the saga has finished",
+            ),
+            refused(
+                CHECKOUT,
+                Completed,
+                Pos::forward(4),
+                Event::Resume,
+                "the saga has finished",
+            ),
+            refused(
+                CHECKOUT,
+                Compensated,
+                Pos::compensate(1),
+                fail(),
+                "the saga has finished",
+            ),
+            refused(
                 CHECKOUT,
                 Compensated,
                 Pos::compensate(1),
                 cancel(true),
-                None,
+                "the saga has finished",
             ),
             // Inconsistent positions are refused, not guessed at.
-            row(
+            refused(
                 CHECKOUT,
                 Running,
                 Pos::compensate(1),
                 Event::Succeeded,
-                None,
+                "the position's direction does not match the status",
             ),
-            row(
+            refused(
                 CHECKOUT,
                 Compensating,
                 Pos::forward(1),
                 Event::Succeeded,
-                None,
+                "the position's direction does not match the status",
             ),
-            row(CHECKOUT, Running, Pos::forward(5), Event::Succeeded, None),
-            row(
+            refused(
+                CHECKOUT,
+                Running,
+                Pos::forward(5),
+                Event::Succeeded,
+                "the position is past the last step",
+            ),
+            refused(
                 CHECKOUT,
                 Compensating,
                 Pos::compensate(0),
                 Event::Succeeded,
-                None,
+                "the step at the position has no compensation",
             ),
-            row(CHECKOUT, Stuck, Pos::compensate(3), Event::Resume, None),
+            refused(
+                CHECKOUT,
+                Stuck,
+                Pos::compensate(3),
+                Event::Resume,
+                "the step at the position has no compensation",
+            ),
         ]
     }
 
@@ -1122,7 +1196,13 @@ mod tests {
                     );
                     seen.insert(t.kind);
                 }
-                (Err(()), Err(_)) => {}
+                (Err(why), Err(refused)) => {
+                    assert_eq!(
+                        (refused.why, refused.status, refused.position, refused.event),
+                        (*why, r.status, r.at, r.event.name()),
+                        "row {n}"
+                    );
+                }
                 (expect, got) => panic!(
                     "row {n}: {:?} {:?} {:?}: expected {expect:?}, got {got:?}",
                     r.status, r.at, r.event
