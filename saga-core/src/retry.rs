@@ -455,6 +455,29 @@ mod tests {
         }
 
         #[test]
+        fn jittered_delays_spread_over_their_range(p in policy(), attempt in 1u32..60, seed: u64) {
+            let base = p.base_delay(attempt);
+            let (low, high) = match p.jitter() {
+                Jitter::None => return Ok(()),
+                Jitter::Full => (Duration::ZERO, base),
+                Jitter::Equal => (base / 2, base),
+                Jitter::Decorrelated => {
+                    let upper = base.saturating_mul(3).min(p.max_delay());
+                    (p.initial_delay().min(upper), upper)
+                }
+            };
+            prop_assume!(high - low >= Duration::from_millis(1));
+            // 64 uniform draws all in one half of the range: a chance of
+            // 2^-63 for a jitter that spreads, a certainty for one that
+            // does not (one that always returns `base`, say).
+            let mut rng = StdRng::seed_from_u64(seed);
+            let middle = low + (high - low) / 2;
+            let draws: Vec<Duration> = (0..64).map(|_| p.delay(attempt, &mut rng)).collect();
+            prop_assert!(draws.iter().any(|d| *d < middle), "none below {middle:?}: {draws:?}");
+            prop_assert!(draws.iter().any(|d| *d > middle), "none above {middle:?}: {draws:?}");
+        }
+
+        #[test]
         fn the_attempt_cap_stops_retrying(p in policy(), extra in 0u32..10, seed: u64) {
             let mut rng = StdRng::seed_from_u64(seed);
             let now = Timestamp::from_micros(1_000_000_000);
