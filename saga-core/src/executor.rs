@@ -13,11 +13,13 @@
 //! instance is claimed again when it is due, by whichever worker is free.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
@@ -27,12 +29,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
 use crate::client::{Limits, SagaClient};
 use crate::context::StepContext;
 use crate::definition::{BoxFuture, SagaDefinition};
-use crate::error::{Error, StepError, StepErrorKind};
+use crate::error::{Chain, Error, StepError, StepErrorKind};
 use crate::ids::{Direction, SagaId, SagaKind, StepName, TransitionId, WorkerId};
 use crate::machine::{self, Attempts, Command, Event, Position, Status, StepKind, TransitionKind};
 use crate::metrics as m;
@@ -58,8 +61,11 @@ pub struct ExecutorConfig {
     /// for (default 30 s). Steps still running then are abandoned; their
     /// leases expire and other workers resume them.
     pub shutdown_grace: Duration,
-    /// How often an idle executor looks for due instances of saga kinds it
-    /// has not registered, to log and count them (default 60 s).
+    /// How often [`Executor::run`] looks for due instances of saga kinds
+    /// not registered here, to log them and set the
+    /// [`saga_unregistered_due`](crate::metrics::UNREGISTERED_DUE) gauge
+    /// (default 60 s). The check runs on its own timer, however busy the
+    /// executor is.
     pub unregistered_check_interval: Duration,
     /// Size caps on state and payloads.
     pub limits: Limits,
@@ -296,6 +302,13 @@ impl<St: SagaStore> ExecutorBuilder<St> {
         self
     }
 
+    /// How often [`run`](Executor::run) looks for due instances of saga
+    /// kinds not registered here.
+    pub fn unregistered_check_interval(mut self, d: Duration) -> Self {
+        self.config.unregistered_check_interval = d;
+        self
+    }
+
     /// Grace period for in-flight steps on shutdown.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.config.shutdown_grace = d;
@@ -339,6 +352,9 @@ impl<St: SagaStore> ExecutorBuilder<St> {
         if c.poll_interval.is_zero() {
             return bad("poll_interval must be above zero");
         }
+        if c.unregistered_check_interval.is_zero() {
+            return bad("unregistered_check_interval must be above zero");
+        }
         let rng = match self.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -352,6 +368,7 @@ impl<St: SagaStore> ExecutorBuilder<St> {
                 rng: Mutex::new(rng),
                 wake: Arc::new(Notify::new()),
                 counters: Counters::default(),
+                unregistered: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -365,6 +382,9 @@ struct Shared<St> {
     rng: Mutex<StdRng>,
     wake: Arc<Notify>,
     counters: Counters,
+    /// The unregistered kinds the last check found due, whose gauges are
+    /// zeroed once they are no longer found.
+    unregistered: Mutex<HashSet<SagaKind>>,
 }
 
 #[derive(Debug, Default)]
@@ -539,7 +559,10 @@ impl<St: SagaStore> Executor<St> {
         let cfg = &self.shared.config;
         let mut shutdown = pin!(shutdown);
         let mut tasks: JoinSet<Processed> = JoinSet::new();
-        let mut next_unregistered_check = Instant::now();
+        // Its own timer, so that a busy executor reports unregistered kinds
+        // too. The first tick is at once.
+        let mut unregistered_check = tokio::time::interval(cfg.unregistered_check_interval);
+        unregistered_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let backoff_builder = backon::ExponentialBuilder::default()
             .with_min_delay(cfg.poll_interval)
             .with_max_delay(cfg.poll_interval.max(Duration::from_secs(30)))
@@ -551,35 +574,35 @@ impl<St: SagaStore> Executor<St> {
             while let Some(done) = tasks.try_join_next() {
                 log_processed(done);
             }
+            // Whatever woke the loop (a start, a finished step, the poll
+            // timer), nothing is claimed once shutdown has been asked for.
+            if is_done(shutdown.as_mut()).await {
+                break;
+            }
             let free = cfg.concurrency.saturating_sub(tasks.len());
             let mut wait = cfg.poll_interval;
-            let mut claimed_full_batch = false;
             if free > 0 {
                 match self.claim(free).await {
                     Ok(batch) => {
                         backoff = backoff_builder.build();
-                        claimed_full_batch = batch.len() == free;
                         for claimed in batch {
                             tasks.spawn(process(self.shared.clone(), claimed));
                         }
                     }
                     Err(e) => {
                         wait = backoff.next().unwrap_or(cfg.poll_interval);
-                        tracing::warn!(error = %e, retry_in = ?wait, "claiming due sagas failed");
+                        tracing::warn!(error = %Chain(&e), retry_in = ?wait, "claiming due sagas failed");
                     }
                 }
             }
-            if tasks.is_empty() && Instant::now() >= next_unregistered_check {
-                next_unregistered_check = Instant::now() + cfg.unregistered_check_interval;
-                if let Err(e) = self.check_unregistered().await {
-                    tracing::warn!(error = %e, "checking for unregistered sagas failed");
-                }
-            }
-            if claimed_full_batch && tasks.len() < cfg.concurrency {
-                continue;
-            }
             tokio::select! {
+                biased;
                 () = &mut shutdown => break,
+                _ = unregistered_check.tick() => {
+                    if let Err(e) = self.check_unregistered().await {
+                        tracing::warn!(error = %Chain(&e), "checking for unregistered sagas failed");
+                    }
+                }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_processed(done),
                 () = self.shared.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
@@ -723,13 +746,25 @@ impl<St: SagaStore> Executor<St> {
         Ok(claimed)
     }
 
+    /// Logs and counts due instances of kinds not registered here; the
+    /// gauge of a kind found last time and not now goes back to zero.
     async fn check_unregistered(&self) -> Result<Vec<(SagaKind, u64)>, Error> {
         let found = self
             .shared
             .store
             .due_unregistered(&self.shared.registry.kinds)
             .await
-            .inspect_err(|_| store_error("due_unregistered"))?;
+            .inspect_err(|_| {
+                self.shared
+                    .counters
+                    .store_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                store_error("due_unregistered");
+            })?;
+        let gauge = |kind: &SagaKind| {
+            metrics::gauge!(m::UNREGISTERED_DUE,
+                "saga" => kind.name.to_string(), "version" => kind.version.to_string())
+        };
         for (kind, count) in &found {
             tracing::warn!(
                 saga = %kind.name,
@@ -737,12 +772,30 @@ impl<St: SagaStore> Executor<St> {
                 due = count,
                 "due saga instances of a kind not registered on this worker are left untouched"
             );
-            metrics::gauge!(m::UNREGISTERED_DUE,
-                "saga" => kind.name.to_string(), "version" => kind.version.to_string())
-            .set(*count as f64);
+            gauge(kind).set(*count as f64);
+        }
+        let found_now: HashSet<SagaKind> = found.iter().map(|(kind, _)| kind.clone()).collect();
+        let gone: Vec<SagaKind> = {
+            let mut reported = self
+                .shared
+                .unregistered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let gone = reported.difference(&found_now).cloned().collect();
+            *reported = found_now;
+            gone
+        };
+        for kind in &gone {
+            gauge(kind).set(0.0);
         }
         Ok(found)
     }
+}
+
+/// Whether `shutdown` has completed, without waiting for it. Once it has,
+/// the caller must not poll it again.
+async fn is_done<F: Future<Output = ()>>(mut shutdown: Pin<&mut F>) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(shutdown.as_mut().poll(cx).is_ready())).await
 }
 
 fn log_processed(done: Result<Processed, tokio::task::JoinError>) {

@@ -12,7 +12,7 @@ use saga_core::{
     SagaKind, SagaSnapshot, SagaStore, StartKey, Started, Status, Step, StepContext, StepError,
     Timestamp,
 };
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 const F: Direction = Direction::Forward;
 
@@ -118,10 +118,26 @@ async fn a_panicking_step_is_a_retryable_failure_and_the_worker_carries_on() {
     );
 }
 
-/// A store that signals each heartbeat it serves.
+/// A store that signals each heartbeat and claim it serves, and reports
+/// each check for unregistered kinds with the (tokio) time it was made.
 struct SignallingStore {
     inner: InMemorySagaStore,
     heartbeats: Notify,
+    claims: Notify,
+    unregistered_checks: mpsc::UnboundedSender<tokio::time::Instant>,
+}
+
+impl SignallingStore {
+    fn new(clock: Arc<ManualClock>) -> (Arc<Self>, mpsc::UnboundedReceiver<tokio::time::Instant>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let store = SignallingStore {
+            inner: InMemorySagaStore::with_clock(clock),
+            heartbeats: Notify::new(),
+            claims: Notify::new(),
+            unregistered_checks: tx,
+        };
+        (Arc::new(store), rx)
+    }
 }
 
 impl SagaStore for SignallingStore {
@@ -132,7 +148,9 @@ impl SagaStore for SignallingStore {
         self.inner.start(new).await
     }
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<ClaimedSaga>, Error> {
-        self.inner.claim(request).await
+        let r = self.inner.claim(request).await;
+        self.claims.notify_one();
+        r
     }
     async fn heartbeat(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, Error> {
         let r = self.inner.heartbeat(lease, lease_for).await;
@@ -158,17 +176,16 @@ impl SagaStore for SignallingStore {
         self.inner.outbox_for(id).await
     }
     async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
-        self.inner.due_unregistered(kinds).await
+        let r = self.inner.due_unregistered(kinds).await;
+        let _ = self.unregistered_checks.send(tokio::time::Instant::now());
+        r
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn heartbeats_keep_a_long_step_leased() {
     let s = setup();
-    let store = Arc::new(SignallingStore {
-        inner: InMemorySagaStore::with_clock(s.clock.clone()),
-        heartbeats: Notify::new(),
-    });
+    let (store, _) = SignallingStore::new(s.clock.clone());
     let exec = Executor::builder_from_arc(store.clone())
         .register(s.saga.clone())
         .lease_duration(LEASE)
@@ -582,6 +599,11 @@ fn the_executor_refuses_bad_configuration() {
         .build()
         .unwrap_err();
     assert!(matches!(zero, Error::InvalidConfig(_)), "{zero:?}");
+    let zero = Executor::builder_from_arc(s.store.clone())
+        .unregistered_check_interval(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(matches!(zero, Error::InvalidConfig(_)), "{zero:?}");
 }
 
 #[test]
@@ -871,4 +893,331 @@ async fn a_step_abandoned_at_shutdown_is_stopped() {
         .await
         .expect("the abandoned step was stopped")
         .unwrap();
+}
+
+#[tokio::test]
+async fn run_claims_nothing_once_shutdown_has_been_asked_for() {
+    let s = setup();
+    let exec = s.executor();
+    // Due work, and a pending wake-up: the start notified the executor.
+    let id = exec
+        .client()
+        .start(&s.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap()
+        .id;
+    tokio::time::timeout(Duration::from_secs(30), exec.run(std::future::ready(())))
+        .await
+        .expect("run returns at once")
+        .unwrap();
+    assert_eq!(exec.stats().claimed, 0);
+    let snap = s.store.load(id).await.unwrap().unwrap();
+    assert_eq!((snap.attempt, snap.lease), (0, None));
+    assert!(s.script.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_shutdown_that_arrives_with_a_wake_up_claims_nothing() {
+    let s = setup();
+    let (store, _checks) = SignallingStore::new(s.clock.clone());
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(s.saga.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move {
+            exec.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    // The executor has looked for work, found none, and waits.
+    store.claims.notified().await;
+    // A start wakes it just as shutdown is asked for.
+    let id = exec
+        .client()
+        .start(&s.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap()
+        .id;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .unwrap();
+    assert_eq!(exec.stats().claimed, 0);
+    assert_eq!(store.load(id).await.unwrap().unwrap().attempt, 0);
+    assert!(s.script.calls().is_empty());
+}
+
+/// What the steps of `slot_saga` report.
+#[derive(Default)]
+struct Slots {
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    releases: Mutex<std::collections::HashMap<u32, oneshot::Receiver<()>>>,
+}
+
+/// A one-step saga over an order number whose step says when it starts and
+/// waits until the test releases that order.
+fn slot_saga(slots: Arc<Slots>, entered: mpsc::UnboundedSender<u32>) -> SagaDefinition<u32> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let step = saga_core::action_fn(move |_, order: &mut u32| {
+        let order = *order;
+        let slots = slots.clone();
+        let entered = entered.clone();
+        Box::pin(async move {
+            let now = slots.in_flight.fetch_add(1, SeqCst) + 1;
+            slots.most.fetch_max(now, SeqCst);
+            let release = slots.releases.lock().unwrap().remove(&order);
+            entered.send(order).unwrap();
+            if let Some(release) = release {
+                let _ = release.await;
+            }
+            slots.in_flight.fetch_sub(1, SeqCst);
+            Ok(())
+        })
+    });
+    SagaDefinition::<u32>::builder("slots", 1)
+        .step(
+            Step::new("hold", step)
+                .timeout(Duration::from_secs(3600))
+                .no_compensation(),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn run_keeps_at_most_concurrency_steps_in_flight_and_refills_freed_slots() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(InMemorySagaStore::with_clock(clock));
+    let slots = Arc::new(Slots::default());
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let saga = slot_saga(slots.clone(), entered_tx);
+    let mut release = std::collections::HashMap::new();
+    for order in 1..=5u32 {
+        let (tx, rx) = oneshot::channel();
+        slots.releases.lock().unwrap().insert(order, rx);
+        release.insert(order, tx);
+    }
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(saga.clone())
+        .concurrency(2)
+        // Only finished steps (and starts) wake the loop.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut ids = Vec::new();
+    for order in 1..=5u32 {
+        let started = exec.client().start(&saga, key(order), &order).await;
+        ids.push(started.unwrap().id);
+    }
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let exec = exec.clone();
+        async move {
+            exec.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let next_entered = async |entered: &mut mpsc::UnboundedReceiver<u32>| {
+        tokio::time::timeout(Duration::from_secs(30), entered.recv())
+            .await
+            .expect("a step starts")
+            .unwrap()
+    };
+    let leased = async || {
+        let mut n = 0;
+        for id in &ids {
+            n += usize::from(store.load(*id).await.unwrap().unwrap().lease.is_some());
+        }
+        n
+    };
+    let mut running_orders = vec![
+        next_entered(&mut entered).await,
+        next_entered(&mut entered).await,
+    ];
+    assert_eq!(leased().await, 2, "two slots, two claims");
+    // Each step let go frees a slot, which the loop fills with the next
+    // due instance: always two in flight until the work runs out.
+    for _ in 0..3 {
+        let done = running_orders.remove(0);
+        release.remove(&done).unwrap().send(()).unwrap();
+        running_orders.push(next_entered(&mut entered).await);
+        assert_eq!(slots.in_flight.load(SeqCst), 2);
+        assert_eq!(leased().await, 2);
+    }
+    for order in running_orders {
+        release.remove(&order).unwrap().send(()).unwrap();
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .unwrap();
+    for id in &ids {
+        assert_eq!(
+            store.load(*id).await.unwrap().unwrap().status,
+            Status::Completed
+        );
+    }
+    assert_eq!(slots.most.load(SeqCst), 2, "never more than two at once");
+    assert_eq!(exec.stats().claimed, 5);
+}
+
+/// Records every value a gauge is set to, in order, as `name{labels}`.
+#[derive(Default, Clone)]
+struct GaugeLog(Arc<Mutex<Vec<(String, f64)>>>);
+
+struct LoggedGauge(String, GaugeLog);
+
+impl metrics::GaugeFn for LoggedGauge {
+    fn increment(&self, _: f64) {}
+    fn decrement(&self, _: f64) {}
+    fn set(&self, value: f64) {
+        self.1.0.lock().unwrap().push((self.0.clone(), value));
+    }
+}
+
+impl metrics::Recorder for GaugeLog {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        metrics::Gauge::from_arc(Arc::new(LoggedGauge(name, self.clone())))
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+#[test]
+fn a_busy_executor_checks_for_unregistered_kinds_on_its_timer_and_zeroes_those_gone() {
+    let log = GaugeLog::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let interval = Duration::from_secs(60);
+    let checks = metrics::with_local_recorder(&log, || {
+        rt.block_on(async {
+            let clock = Arc::new(ManualClock::new(Timestamp::from_micros(
+                1_750_000_000_000_000,
+            )));
+            let (store, mut checked) = SignallingStore::new(clock.clone());
+            let entered = Arc::new(Notify::new());
+            let busy = hanging_saga(entered.clone(), Arc::new(Mutex::new(None)));
+            let exec = Executor::builder_from_arc(store.clone())
+                .register(busy.clone())
+                .concurrency(1)
+                .lease_duration(LEASE)
+                .heartbeat_interval(Duration::from_secs(20))
+                .unregistered_check_interval(interval)
+                .shutdown_grace(Duration::from_secs(1))
+                .build()
+                .unwrap();
+            let hung = exec
+                .client()
+                .start(&busy, key(1), &Vec::new())
+                .await
+                .unwrap()
+                .id;
+            // Due work of a kind this worker does not have.
+            let script = Script::new();
+            let v2 = scripted_saga(&script, 2);
+            saga_core::SagaClient::from_arc(store.clone())
+                .start(&v2, key(1), &TestState::order(1))
+                .await
+                .unwrap();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let running = tokio::spawn({
+                let exec = exec.clone();
+                async move {
+                    exec.run(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                }
+            });
+            let next_check = async |checked: &mut mpsc::UnboundedReceiver<_>| {
+                tokio::time::timeout(Duration::from_secs(600), checked.recv())
+                    .await
+                    .expect("a check while the only slot is taken")
+                    .unwrap()
+            };
+            entered.notified().await; // the only slot is taken from here on
+            let mut checks = vec![next_check(&mut checked).await];
+            // The stray instance stops being due (a worker that has v2
+            // took it); the next check finds nothing.
+            let kinds = [v2.kind().clone()];
+            let taken = store
+                .claim(ClaimRequest {
+                    worker: saga_core::WorkerId::new(),
+                    kinds: &kinds,
+                    limit: 1,
+                    lease_for: LEASE,
+                })
+                .await
+                .unwrap();
+            assert_eq!(taken.len(), 1);
+            checks.push(next_check(&mut checked).await);
+            let leased = store.load(hung).await.unwrap().unwrap().lease.is_some();
+            assert!(leased, "the step was in flight throughout");
+            stop.send(()).unwrap();
+            running.await.unwrap().unwrap();
+            checks
+        })
+    });
+    assert_eq!(checks[1] - checks[0], interval, "on the executor's timer");
+    let gauge = "saga_unregistered_due{saga=scripted,version=2}";
+    let sets: Vec<f64> = log
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name == gauge)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(sets, [1.0, 0.0], "{:?}", log.0.lock().unwrap());
 }
