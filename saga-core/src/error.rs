@@ -5,8 +5,8 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use crate::ids::{SagaId, SagaKind, SagaName, StartKey, StepName};
-use crate::machine::Status;
+use crate::ids::{Direction, SagaId, SagaKind, SagaName, StartKey, StepName};
+use crate::machine::{InvalidTransition, Status};
 
 /// A boxed error that keeps its concrete type for `downcast_ref`.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -61,6 +61,18 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A saga's stored state does not deserialize as its definition's state
+    /// type (the type changed without a version bump, or the row was edited
+    /// by hand). The instance is parked with this as its reason.
+    #[error("the stored state does not deserialize as saga {saga}'s state type")]
+    DeserializeState {
+        /// The saga (name and version) whose state type was expected.
+        saga: SagaKind,
+        /// The deserializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// The start key was already used to start this saga with a different
     /// input. The existing instance is untouched.
     #[error(
@@ -89,7 +101,8 @@ pub enum Error {
     #[error("saga instance {0} changed concurrently; nothing was written")]
     Conflict(SagaId),
 
-    /// The operation does not apply to the instance in its current status.
+    /// The operation does not apply to the instance in its current status;
+    /// the source says why.
     #[error("cannot {action} saga instance {id}: it is {status}")]
     InvalidStatus {
         /// The instance.
@@ -98,6 +111,27 @@ pub enum Error {
         action: &'static str,
         /// The instance's status.
         status: Status,
+        /// The status machine's refusal, with its reason.
+        #[source]
+        source: InvalidTransition,
+    },
+
+    /// The instance is at a step (or a step's compensation) that its
+    /// registered definition does not have: the step was removed, or
+    /// renamed without keeping its old name as an alias, under the same
+    /// version. Nothing was written.
+    #[error(
+        "saga instance {id} is at step `{step}` ({direction}), which saga {saga} does not have"
+    )]
+    UnknownStep {
+        /// The instance.
+        id: SagaId,
+        /// Its saga name and version.
+        saga: SagaKind,
+        /// The stored step name.
+        step: StepName,
+        /// The stored direction.
+        direction: Direction,
     },
 
     /// An executor or store configuration value makes no sense.

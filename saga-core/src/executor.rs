@@ -41,7 +41,9 @@ use crate::machine::{self, Attempts, Command, Event, Position, Status, StepKind,
 use crate::metrics as m;
 use crate::outbox::OutboxMessage;
 use crate::retry::{GiveUpReason, RetryDecision, RetryPolicy};
-use crate::store::{ClaimRequest, ClaimedSaga, HistoryEntry, Lease, Outcome, Record, SagaStore};
+use crate::store::{
+    ClaimRequest, ClaimedSaga, HistoryEntry, Lease, Outcome, Record, SagaSnapshot, SagaStore,
+};
 use crate::time::Timestamp;
 
 /// How an executor runs.
@@ -100,7 +102,7 @@ trait ErasedSaga: Send + Sync + 'static {
     fn key_name(&self, index: usize) -> &StepName;
     fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)>;
     /// Deserializes the state and returns the attempt, ready to run; or why
-    /// it cannot run.
+    /// it cannot run ([`Error::UnknownStep`], [`Error::DeserializeState`]).
     fn attempt(
         &self,
         index: usize,
@@ -108,7 +110,7 @@ trait ErasedSaga: Send + Sync + 'static {
         ctx: StepContext,
         state: serde_json::Value,
         limits: Limits,
-    ) -> Result<BoxFuture<'static, AttemptResult>, String>;
+    ) -> Result<BoxFuture<'static, AttemptResult>, Error>;
 }
 
 impl<S> ErasedSaga for SagaDefinition<S>
@@ -146,17 +148,21 @@ where
         mut ctx: StepContext,
         state: serde_json::Value,
         limits: Limits,
-    ) -> Result<BoxFuture<'static, AttemptResult>, String> {
-        let mut state: S = serde_json::from_value(state).map_err(|e| {
-            format!(
-                "the stored state does not deserialize as saga {}'s state type: {e}",
-                self.kind()
-            )
-        })?;
-        let def = self.step_def(index).ok_or("step index out of range")?;
-        let (action, _, timeout) = def
-            .side(direction)
-            .ok_or_else(|| format!("step `{}` has no compensation", def.name))?;
+    ) -> Result<BoxFuture<'static, AttemptResult>, Error> {
+        let Some((action, _, timeout)) = self.step_def(index).and_then(|d| d.side(direction))
+        else {
+            return Err(Error::UnknownStep {
+                id: ctx.saga_id(),
+                saga: self.kind().clone(),
+                step: ctx.step().clone(),
+                direction,
+            });
+        };
+        let mut state: S =
+            serde_json::from_value(state).map_err(|source| Error::DeserializeState {
+                saga: self.kind().clone(),
+                source,
+            })?;
         let action = action.clone();
         Ok(Box::pin(async move {
             // The step runs in its own task: a panic is caught as a failure.
@@ -629,9 +635,12 @@ impl<St: SagaStore> Executor<St> {
     }
 
     /// Resumes a stuck instance where it stopped, with a fresh retry budget
-    /// for that step.
+    /// for that step. Fails with [`Error::InvalidStatus`] unless it is
+    /// stuck, and with [`Error::UnknownStep`] if it is stuck at a step the
+    /// registered definition does not have (deploy a definition of that
+    /// version that has it, as a step or an alias, first).
     pub async fn resume(&self, id: SagaId) -> Result<(), Error> {
-        self.operator(id, "resume", Event::Resume, Outcome::Resumed)
+        self.operator(id, "resume", Outcome::Resumed, |_| Event::Resume)
             .await
     }
 
@@ -639,29 +648,27 @@ impl<St: SagaStore> Executor<St> {
     /// is compensated, in reverse order. Works on a running instance, and
     /// on one stuck at (or before) its pivot: for a pivot parked in doubt,
     /// cancelling is the operator's statement that it did not take effect.
-    /// Fails with [`Error::InvalidStatus`] past the pivot or once finished,
-    /// and with [`Error::Conflict`] while a worker holds the instance (try
-    /// again).
+    /// Fails with [`Error::InvalidStatus`] past the pivot or once finished
+    /// (its source says why), with [`Error::UnknownStep`] if the instance is
+    /// at a step the registered definition does not have, and with
+    /// [`Error::Conflict`] while a worker holds the instance (try again).
     pub async fn cancel(&self, id: SagaId, reason: impl Into<String>) -> Result<(), Error> {
-        let snapshot = self
-            .shared
-            .store
-            .load(id)
-            .await?
-            .ok_or(Error::NotFound(id))?;
-        let event = Event::Cancel {
-            reason: reason.into(),
+        let reason = reason.into();
+        self.operator(id, "cancel", Outcome::Cancelled, |snapshot| Event::Cancel {
+            reason,
             current_step_started: snapshot.attempt > 0,
-        };
-        self.operator(id, "cancel", event, Outcome::Cancelled).await
+        })
+        .await
     }
 
+    /// Applies an operator's event, computed from the instance as loaded,
+    /// guarded by the loaded version.
     async fn operator(
         &self,
         id: SagaId,
         action: &'static str,
-        event: Event,
         outcome: Outcome,
+        event: impl FnOnce(&SagaSnapshot) -> Event,
     ) -> Result<(), Error> {
         let store = &self.shared.store;
         let snapshot = store.load(id).await?.ok_or(Error::NotFound(id))?;
@@ -673,23 +680,25 @@ impl<St: SagaStore> Executor<St> {
             .ok_or_else(|| Error::UnknownSaga(snapshot.kind.clone()))?;
         let index = saga
             .step_index(snapshot.step.as_str())
-            .ok_or(Error::InvalidStatus {
+            .ok_or_else(|| Error::UnknownStep {
                 id,
-                action,
-                status: snapshot.status,
+                saga: snapshot.kind.clone(),
+                step: snapshot.step.clone(),
+                direction: snapshot.direction,
             })?;
         let position = Position {
             step: index,
             direction: snapshot.direction,
         };
-        let t =
-            machine::transition(saga.plan(), snapshot.status, position, &event).map_err(|_| {
-                Error::InvalidStatus {
-                    id,
-                    action,
-                    status: snapshot.status,
-                }
-            })?;
+        let event = event(&snapshot);
+        let t = machine::transition(saga.plan(), snapshot.status, position, &event).map_err(
+            |source| Error::InvalidStatus {
+                id,
+                action,
+                status: snapshot.status,
+                source,
+            },
+        )?;
         let now = store.clock().now();
         let reason = match &event {
             Event::Cancel { reason, .. } => Some(reason.clone()),
@@ -868,21 +877,24 @@ async fn process_in_span<St: SagaStore>(
     let mut new_state = None;
     let mut error_text = None;
     let (event, outcome) = 'event: {
-        let park = |reason: String| {
-            tracing::error!(%reason, "parking saga instance");
+        // The error is logged with its causes, and rendered to text only
+        // for the stuck reason the store keeps.
+        let park = |e: Error| {
+            tracing::error!(error = %Chain(&e), "parking saga instance");
+            let reason = Chain(&e).to_string();
             (Event::Park { reason }, Outcome::Parked)
         };
+        let unknown_step = || Error::UnknownStep {
+            id,
+            saga: claimed.kind.clone(),
+            step: claimed.step.clone(),
+            direction: claimed.direction,
+        };
         let Some(index) = saga.step_index(claimed.step.as_str()) else {
-            break 'event park(format!(
-                "step `{}` is not part of saga {}",
-                claimed.step, claimed.kind
-            ));
+            break 'event park(unknown_step());
         };
         let Some((policy, timeout)) = saga.policy(index, claimed.direction) else {
-            break 'event park(format!(
-                "step `{}` has no compensation to run",
-                claimed.step
-            ));
+            break 'event park(unknown_step());
         };
         let policy = policy.clone();
         if claimed.attempt > policy.max_attempts() {
@@ -1168,5 +1180,78 @@ fn build_record(
         stuck_reason,
         outbox,
         history,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::Step;
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct Order {
+        id: u32,
+    }
+
+    async fn check(_: &mut StepContext, _: &mut Order) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    fn attempt(
+        saga: &SagaDefinition<Order>,
+        direction: Direction,
+        state: serde_json::Value,
+    ) -> Error {
+        let ctx = StepContext::new(
+            SagaId::new(),
+            saga.name().clone(),
+            StepName::new("check").unwrap(),
+            direction,
+            1,
+            Timestamp::from_micros(0),
+            Duration::from_secs(1),
+        );
+        match ErasedSaga::attempt(saga, 0, direction, ctx, state, Limits::default()) {
+            Ok(_) => panic!("the attempt must not be ready to run"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_state_that_does_not_deserialize_is_a_typed_error_keeping_its_cause() {
+        let saga = SagaDefinition::<Order>::builder("orders", 3)
+            .step(Step::new("check", check).no_compensation())
+            .build()
+            .unwrap();
+        let err = attempt(
+            &saga,
+            Direction::Forward,
+            serde_json::json!({ "id": "seven" }),
+        );
+        let Error::DeserializeState { saga: kind, source } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(kind, saga.kind());
+        assert!(source.is_data(), "{source}");
+        let cause = std::error::Error::source(&err).expect("the cause is kept");
+        assert!(cause.downcast_ref::<serde_json::Error>().is_some());
+        // Rendered, for the stuck reason: the message, then the cause.
+        assert_eq!(
+            Chain(&err).to_string(),
+            format!(
+                "the stored state does not deserialize as saga orders@v3's state type: {source}"
+            )
+        );
+
+        // A side the step does not have is named, not guessed at.
+        let err = attempt(&saga, Direction::Compensate, serde_json::json!({ "id": 7 }));
+        assert!(
+            matches!(
+                &err,
+                Error::UnknownStep { step, direction: Direction::Compensate, .. }
+                    if step.as_str() == "check"
+            ),
+            "{err:?}"
+        );
     }
 }

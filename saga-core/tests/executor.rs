@@ -1075,6 +1075,87 @@ async fn run_keeps_at_most_concurrency_steps_in_flight_and_refills_freed_slots()
     assert_eq!(exec.stats().claimed, 5);
 }
 
+#[tokio::test]
+async fn operator_refusals_keep_their_cause_and_an_unknown_step_is_named() {
+    let s = setup();
+    s.script.on(1, "notify", F, [Behavior::Permanent]);
+    let id = s.start(1).await;
+    let exec = s.executor();
+    exec.run_until_idle().await.unwrap();
+    // Past the pivot: refused, and the status machine's reason kept.
+    let err = exec.cancel(id, "too late").await.unwrap_err();
+    match &err {
+        Error::InvalidStatus {
+            id: refused,
+            action: "cancel",
+            status: Status::Stuck,
+            source,
+        } => {
+            assert_eq!(*refused, id);
+            assert_eq!(
+                source.why,
+                "only a saga stuck at or before its pivot can be cancelled"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let cause = std::error::Error::source(&err).expect("a cause");
+    assert!(
+        cause
+            .downcast_ref::<saga_core::machine::InvalidTransition>()
+            .is_some()
+    );
+
+    // A step the registered definition no longer has (removed under the
+    // same version): named as such, not as a wrong status.
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(InMemorySagaStore::with_clock(clock.clone()));
+    let before = SagaDefinition::<Vec<String>>::builder("changes", 1)
+        .step(Step::new("first", ok).no_compensation())
+        .step(Step::new("gone", later).no_compensation())
+        .build()
+        .unwrap();
+    let after = SagaDefinition::<Vec<String>>::builder("changes", 1)
+        .step(Step::new("first", ok).no_compensation())
+        .step(Step::new("other", ok).no_compensation())
+        .build()
+        .unwrap();
+    let id = saga_core::SagaClient::from_arc(store.clone())
+        .start(&before, key(1), &Vec::new())
+        .await
+        .unwrap()
+        .id;
+    Executor::builder_from_arc(store.clone())
+        .register(before)
+        .build()
+        .unwrap()
+        .run_until_idle()
+        .await
+        .unwrap(); // snoozes at `gone`
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(after.clone())
+        .build()
+        .unwrap();
+    let is_unknown_step = |err: &Error| {
+        matches!(err, Error::UnknownStep { id: i, saga, step, direction: Direction::Forward }
+            if *i == id && saga == after.kind() && step.as_str() == "gone")
+    };
+    let err = exec.cancel(id, "x").await.unwrap_err();
+    assert!(is_unknown_step(&err), "{err:?}");
+    // The executor parks it, with that reason.
+    clock.advance(Duration::from_secs(3600));
+    exec.run_until_idle().await.unwrap();
+    let snap = store.load(id).await.unwrap().unwrap();
+    assert_eq!((snap.status, snap.step.as_str()), (Status::Stuck, "gone"));
+    let reason = snap.stuck_reason.unwrap();
+    assert!(
+        reason.contains("is at step `gone` (forward), which saga changes@v1 does not have"),
+        "{reason}"
+    );
+    let err = exec.resume(id).await.unwrap_err();
+    assert!(is_unknown_step(&err), "{err:?}");
+}
+
 /// Records every value a gauge is set to, in order, as `name{labels}`.
 #[derive(Default, Clone)]
 struct GaugeLog(Arc<Mutex<Vec<(String, f64)>>>);

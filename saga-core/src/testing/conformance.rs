@@ -1099,7 +1099,10 @@ pub async fn an_unreadable_state_parks_only_that_instance<Fa: StoreFactory>(f: &
     exec.run_until_idle().await.unwrap();
     let s = h.store.load(bad).await.unwrap().unwrap();
     assert_eq!(s.status, Status::Stuck);
-    assert!(s.stuck_reason.unwrap().contains("does not deserialize"));
+    let reason = s.stuck_reason.unwrap();
+    assert!(reason.contains("does not deserialize"), "{reason}");
+    // The deserializer's own message follows, as the cause.
+    assert!(reason.contains("expected a string"), "{reason}");
     assert_eq!(
         s.state,
         serde_json::to_value(TestState::order(1)).unwrap(),
