@@ -235,8 +235,8 @@ pub enum StepErrorKind {
     /// The attempt ran out of time; its outcome is unknown. Retried like
     /// [`StepErrorKind::Retryable`].
     Timeout,
-    /// Not a failure: try again after the given delay, without spending an
-    /// attempt of the retry budget.
+    /// Not a failure: try again after the given delay, without spending
+    /// any of the retry budget (see [`StepError::snooze`]).
     Snooze(Duration),
 }
 
@@ -315,8 +315,18 @@ impl StepError {
         }
     }
 
-    /// Run this step again after `delay`, without spending an attempt
-    /// (e.g. the downstream asked us to come back later).
+    /// Run this step again after `delay` (e.g. the downstream said the
+    /// payment is pending: come back later).
+    ///
+    /// A snooze spends none of the step's retry budget: not an attempt, and
+    /// the time spent snoozed does not count toward
+    /// [`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed). The
+    /// policy therefore never gives up a step that keeps snoozing: the step
+    /// decides when to stop waiting (and returns an error then).
+    ///
+    /// The step still counts as *started*: its outcome may be unknown (the
+    /// pending payment may go through), so if the saga is cancelled while
+    /// the step is snoozed, its compensation runs.
     #[must_use]
     pub fn snooze(delay: Duration) -> Self {
         StepError {

@@ -652,11 +652,19 @@ impl<St: SagaStore> Executor<St> {
     /// (its source says why), with [`Error::UnknownStep`] if the instance is
     /// at a step the registered definition does not have, and with
     /// [`Error::Conflict`] while a worker holds the instance (try again).
+    ///
+    /// The current step counts as started, and is compensated too, once an
+    /// attempt of it was claimed, including one that snoozed.
     pub async fn cancel(&self, id: SagaId, reason: impl Into<String>) -> Result<(), Error> {
         let reason = reason.into();
-        self.operator(id, "cancel", Outcome::Cancelled, |snapshot| Event::Cancel {
-            reason,
-            current_step_started: snapshot.attempt > 0,
+        self.operator(id, "cancel", Outcome::Cancelled, |snapshot| {
+            Event::Cancel {
+                reason,
+                // Claimed attempts count; so does one that snoozed: the
+                // snooze gave its attempt back but kept the time the step
+                // first started.
+                current_step_started: snapshot.attempt > 0 || snapshot.first_attempt_at.is_some(),
+            }
         })
         .await
     }
@@ -1153,8 +1161,15 @@ fn build_record(
                 Attempts::Reset => (0, None),
                 Attempts::Keep => (attempt, first_attempt_at),
                 Attempts::Refund => {
-                    let left = attempt.saturating_sub(1);
-                    (left, first_attempt_at.filter(|_| left > 0))
+                    // A snooze gives its attempt back. The step did start,
+                    // so the time of its first attempt stays set (a cancel
+                    // then compensates it), moved later by the snooze: time
+                    // spent snoozed does not count toward `max_elapsed`.
+                    let snoozed = at.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+                    (
+                        attempt.saturating_sub(1),
+                        first_attempt_at.map(|t| t + snoozed),
+                    )
                 }
             };
             (attempt, first, Some(at.unwrap_or(now)), None)

@@ -191,8 +191,9 @@ pub enum Event {
     Cancel {
         /// Why.
         reason: String,
-        /// Whether the current forward step has had an attempt (its outcome
-        /// may be unknown, so it is compensated too).
+        /// Whether the current forward step has started: an attempt was
+        /// claimed, or one snoozed (its outcome may be unknown, so it is
+        /// compensated too).
         current_step_started: bool,
     },
     /// The engine cannot run the instance (its state does not deserialize,

@@ -213,6 +213,10 @@ impl RetryPolicy {
     }
 
     /// Longest time from the first attempt to the start of the last one.
+    /// Time the step spent snoozed ([`StepError::snooze`]) does not count:
+    /// a snooze spends none of the retry budget.
+    ///
+    /// [`StepError::snooze`]: crate::StepError::snooze
     #[must_use]
     pub fn max_elapsed(&self) -> Option<Duration> {
         self.max_elapsed
@@ -286,7 +290,9 @@ impl RetryPolicy {
 
     /// Whether and when to retry after attempt number `attempt` (1-based)
     /// failed with an error of `kind` at `now`, the first attempt of this
-    /// step having started at `first_attempt_at`.
+    /// step having started at `first_attempt_at`. The executor passes that
+    /// time moved later by any time the step spent snoozed, so that snoozes
+    /// do not use up `max_elapsed`.
     pub fn decide<R: Rng + ?Sized>(
         &self,
         kind: StepErrorKind,
@@ -363,7 +369,8 @@ impl RetryPolicyBuilder {
         self
     }
 
-    /// Longest time from the first attempt to the start of the last one.
+    /// Longest time from the first attempt to the start of the last one,
+    /// not counting time spent snoozed.
     pub fn max_elapsed(mut self, d: Duration) -> Self {
         self.policy.max_elapsed = Some(d);
         self

@@ -100,7 +100,8 @@ pub struct ClaimedSaga {
     pub direction: Direction,
     /// This attempt's number (from 1): the claim counted it.
     pub attempt: u32,
-    /// When the first attempt of this step and direction started.
+    /// When the first attempt of this step and direction started, moved
+    /// later by any time spent snoozed (see [`Record::first_attempt_at`]).
     pub first_attempt_at: Timestamp,
     /// The state as recorded after the last successful step.
     pub state: serde_json::Value,
@@ -121,7 +122,10 @@ pub struct Record {
     pub direction: Direction,
     /// Attempts spent on that step and direction.
     pub attempt: u32,
-    /// When the first of them started; `None` when none has.
+    /// When the first attempt of that step and direction started, moved
+    /// later by any time it spent snoozed (the origin of the retry policy's
+    /// `max_elapsed`); `None` when none has started. A snooze gives its
+    /// attempt back but leaves this set: the step has started.
     pub first_attempt_at: Option<Timestamp>,
     /// When the instance is next due; `None` when it is terminal or stuck.
     pub next_run_at: Option<Timestamp>,
@@ -246,7 +250,9 @@ pub struct SagaSnapshot {
     pub direction: Direction,
     /// Attempts spent on that step and direction.
     pub attempt: u32,
-    /// When the first of them started.
+    /// When the first attempt of that step and direction started, moved
+    /// later by any time it spent snoozed; `None` when none has started
+    /// (see [`Record::first_attempt_at`]).
     pub first_attempt_at: Option<Timestamp>,
     /// When it is next due. While leased, the lease's expiry: when it falls
     /// due again should its worker vanish.

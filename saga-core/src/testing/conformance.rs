@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::script::{Behavior, Gate, STEPS, Script, TestState, scripted_saga};
+use super::script::{
+    Behavior, Gate, STEPS, Script, TestState, scripted_saga, scripted_saga_with, test_policy,
+};
 use crate::client::SagaClient;
 use crate::definition::{SagaDefinition, Step};
 use crate::error::{Error, StepError};
@@ -813,16 +815,27 @@ pub async fn a_pivot_that_gives_up_in_doubt_is_parked_until_an_operator_decides<
 pub async fn a_lease_lost_mid_step_is_taken_over_and_the_stale_result_refused<Fa: StoreFactory>(
     f: &Fa,
 ) {
-    let h = Harness::new(f).await;
+    let mut h = Harness::new(f).await;
+    // No timer of the workers' own may fire during the test: attempts time
+    // out after an hour, and the stale worker, whose lease lasts an hour of
+    // the manual clock, would heartbeat after 59 minutes. Only the manual
+    // clock ends its lease.
+    let hour = Duration::from_secs(3600);
+    h.saga = scripted_saga_with(&h.script, 1, &test_policy(), hour);
     let gate = Gate::new();
     h.script.on(1, "charge", F, [Behavior::Wait(gate.clone())]);
     let id = h.start(1).await;
-    let stale_exec = h.executor();
+    let stale_exec = Executor::builder_from_arc(h.store.clone())
+        .register(h.saga.clone())
+        .lease_duration(hour)
+        .heartbeat_interval(hour - Duration::from_secs(60))
+        .build()
+        .expect("valid executor");
     let stale = stale_exec.clone();
     let stale_run = tokio::spawn(async move { stale.run_until_idle().await });
     gate.entered().await;
     // The stale worker is inside `charge`, holding the lease. Time passes.
-    h.clock.advance(LEASE + Duration::from_secs(1));
+    h.clock.advance(hour + Duration::from_secs(1));
     let fresh = h.drain().await;
     assert_eq!(fresh.leases_lost, 0);
     assert_eq!(h.status(id).await, Status::Completed);
@@ -949,6 +962,109 @@ pub async fn a_snooze_does_not_spend_an_attempt<Fa: StoreFactory>(f: &Fa) {
         .filter(|(_, _, o)| *o == Outcome::Snoozed)
         .count();
     assert_eq!(snoozes, 2);
+}
+
+/// A snoozed step has started (the payment it found pending may still go
+/// through): cancelling the saga while it is snoozed compensates it too,
+/// with the forward step's key to look up what to undo.
+pub async fn a_cancel_while_a_step_is_snoozed_compensates_it<Fa: StoreFactory>(f: &Fa) {
+    let h = Harness::new(f).await;
+    h.script
+        .on(1, "charge", F, [Behavior::Snooze(Duration::from_secs(60))]);
+    let id = h.start(1).await;
+    h.drain().await;
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.attempt),
+        (Status::Running, "charge", 0),
+        "the snooze gave its attempt back"
+    );
+    assert!(s.first_attempt_at.is_some(), "but the step has started");
+    h.executor()
+        .cancel(id, "the customer gave up waiting")
+        .await
+        .unwrap();
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.direction),
+        (Status::Compensating, "charge", C)
+    );
+    h.drain().await;
+    assert_eq!(h.status(id).await, Status::Compensated);
+    assert_eq!(
+        h.script.trace(1),
+        ["validate:forward", "charge:forward", "charge:compensate"]
+    );
+    let undo = h
+        .script
+        .calls()
+        .into_iter()
+        .find(|c| c.direction == C)
+        .unwrap();
+    assert_eq!(
+        undo.forward_key,
+        IdempotencyKey::derive(id, &step("charge"), F)
+    );
+}
+
+/// Time spent snoozed does not use up a step's elapsed-time budget: a step
+/// that failed, then snoozed for longer than `max_elapsed`, is still
+/// retried when it fails again.
+pub async fn time_spent_snoozed_does_not_count_toward_max_elapsed<Fa: StoreFactory>(f: &Fa) {
+    let mut h = Harness::new(f).await;
+    let policy = crate::retry::RetryPolicy::builder()
+        .initial_delay(Duration::from_secs(1))
+        .multiplier(2.0)
+        .max_delay(Duration::from_secs(10))
+        .max_attempts(5)
+        .max_elapsed(Duration::from_secs(30))
+        .jitter(crate::retry::Jitter::None)
+        .build()
+        .unwrap();
+    h.saga = scripted_saga_with(&h.script, 1, &policy, super::TEST_TIMEOUT);
+    let hour = Duration::from_secs(3600);
+    h.script.on(
+        1,
+        "charge",
+        F,
+        [
+            Behavior::Retryable,
+            Behavior::Snooze(hour),
+            Behavior::Retryable,
+        ],
+    );
+    let id = h.start(1).await;
+    h.drain().await; // charge fails: retry in 1 s
+    let first = h.store.load(id).await.unwrap().unwrap().first_attempt_at;
+    let first = first.expect("charge has started");
+    h.advance_and_drain(Duration::from_secs(1)).await; // snoozes an hour
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!((s.step.as_str(), s.attempt), ("charge", 1));
+    assert_eq!(s.next_run_at, Some(h.clock.now() + hour));
+    assert_eq!(
+        s.first_attempt_at,
+        Some(first + hour),
+        "the budget's origin moves with the snooze"
+    );
+    // An hour later, well past `max_elapsed` since the first attempt, the
+    // second failure is retried: 1 s of the budget was used, not 3601 s.
+    h.advance_and_drain(hour).await;
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.attempt),
+        (Status::Running, "charge", 2)
+    );
+    assert_eq!(s.next_run_at, Some(h.clock.now() + Duration::from_secs(2)));
+    h.advance_and_drain(Duration::from_secs(2)).await;
+    assert_eq!(h.status(id).await, Status::Completed);
+    let attempts: Vec<u32> = h
+        .script
+        .calls()
+        .iter()
+        .filter(|c| c.step == "charge")
+        .map(|c| c.attempt)
+        .collect();
+    assert_eq!(attempts, [1, 2, 2, 3]);
 }
 
 /// State changes made by a failed attempt are discarded; the next attempt
@@ -1151,6 +1267,8 @@ macro_rules! store_conformance_tests {
             a_lease_lost_mid_step_is_taken_over_and_the_stale_result_refused,
             the_idempotency_key_is_stable_across_retries_and_workers,
             a_snooze_does_not_spend_an_attempt,
+            a_cancel_while_a_step_is_snoozed_compensates_it,
+            time_spent_snoozed_does_not_count_toward_max_elapsed,
             only_successful_attempts_change_the_state,
             crashed_attempts_spend_the_budget,
             cancel_before_the_pivot_compensates_what_started,

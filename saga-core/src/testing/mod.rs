@@ -10,5 +10,5 @@ mod script;
 pub use conformance::{Harness, LEASE, StoreFactory};
 pub use script::{
     Behavior, Call, Gate, STEPS, Script, ScriptedFailure, TEST_TIMEOUT, TestState, scripted_saga,
-    test_policy,
+    scripted_saga_with, test_policy,
 };

@@ -243,46 +243,59 @@ pub fn test_policy() -> RetryPolicy {
 /// The per-attempt timeout of every scripted step: 5 s.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The scripted checkout saga, named `scripted`, at `version`.
+/// The scripted checkout saga, named `scripted`, at `version`: every step
+/// and compensation with [`test_policy`] and [`TEST_TIMEOUT`].
 #[must_use]
 pub fn scripted_saga(script: &Arc<Script>, version: u32) -> SagaDefinition<TestState> {
+    scripted_saga_with(script, version, &test_policy(), TEST_TIMEOUT)
+}
+
+/// The scripted checkout saga with another retry policy and per-attempt
+/// timeout for every step and compensation.
+#[must_use]
+pub fn scripted_saga_with(
+    script: &Arc<Script>,
+    version: u32,
+    policy: &RetryPolicy,
+    timeout: Duration,
+) -> SagaDefinition<TestState> {
     let act = |step: &'static str| Scripted {
         script: script.clone(),
         step,
     };
-    let p = test_policy;
+    let p = || policy.clone();
     SagaDefinition::builder("scripted", version)
         .step(
             Step::new("validate", act("validate"))
                 .retry(p())
-                .timeout(TEST_TIMEOUT)
+                .timeout(timeout)
                 .no_compensation(),
         )
         .step(
             Step::new("charge", act("charge"))
                 .retry(p())
-                .timeout(TEST_TIMEOUT)
+                .timeout(timeout)
                 .compensate_with(act("charge"))
                 .compensation_retry(p())
-                .compensation_timeout(TEST_TIMEOUT),
+                .compensation_timeout(timeout),
         )
         .step(
             Step::new("reserve", act("reserve"))
                 .retry(p())
-                .timeout(TEST_TIMEOUT)
+                .timeout(timeout)
                 .compensate_with(act("reserve"))
                 .compensation_retry(p())
-                .compensation_timeout(TEST_TIMEOUT),
+                .compensation_timeout(timeout),
         )
         .pivot(
             Step::new("confirm", act("confirm"))
                 .retry(p())
-                .timeout(TEST_TIMEOUT),
+                .timeout(timeout),
         )
         .step(
             Step::new("notify", act("notify"))
                 .retry(p())
-                .timeout(TEST_TIMEOUT),
+                .timeout(timeout),
         )
         .build()
         .expect("valid definition")
