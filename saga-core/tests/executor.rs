@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use saga_core::testing::{Behavior, Gate, LEASE, Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, Executor, HistoryEntry, InMemorySagaStore,
-    Lease, Limits, ManualClock, Message, OutboxMessage, Outcome, Record, SagaDefinition, SagaId,
-    SagaKind, SagaSnapshot, SagaStore, StartKey, Started, Status, Step, StepContext, StepError,
-    Timestamp,
+    ClaimRequest, ClaimedSaga, Clock, DefinitionProblem, Direction, Error, Executor, HistoryEntry,
+    InMemorySagaStore, Lease, Limits, ManualClock, Message, OutboxMessage, Outcome, Record,
+    SagaDefinition, SagaId, SagaKind, SagaSnapshot, SagaStore, StartKey, Started, Status, Step,
+    StepContext, StepError, Timestamp,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -470,30 +470,33 @@ async fn a_state_or_payload_grown_past_the_cap_fails_the_step_for_good() {
 
 #[test]
 fn definitions_refuse_bad_names_no_steps_and_duplicates() {
+    let problem = |built: Result<SagaDefinition<Vec<String>>, Error>| match built {
+        Err(Error::InvalidDefinition { saga, problem }) => {
+            assert_eq!(saga.as_str(), "s");
+            problem
+        }
+        other => panic!("expected an invalid definition, got {other:?}"),
+    };
+    let step = |name: &str| saga_core::StepName::new(name).unwrap();
     let dup = SagaDefinition::<Vec<String>>::builder("s", 1)
         .step(Step::new("a", ok).no_compensation())
         .step(Step::new("a", ok).no_compensation())
-        .build()
-        .unwrap_err();
-    assert!(
-        dup.to_string().contains("step name `a` is used twice"),
-        "{dup}"
-    );
+        .build();
+    assert_eq!(problem(dup), DefinitionProblem::DuplicateStep(step("a")));
     let alias = SagaDefinition::<Vec<String>>::builder("s", 1)
         .step(Step::new("a", ok).no_compensation())
         .step(Step::new("b", ok).alias("a").no_compensation())
-        .build()
-        .unwrap_err();
-    assert!(alias.to_string().contains("used twice"), "{alias}");
-    let empty = SagaDefinition::<Vec<String>>::builder("s", 1)
-        .build()
-        .unwrap_err();
-    assert!(empty.to_string().contains("no steps"), "{empty}");
+        .build();
+    assert_eq!(problem(alias), DefinitionProblem::DuplicateStep(step("a")));
+    let empty = SagaDefinition::<Vec<String>>::builder("s", 1).build();
+    assert_eq!(problem(empty), DefinitionProblem::NoSteps);
     let bad = SagaDefinition::<Vec<String>>::builder("s", 1)
         .step(Step::new("bad name", ok).no_compensation())
-        .build()
-        .unwrap_err();
-    assert!(bad.to_string().contains("invalid step name"), "{bad}");
+        .build();
+    match problem(bad) {
+        DefinitionProblem::InvalidName(e) => assert_eq!(e.what(), "step name"),
+        other => panic!("{other:?}"),
+    }
     let bad = SagaDefinition::<Vec<String>>::builder("", 1)
         .step(Step::new("a", ok).no_compensation())
         .build()
@@ -501,9 +504,8 @@ fn definitions_refuse_bad_names_no_steps_and_duplicates() {
     assert!(matches!(bad, Error::InvalidName(_)), "{bad:?}");
     let zero = SagaDefinition::<Vec<String>>::builder("s", 1)
         .step(Step::new("a", ok).timeout(Duration::ZERO).no_compensation())
-        .build()
-        .unwrap_err();
-    assert!(zero.to_string().contains("zero timeout"), "{zero}");
+        .build();
+    assert_eq!(problem(zero), DefinitionProblem::ZeroTimeout(step("a")));
 }
 
 async fn later(_: &mut StepContext, _: &mut Vec<String>) -> Result<(), StepError> {
@@ -706,6 +708,107 @@ fn metrics_count_starts_attempts_outcomes_and_durations_with_bounded_labels() {
             assert!(uuid::Uuid::parse_str(label.value()).is_err(), "{key:?}");
         }
     }
+}
+
+#[test]
+fn metrics_count_stuck_sagas_timeouts_panics_spent_budgets_and_lost_leases() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // Paused time: the hanging attempt times out without waiting.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            // Stuck past the pivot; a timeout; a panic.
+            let s = setup();
+            s.script.on(1, "notify", F, [Behavior::Permanent]);
+            s.script.on(2, "validate", F, [Behavior::Hang]);
+            s.script.on(3, "reserve", F, [Behavior::Panic]);
+            let stuck = s.start(1).await;
+            s.start(2).await;
+            s.start(3).await;
+            s.executor().run_until_idle().await.unwrap();
+            let snap = s.store.load(stuck).await.unwrap().unwrap();
+            assert_eq!(snap.status, Status::Stuck);
+
+            // A budget spent by workers that claimed and vanished.
+            let s = setup();
+            let kinds = [s.saga.kind().clone()];
+            s.start(1).await;
+            for _ in 0..3 {
+                let claimed = s
+                    .store
+                    .claim(ClaimRequest {
+                        worker: saga_core::WorkerId::new(),
+                        kinds: &kinds,
+                        limit: 1,
+                        lease_for: LEASE,
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(claimed.len(), 1);
+                s.clock.advance(LEASE);
+            }
+            s.executor().run_until_idle().await.unwrap();
+
+            // A lease lost mid-step: the stale result is refused.
+            let mut s = setup();
+            s.saga = saga_core::testing::scripted_saga_with(
+                &s.script,
+                1,
+                &saga_core::testing::test_policy(),
+                Duration::from_secs(3600),
+            );
+            let gate = Gate::new();
+            s.script.on(1, "charge", F, [Behavior::Wait(gate.clone())]);
+            s.start(1).await;
+            let stale = s.executor();
+            let stale_run = tokio::spawn(async move { stale.run_until_idle().await });
+            gate.entered().await;
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            s.executor().run_until_idle().await.unwrap();
+            gate.open();
+            assert_eq!(stale_run.await.unwrap().unwrap().leases_lost, 1);
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str, labels: &[(&str, &str)]| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("{name} is not a counter: {other:?}"),
+            })
+            .sum()
+    };
+    use saga_core::metrics as m;
+    assert_eq!(counter(m::SAGAS_STUCK, &[("saga", "scripted")]), 1);
+    let attempts = |step: &str, outcome: &str| {
+        counter(
+            m::STEP_ATTEMPTS,
+            &[
+                ("saga", "scripted"),
+                ("step", step),
+                ("direction", "forward"),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(attempts("validate", "timeout"), 1);
+    assert_eq!(attempts("reserve", "panicked"), 1);
+    assert_eq!(attempts("validate", "exhausted"), 1);
+    assert_eq!(counter(m::LEASES_LOST, &[("saga", "scripted")]), 1);
 }
 
 #[test]

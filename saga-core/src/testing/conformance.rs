@@ -720,40 +720,64 @@ pub async fn an_exhausted_compensation_is_stuck_until_resumed<Fa: StoreFactory>(
     assert!(history.contains(&("reserve".into(), C, Outcome::Resumed)));
 }
 
-/// A step past the pivot that keeps failing is retried, then parked as
-/// `Stuck`; nothing is ever compensated. Resumed, it completes.
+/// A step past the pivot that keeps failing is retried per its policy,
+/// then parked as `Stuck`, whether it ends with a permanent error or spends
+/// its budget of attempts; nothing is ever compensated, and the saga can no
+/// longer be cancelled. Resumed, it completes.
 pub async fn a_failing_step_after_the_pivot_is_stuck_never_compensated<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
-    h.script.on(
-        1,
-        "notify",
-        F,
-        [
-            Behavior::Retryable,
-            Behavior::Retryable,
-            Behavior::Permanent,
-        ],
-    );
-    let id = h.start(1).await;
+    use Behavior::{Permanent, Retryable};
+    // Order 1 ends with a permanent error; order 2 spends its 3 attempts.
+    h.script
+        .on(1, "notify", F, [Retryable, Retryable, Permanent]);
+    h.script
+        .on(2, "notify", F, [Retryable, Retryable, Retryable]);
+    let ids = [h.start(1).await, h.start(2).await];
     h.drain().await;
     h.advance_and_drain(Duration::from_secs(1)).await;
     h.advance_and_drain(Duration::from_secs(2)).await;
-    let s = h.store.load(id).await.unwrap().unwrap();
-    assert_eq!(s.status, Status::Stuck);
-    assert_eq!((s.step.as_str(), s.direction), ("notify", F));
-    assert!(s.stuck_reason.unwrap().contains("permanent"));
+    let reasons = ["permanent error", "retry budget spent after 3 attempts"];
+    for (order, (id, reason)) in (1..).zip(ids.into_iter().zip(reasons)) {
+        let s = h.store.load(id).await.unwrap().unwrap();
+        assert_eq!(s.status, Status::Stuck, "order {order}");
+        assert_eq!((s.step.as_str(), s.direction), ("notify", F));
+        let stuck = s.stuck_reason.unwrap();
+        assert!(stuck.contains(reason), "order {order}: {stuck}");
+        let notify_calls = h
+            .script
+            .calls()
+            .iter()
+            .filter(|c| c.order == order && c.step == "notify")
+            .map(|c| c.attempt)
+            .collect::<Vec<_>>();
+        assert_eq!(notify_calls, [1, 2, 3], "order {order}");
+        assert!(h.store.outbox_for(id).await.unwrap().is_empty());
+        let err = h.executor().cancel(id, "too late").await.unwrap_err();
+        match err {
+            Error::InvalidStatus {
+                status: Status::Stuck,
+                source,
+                ..
+            } => assert_eq!(
+                source.why,
+                "only a saga stuck at or before its pivot can be cancelled"
+            ),
+            other => panic!("order {order}: {other:?}"),
+        }
+    }
     assert!(
         h.script.calls().iter().all(|c| c.direction == F),
         "nothing compensated"
     );
-    assert!(h.store.outbox_for(id).await.unwrap().is_empty());
-    let err = h.executor().cancel(id, "too late").await.unwrap_err();
-    assert!(matches!(err, Error::InvalidStatus { .. }), "{err:?}");
 
-    h.executor().resume(id).await.unwrap();
+    for id in ids {
+        h.executor().resume(id).await.unwrap();
+    }
     h.drain().await;
-    assert_eq!(h.status(id).await, Status::Completed);
-    assert_eq!(h.store.outbox_for(id).await.unwrap().len(), 1);
+    for id in ids {
+        assert_eq!(h.status(id).await, Status::Completed);
+        assert_eq!(h.store.outbox_for(id).await.unwrap().len(), 1);
+    }
     assert!(h.script.calls().iter().all(|c| c.direction == F));
 }
 
