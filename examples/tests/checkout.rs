@@ -317,8 +317,18 @@ fn the_diagram_is_generated_from_the_definition() {
     );
     assert!(
         diagram.contains("s3 -. fails .-> c2"),
-        "the pivot's failure undoes the steps before it"
+        "the pivot's definitive failure undoes the steps before it"
     );
+    assert!(
+        diagram.contains("s3 -. in doubt .-> stuck"),
+        "the pivot giving up in doubt parks the saga"
+    );
+    for compensation in ["c1", "c2"] {
+        assert!(
+            diagram.contains(&format!("{compensation} -. gives up .-> stuck")),
+            "{compensation}: {diagram}"
+        );
+    }
     assert!(
         diagram.contains("c2 --> c1"),
         "compensations run in reverse"
