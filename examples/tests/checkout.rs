@@ -334,3 +334,61 @@ fn the_diagram_is_generated_from_the_definition() {
         "compensations run in reverse"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledgers_refuse_updates_and_deletes() {
+    let (database, _db) = database().await;
+    let stock = BTreeMap::from([("mug".to_owned(), 5)]);
+    let d = Deployment::start(database, "ledgers", &stock, 1)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let charged = post(
+        &http,
+        format!("{}/charges", d.payment.url()),
+        uuid::Uuid::now_v7(),
+        json!({ "order_id": "o1", "amount_cents": 500, "card": CARD_OK }),
+    )
+    .await;
+    assert_eq!(charged.0, 201);
+    let db = d.pool.get().await.unwrap();
+    let payment = format!("{}.ledger", d.schemas.payment.quoted());
+    let tables = [
+        payment.clone(),
+        format!("{}.ledger", d.schemas.inventory.quoted()),
+        format!("{}.sent", d.schemas.email.quoted()),
+    ];
+    for table in &tables {
+        for statement in [
+            format!("UPDATE {table} SET order_id = 'o2'"),
+            format!("DELETE FROM {table}"),
+            format!("TRUNCATE {table}"),
+        ] {
+            let err = db.batch_execute(&statement).await.unwrap_err();
+            assert_eq!(
+                err.code(),
+                Some(&saga_postgres::tokio_postgres::error::SqlState::RAISE_EXCEPTION),
+                "{statement}: {err:?}"
+            );
+            let message = err.as_db_error().map(|e| e.message().to_owned());
+            assert!(
+                message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("is append-only")),
+                "{statement}: {message:?}"
+            );
+        }
+    }
+    let rows: Vec<(String, i64)> = db
+        .query(
+            &format!("SELECT order_id, amount_cents FROM {payment}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [("o1".to_owned(), 500)], "the charge is as it was");
+    d.stop_services();
+}
