@@ -40,6 +40,27 @@ impl Schemas {
     }
 }
 
+/// SQL that makes `table` of `schema` append-only, as every ledger read
+/// here must be: a trigger refuses any `UPDATE`, `DELETE` or `TRUNCATE` of
+/// it (SQLSTATE `P0001`, "... is append-only"). Each service runs it when it
+/// creates its ledger; running it again is harmless.
+#[must_use]
+pub fn append_only(schema: &SchemaName, table: &str) -> String {
+    let s = schema.quoted();
+    format!(
+        "CREATE OR REPLACE FUNCTION {s}.refuse_ledger_change() RETURNS trigger
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 RAISE EXCEPTION '%.% is append-only: % refused',
+                     TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP;
+             END $$;
+         DROP TRIGGER IF EXISTS append_only ON {s}.{table};
+         CREATE TRIGGER append_only
+             BEFORE UPDATE OR DELETE OR TRUNCATE ON {s}.{table}
+             FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_ledger_change();"
+    )
+}
+
 /// What the ledgers say about one order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderLedger {

@@ -254,6 +254,25 @@ impl Deployment {
         Audit::collect(&self.pool, &self.schemas).await
     }
 
+    /// Drops the deployment's five schemas and everything in them (saga
+    /// store and outbox, shop, payment, inventory, email). Waits at most
+    /// 10 s for a lock rather than hang behind a stray session.
+    pub async fn drop_schemas(&self) -> Result<(), crate::Error> {
+        let s = &self.schemas;
+        let names = [&s.saga, &s.shop, &s.payment, &s.inventory, &s.email]
+            .map(saga_postgres::SchemaName::quoted)
+            .join(", ");
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '10s';
+             DROP SCHEMA IF EXISTS {names} CASCADE;"
+        ))
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Stops the fake services.
     pub fn stop_services(&self) {
         self.payment.stop();

@@ -342,10 +342,11 @@ pub fn definition(config: &Config) -> Result<SagaDefinition<Checkout>, saga_core
         .build()
 }
 
-/// The checkout saga drawn as a Mermaid flowchart, from the real
-/// definition (with clients that are never called).
+/// The checkout saga's definition with clients that are never called:
+/// its names, roles and version, for drawing and inspecting it
+/// ([`SagaDefinition::plan`]) without a database or services.
 #[must_use]
-pub fn diagram() -> String {
+pub fn shape() -> SagaDefinition<Checkout> {
     let pool = saga_postgres::pool_from_url("postgres://diagram@127.0.0.1/unused", 1)
         .expect("a valid URL");
     let config = Config {
@@ -358,7 +359,12 @@ pub fn diagram() -> String {
         publish_directly_to: None,
         after_effect: None,
     };
-    definition(&config)
-        .expect("a valid definition")
-        .to_mermaid()
+    definition(&config).expect("a valid definition")
+}
+
+/// The checkout saga drawn as a Mermaid flowchart, from the real
+/// definition (with clients that are never called).
+#[must_use]
+pub fn diagram() -> String {
+    shape().to_mermaid()
 }

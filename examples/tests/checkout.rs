@@ -93,7 +93,8 @@ async fn the_demo_ends_every_order_as_its_scenario_says_and_the_ledgers_balance(
             }
         }
     }
-    let (worker, crashed) = report.crashed_during.clone().expect("a worker was killed");
+    let (worker, crashed) = report.crashed_during().expect("a worker was killed");
+    let crashed = crashed.to_owned();
     assert!(worker >= 1);
     let order = report
         .orders
@@ -116,9 +117,91 @@ async fn the_demo_ends_every_order_as_its_scenario_says_and_the_ledgers_balance(
         report.audit.orders[&crashed].reservations.values().max(),
         Some(&1)
     );
-    let rendered = demo::render(&report);
+    let rendered = demo::render(&report, demo::Show::default());
     assert!(rendered.contains("Invariants: all hold"), "{rendered}");
     assert!(rendered.contains(&format!("{crashed:<11}")), "{rendered}");
+    assert_eq!(report.verdict(), demo::Verdict::AllGood);
+
+    // The README's first screen shows this run (same options, same seed):
+    // what `cargo run -p checkout` prints, the banner on stderr, then the
+    // summary.
+    let printed = format!("{}\n{rendered}", demo::banner(&Options::default()));
+    assert_matches_readme_sample(&printed, &crashed);
+}
+
+/// The README's sample output of `cargo run -p checkout`: its first
+/// ```text block.
+fn readme_sample() -> String {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let start = readme
+        .find("```text\n")
+        .expect("a ```text block in README.md")
+        + 8;
+    let end = start + readme[start..].find("```\n").expect("its end");
+    readme[start..end].to_owned()
+}
+
+/// A line as it may differ between two runs of the same seed: the elapsed
+/// time, which worker was killed, and the attempts the kill interrupted in
+/// orders other than the one it was aimed at.
+fn normalised(line: &str, crashed: &str) -> String {
+    if line.contains(" orders, ")
+        && line.contains(", seed ")
+        && let Some((head, _elapsed)) = line.rsplit_once(", ")
+    {
+        return format!("{head}, <elapsed>");
+    }
+    if let Some(rest) = line.strip_prefix("Crash: worker ") {
+        let rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+        return format!("Crash: worker <n>{rest}");
+    }
+    if line.starts_with("order-") && !line.starts_with(crashed) {
+        return line.replace(" …", "");
+    }
+    line.to_owned()
+}
+
+/// `printed` is the README's sample, but for what [`normalised`] evens
+/// out and the sample's `[... N more orders ...]` lines, each standing for
+/// N order rows.
+fn assert_matches_readme_sample(printed: &str, crashed: &str) {
+    let sample = readme_sample();
+    let mut actual = printed.lines();
+    let mut elided = 0;
+    for (n, want) in sample.lines().enumerate() {
+        let more = want
+            .strip_prefix("[... ")
+            .and_then(|r| r.strip_suffix(" more orders ...]"))
+            .map(|k| k.parse::<usize>().expect("a count of orders"));
+        if let Some(k) = more {
+            for _ in 0..k {
+                let row = actual.next().unwrap_or_default();
+                assert!(
+                    row.starts_with("order-"),
+                    "README.md sample line {}: `{want}` stands for {k} order rows, but the \
+                     demo printed `{row}`\n{printed}",
+                    n + 1
+                );
+            }
+            elided += k;
+            continue;
+        }
+        let got = actual.next().unwrap_or_default();
+        assert_eq!(
+            normalised(want, crashed),
+            normalised(got, crashed),
+            "README.md's sample output (line {} of its ```text block) is not what \
+             `cargo run -p checkout` prints; update the README from:\n{printed}",
+            n + 1
+        );
+    }
+    assert_eq!(
+        actual.collect::<Vec<_>>(),
+        Vec::<&str>::new(),
+        "the README's sample stops early"
+    );
+    assert!(elided > 0 && elided < 12, "the sample shows some orders");
 }
 
 async fn post(
@@ -317,10 +400,145 @@ fn the_diagram_is_generated_from_the_definition() {
     );
     assert!(
         diagram.contains("s3 -. fails .-> c2"),
-        "the pivot's failure undoes the steps before it"
+        "the pivot's definitive failure undoes the steps before it"
     );
+    assert!(
+        diagram.contains("s3 -. in doubt .-> stuck"),
+        "the pivot giving up in doubt parks the saga"
+    );
+    for compensation in ["c1", "c2"] {
+        assert!(
+            diagram.contains(&format!("{compensation} -. gives up .-> stuck")),
+            "{compensation}: {diagram}"
+        );
+    }
     assert!(
         diagram.contains("c2 --> c1"),
         "compensations run in reverse"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledgers_refuse_updates_and_deletes() {
+    let (database, _db) = database().await;
+    let stock = BTreeMap::from([("mug".to_owned(), 5)]);
+    let d = Deployment::start(database, "ledgers", &stock, 1)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let charged = post(
+        &http,
+        format!("{}/charges", d.payment.url()),
+        uuid::Uuid::now_v7(),
+        json!({ "order_id": "o1", "amount_cents": 500, "card": CARD_OK }),
+    )
+    .await;
+    assert_eq!(charged.0, 201);
+    let db = d.pool.get().await.unwrap();
+    let payment = format!("{}.ledger", d.schemas.payment.quoted());
+    let tables = [
+        payment.clone(),
+        format!("{}.ledger", d.schemas.inventory.quoted()),
+        format!("{}.sent", d.schemas.email.quoted()),
+    ];
+    for table in &tables {
+        for statement in [
+            format!("UPDATE {table} SET order_id = 'o2'"),
+            format!("DELETE FROM {table}"),
+            format!("TRUNCATE {table}"),
+        ] {
+            let err = db.batch_execute(&statement).await.unwrap_err();
+            assert_eq!(
+                err.code(),
+                Some(&saga_postgres::tokio_postgres::error::SqlState::RAISE_EXCEPTION),
+                "{statement}: {err:?}"
+            );
+            let message = err.as_db_error().map(|e| e.message().to_owned());
+            assert!(
+                message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("is append-only")),
+                "{statement}: {message:?}"
+            );
+        }
+    }
+    let rows: Vec<(String, i64)> = db
+        .query(
+            &format!("SELECT order_id, amount_cents FROM {payment}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [("o1".to_owned(), 500)], "the charge is as it was");
+    d.stop_services();
+}
+
+async fn checkout_schemas(db: &saga_postgres::testing::TestDatabase) -> Vec<String> {
+    db.connect()
+        .await
+        .unwrap()
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'checkout\\_%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_its_deadline_reports_unfinished_sagas_and_drops_its_schemas_unless_kept() {
+    let (_, db) = database().await;
+    // No time at all: the gateway outage of order-0004 alone retries for
+    // more than a second, so the run stops with sagas unfinished.
+    let options = |keep| Options {
+        orders: 4,
+        workers: 2,
+        crash: false,
+        database: Database::Url(db.url().to_owned()),
+        deadline: Duration::ZERO,
+        keep,
+        ..Options::default()
+    };
+    let kept = demo::run(options(true), |_| {}).await.unwrap();
+    assert!(kept.stopped_early);
+    let unfinished: Vec<&str> = kept.unfinished().map(|o| o.order.id.as_str()).collect();
+    assert!(unfinished.contains(&"order-0004"), "{unfinished:?}");
+    assert_eq!(kept.verdict(), demo::Verdict::Unsettled);
+    let text = demo::render(&kept, demo::Show::All);
+    assert!(
+        text.contains("Deadline reached (0s): the run stopped with "),
+        "{text}"
+    );
+    assert!(text.contains("\nUnfinished: "), "{text}");
+    assert!(!text.contains("VIOLATED"), "{text}");
+    let demo::Cleanup::Kept { prefix } = &kept.cleanup else {
+        panic!("{:?}", kept.cleanup);
+    };
+    assert!(
+        text.contains(&format!("Schemas kept: {prefix}_saga, ")),
+        "{text}"
+    );
+    let mut expected: Vec<String> = ["email", "inventory", "payment", "saga", "shop"]
+        .iter()
+        .map(|s| format!("{prefix}_{s}"))
+        .collect();
+    expected.sort();
+    assert_eq!(checkout_schemas(&db).await, expected);
+
+    let dropped = demo::run(options(false), |_| {}).await.unwrap();
+    let demo::Cleanup::Dropped { prefix: other } = &dropped.cleanup else {
+        panic!("{:?}", dropped.cleanup);
+    };
+    assert_ne!(other, prefix);
+    assert_eq!(
+        checkout_schemas(&db).await,
+        expected,
+        "only the kept run's schemas are left"
     );
 }

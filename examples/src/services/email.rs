@@ -66,8 +66,10 @@ pub async fn create_schema(pool: &Pool, schema: &SchemaName) -> Result<(), crate
                  order_id   text NOT NULL,
                  recipient  text NOT NULL,
                  at         timestamptz NOT NULL DEFAULT clock_timestamp()
-             );",
-            s = schema.quoted()
+             );
+             {append_only}",
+            s = schema.quoted(),
+            append_only = crate::audit::append_only(schema, "sent"),
         ))
         .await?;
     Ok(())

@@ -83,7 +83,9 @@ pub async fn create_schema(
                  key    uuid  PRIMARY KEY,
                  status int   NOT NULL,
                  body   jsonb NOT NULL
-             );"
+             );
+             {append_only}",
+            append_only = crate::audit::append_only(schema, "ledger"),
         ))
         .await?;
     for (sku, available) in stock {

@@ -71,7 +71,9 @@ pub async fn create_schema(pool: &Pool, schema: &SchemaName) -> Result<(), crate
                  key    uuid  PRIMARY KEY,
                  status int   NOT NULL,
                  body   jsonb NOT NULL
-             );"
+             );
+             {append_only}",
+            append_only = crate::audit::append_only(schema, "ledger"),
         ))
         .await?;
     Ok(())
