@@ -63,7 +63,10 @@ pub struct DispatcherConfig {
     /// Most messages claimed (and handed to the publisher) at once.
     pub batch_size: usize,
     /// How long a claim is held. A dispatcher that dies leaves its batch to
-    /// others once this has passed; keep it well above `publish_timeout`.
+    /// others once this has passed; keep it well above `publish_timeout`
+    /// plus the clock skew between dispatchers (leases are times on each
+    /// dispatcher's clock: a skew beyond the margin lets another take over
+    /// a batch still being published, and publish it again).
     pub lease_for: Duration,
     /// Longest wait for the publisher; past it the batch counts as failed
     /// (outcome unknown: it is published again later, with the same ids).
@@ -534,11 +537,14 @@ impl<P: Publisher> Dispatcher<P> {
     /// are finished and settled first.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (wake_tx, _) = watch::channel(0_u64);
+        // Wake-ups are numbered on from those of an earlier run, so that
+        // `ListenerStatus::wake_ups` keeps counting up.
+        let (wake_tx, _) = watch::channel(self.inner.status.borrow().wake_ups);
         let mut tasks = JoinSet::new();
         if let Some(config) = &self.inner.listen {
             tasks.spawn(listen(
                 config.clone(),
+                self.inner.outbox.inner.schema.to_string(),
                 self.inner.outbox.inner.sql.channel.clone(),
                 self.inner.config.listen_health_interval,
                 wake_tx.clone(),
@@ -581,7 +587,7 @@ impl<P: Publisher> Dispatcher<P> {
                 return;
             }
             // A wake-up from here on triggers another round.
-            wake.borrow_and_update();
+            let woken_by = *wake.borrow_and_update();
             match self.cycle().await {
                 Ok((_, rows)) => {
                     errors = None;
@@ -589,6 +595,14 @@ impl<P: Publisher> Dispatcher<P> {
                         // A full batch: more is probably waiting.
                         continue;
                     }
+                    // Everything due when `woken_by` was sent is claimed.
+                    self.inner.status.send_if_modified(|s| {
+                        let newer = woken_by > s.wake_ups_handled;
+                        if newer {
+                            s.wake_ups_handled = woken_by;
+                        }
+                        newer
+                    });
                 }
                 Err(e) => {
                     let delay = errors

@@ -21,6 +21,14 @@
 //!   its lease token. If it dies in between, the lease expires and another
 //!   dispatcher publishes the batch again. So a message can be delivered
 //!   more than once; it is never lost once its transaction committed.
+//!   Leases are times on each dispatcher's own clock: if the clocks of two
+//!   dispatchers disagree by more than the margin between a batch's publish
+//!   and its lease expiry, the one running ahead may take over a batch that
+//!   is still being published, and publish it again (with the same ids, so
+//!   deduplication absorbs it). Keep clocks synchronised (NTP) and
+//!   [`lease_for`](DispatcherBuilder::lease_for) well above
+//!   [`publish_timeout`](DispatcherBuilder::publish_timeout) plus the
+//!   worst skew.
 //! - **Ids for deduplication.** Every message has a unique, stable id
 //!   ([`MessageId`](saga_core::MessageId)): a UUIDv7 for messages enqueued
 //!   by hand, an id derived from (instance, step, direction, index) for
@@ -185,11 +193,15 @@ pub mod metrics {
     pub const IN_FLIGHT: &str = "saga_outbox_in_flight";
     /// Gauge (label `schema`): dead letters.
     pub const DEAD: &str = "saga_outbox_dead";
-    /// Gauge (label `schema`): age in seconds of the oldest undelivered
-    /// message (0 when there is none).
+    /// Gauge (label `schema`): the delivery lag, in seconds: how long the
+    /// longest-waiting undelivered message has been due (since its enqueue,
+    /// its `deliver_after` time, or its last redrive; dead letters and
+    /// messages not yet due do not count). 0 when none is due.
     pub const OLDEST_PENDING_AGE: &str = "saga_outbox_oldest_pending_age_seconds";
-    /// Gauge: 1 while the dispatcher's `LISTEN` connection is up.
+    /// Gauge (label `schema`): 1 while the dispatcher's `LISTEN` connection
+    /// is up.
     pub const LISTENER_CONNECTED: &str = "saga_outbox_listener_connected";
-    /// Counter: times the `LISTEN` connection was (re)established.
+    /// Counter (label `schema`): times the `LISTEN` connection was
+    /// (re)established.
     pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
 }
