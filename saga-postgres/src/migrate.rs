@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "inbox",
         sql: include_str!("../migrations/0002_inbox.sql"),
     },
+    Migration {
+        version: 3,
+        name: "outbox_attempt_and_due_times",
+        sql: include_str!("../migrations/0003_outbox_attempt_and_due_times.sql"),
+    },
 ];
 
 /// The latest migration this binary knows.

@@ -62,6 +62,8 @@ fn nats_server_on_path() -> Option<PathBuf> {
 
 /// The NATS server to test against, or `None` if the tests are opted out.
 async fn nats() -> Option<Nats> {
+    // What the server on SHARED (if any) lacks, for the messages below.
+    let mut shared = format!("none answers on {SHARED}");
     if tokio::net::TcpStream::connect(SHARED).await.is_ok()
         && let Some(client) = connect(SHARED).await
     {
@@ -71,17 +73,18 @@ async fn nats() -> Option<Nats> {
                 _server: None,
             });
         }
+        shared = format!("the one on {SHARED} has JetStream disabled");
         eprintln!("the NATS server on {SHARED} has no JetStream; starting a throwaway one");
     }
     if let Some(bin) = nats_server_on_path() {
         return Some(start_throwaway(bin).await);
     }
     if std::env::var(OPT_OUT).is_ok_and(|v| v == "1") {
-        eprintln!("no NATS server: skipping ({OPT_OUT}=1)");
+        eprintln!("no NATS server with JetStream ({shared}): skipping ({OPT_OUT}=1)");
         return None;
     }
     panic!(
-        "the NATS tests need a NATS server with JetStream: none answers on {SHARED} and \
+        "the NATS tests need a NATS server with JetStream: {shared} and \
          `nats-server` is not on PATH. Install it (e.g. `apt-get install nats-server`, \
          `brew install nats-server`, or `go install github.com/nats-io/nats-server/v2@latest`), \
          or set {OPT_OUT}=1 to skip these tests"

@@ -35,6 +35,20 @@ fn policy(attempts: u32) -> RetryPolicy {
         .unwrap()
 }
 
+/// A fixed 1 s backoff, 10 attempts, and at most 2.5 s from the first
+/// attempt: the third failure in a row is dead-lettered.
+fn capped_policy() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_delay(Duration::from_secs(1))
+        .multiplier(1.0)
+        .max_delay(Duration::from_secs(1))
+        .max_attempts(10)
+        .max_elapsed(Duration::from_millis(2500))
+        .jitter(Jitter::None)
+        .build()
+        .unwrap()
+}
+
 fn dispatcher(env: &Env, recorder: &Arc<Recorder>) -> DispatcherBuilder<Recorder> {
     DispatcherBuilder::from_arc(env.outbox.clone(), recorder.clone())
         .lease_for(LEASE)
@@ -257,6 +271,97 @@ async fn a_message_that_keeps_failing_backs_off_is_dead_lettered_and_can_be_redr
     assert_eq!(recorder.published_ids(), vec![id]);
     assert_eq!(recorder.published()[0].attempt, 1, "a fresh budget");
     assert_eq!(env.outbox_rows().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_redriven_long_after_its_enqueue_gets_a_fresh_time_budget() {
+    let env = env().await;
+    let id = env.enqueue(vec![msg("t", 0)]).await[0];
+    let recorder = Recorder::new();
+    recorder.set_fate(id, Fate::Permanent);
+    let d = dispatcher(&env, &recorder)
+        .retry_policy(capped_policy())
+        .build()
+        .unwrap();
+    assert_eq!(d.dispatch_once().await.unwrap().dead_lettered, 1);
+
+    // An hour later, far past the policy's 2.5 s, an operator redrives it,
+    // and it fails again: retried, as if it were new.
+    env.clock.advance(Duration::from_secs(3600));
+    recorder.set_fate(id, Fate::AlwaysFail);
+    assert!(env.outbox.redrive(id).await.unwrap());
+    let report = d.dispatch_once().await.unwrap();
+    assert_eq!((report.retried, report.dead_lettered), (1, 0), "{report:?}");
+    let (attempts, _, _, dead) = row(&env, id).await.unwrap();
+    assert_eq!((attempts, dead), (1, false));
+    env.clock.advance(Duration::from_secs(1));
+    assert_eq!(d.dispatch_once().await.unwrap().retried, 1);
+    // The cap still holds, counted from the first attempt after the
+    // redrive: a third try would be 3 s after it.
+    env.clock.advance(Duration::from_secs(1));
+    assert_eq!(d.dispatch_once().await.unwrap().dead_lettered, 1);
+    let dead = env.outbox.dead_letters(10, None).await.unwrap();
+    assert_eq!((dead[0].message.id, dead[0].attempts), (id, 3));
+    let error = dead[0].last_error.as_deref().unwrap();
+    assert!(error.contains("dead-lettered"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delayed_past_the_time_cap_gets_its_budget_from_its_first_attempt() {
+    let env = env().await;
+    let id = env
+        .enqueue(vec![msg("t", 0).deliver_after(Duration::from_secs(3600))])
+        .await[0];
+    let recorder = Recorder::new();
+    recorder.set_fate(id, Fate::FailTimes(1));
+    let d = dispatcher(&env, &recorder)
+        .retry_policy(capped_policy())
+        .build()
+        .unwrap();
+    env.clock.advance(Duration::from_secs(3600));
+    let report = d.dispatch_once().await.unwrap();
+    assert_eq!((report.retried, report.dead_lettered), (1, 0), "{report:?}");
+    env.clock.advance(Duration::from_secs(1));
+    assert_eq!(d.dispatch_once().await.unwrap().published, 1);
+    assert_eq!(recorder.published_ids(), vec![id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_counts_from_when_a_message_fell_due_and_ignores_those_not_due_yet() {
+    let env = env().await;
+    let day = Duration::from_secs(24 * 3600);
+    let recorder = Recorder::new();
+    let d = dispatcher(&env, &recorder).build().unwrap();
+    // Delayed by a day: pending, but not late.
+    let later = env.enqueue(vec![msg("t", 0).deliver_after(day)]).await[0];
+    // A dead letter: not counted either.
+    let dead = env.enqueue(vec![msg("t", 1)]).await[0];
+    recorder.set_fate(dead, Fate::Permanent);
+    assert_eq!(d.dispatch_once().await.unwrap().dead_lettered, 1);
+    let stats = env.outbox.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.dead), (1, 1));
+    assert_eq!(stats.oldest_pending_age, None, "{stats:?}");
+    env.clock.advance(day - Duration::from_secs(1));
+    assert_eq!(env.outbox.stats().await.unwrap().oldest_pending_age, None);
+
+    // Due for 5 s: 5 s late, not a day.
+    env.clock.advance(Duration::from_secs(6));
+    let stats = env.outbox.stats().await.unwrap();
+    assert_eq!(stats.oldest_pending_age, Some(Duration::from_secs(5)));
+    // Claimed and failed, it stays late from when it fell due.
+    recorder.set_fate(later, Fate::FailTimes(1));
+    assert_eq!(d.dispatch_once().await.unwrap().retried, 1);
+    env.clock.advance(Duration::from_secs(10));
+    let stats = env.outbox.stats().await.unwrap();
+    assert_eq!(stats.oldest_pending_age, Some(Duration::from_secs(15)));
+    assert_eq!(d.dispatch_once().await.unwrap().published, 1);
+    assert_eq!(env.outbox.stats().await.unwrap().oldest_pending_age, None);
+
+    // A dead letter redriven a day after its enqueue is due from now.
+    assert!(env.outbox.redrive(dead).await.unwrap());
+    let stats = env.outbox.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.dead), (1, 0));
+    assert_eq!(stats.oldest_pending_age, Some(Duration::ZERO));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

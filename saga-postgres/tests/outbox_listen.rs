@@ -72,6 +72,17 @@ async fn wait_status(
 /// polling.
 const NEVER: Duration = Duration::from_secs(3600);
 
+/// Waits until the claim loops have answered every wake-up sent so far, the
+/// catch-up after the last (re)connection included: from then on, with
+/// polling out of the picture, only a new notification makes the dispatcher
+/// look at the outbox again. Returns the status at that point.
+async fn wait_idle(rx: &mut watch::Receiver<ListenerStatus>) -> ListenerStatus {
+    let sent = rx.borrow().wake_ups;
+    assert!(sent >= 1, "the catch-up wake-up is counted once listening");
+    wait_status(rx, "caught up", |s| s.wake_ups_handled >= sent).await;
+    *rx.borrow()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_wakes_an_idle_dispatcher() {
     let env = env().await;
@@ -79,10 +90,15 @@ async fn a_notification_wakes_an_idle_dispatcher() {
     let running = start(&env, &recorder, env.test_schema.config(), NEVER);
     let mut status = running.dispatcher.listener_status();
     wait_status(&mut status, "listening", |s| s.listening).await;
+    let idle = wait_idle(&mut status).await;
 
     let ids = env.enqueue(vec![msg("t", 1)]).await;
     recorder.wait_published(1).await;
     assert_eq!(recorder.published_ids(), ids);
+    // Woken by the notification: one more wake-up, on the same connection.
+    let now = *status.borrow();
+    assert!(now.wake_ups > idle.wake_ups, "{idle:?} -> {now:?}");
+    assert_eq!(now.connections, 1);
     running.stop().await;
     assert_eq!(env.outbox_rows().await, 0);
 }
@@ -112,11 +128,16 @@ async fn the_listener_reconnects_after_its_connection_drops() {
         s.listening && s.connections == 2
     })
     .await;
+    let idle = wait_idle(&mut status).await;
 
-    // Notifications reach it again (polling would take an hour).
+    // Notifications reach it again (polling would take an hour, and the
+    // catch-up after the reconnection is over).
     let ids = env.enqueue(vec![msg("t", 1)]).await;
     recorder.wait_published(1).await;
     assert_eq!(recorder.published_ids(), ids);
+    let now = *status.borrow();
+    assert!(now.wake_ups > idle.wake_ups, "{idle:?} -> {now:?}");
+    assert_eq!(now.connections, 2);
     running.stop().await;
     proxy.stop().await;
 }

@@ -215,3 +215,84 @@ async fn a_redriven_dead_letter_goes_out_before_its_keys_later_pending_messages(
     d.run_until_idle().await.unwrap();
     assert_eq!(recorder.published_ids(), vec![ids[0], ids[1]]);
 }
+
+/// A per-key dispatcher of its own that claims what it can and hangs while
+/// "publishing" it, as if busy with a slow broker: its messages stay in
+/// flight until their lease expires. Returns it running, and its recorder.
+async fn hold_in_flight(outbox: Outbox) -> (tokio::task::JoinHandle<()>, Arc<Recorder>) {
+    let recorder = Recorder::new();
+    recorder.hang_after_publish(true);
+    let d = ordered(outbox, &recorder, 10, 5);
+    let task = tokio::spawn(async move {
+        let _ = d.dispatch_once().await;
+    });
+    recorder.wait_calls(1).await;
+    (task, recorder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_redriven_while_a_later_message_of_its_key_is_in_flight_waits_for_it() {
+    let env = env().await;
+    let recorder = Recorder::new();
+    let ids = env
+        .enqueue(vec![keyed(Some("a"), 0), keyed(Some("a"), 1)])
+        .await;
+    let (a0, a1) = (ids[0], ids[1]);
+    recorder.set_fate(a0, Fate::Permanent);
+    let d = ordered(env.outbox.clone(), &recorder, 10, 5);
+    assert_eq!(d.dispatch_once().await.unwrap().dead_lettered, 1);
+
+    // a1 is being published by another dispatcher when a0 is redriven.
+    let (busy, busy_recorder) = hold_in_flight(env.outbox.clone()).await;
+    let in_flight: Vec<_> = busy_recorder
+        .attempts()
+        .iter()
+        .map(|a| a.out.message.id)
+        .collect();
+    assert_eq!(in_flight, vec![a1]);
+    recorder.set_fate(a0, Fate::FailTimes(0));
+    assert!(env.outbox.redrive(a0).await.unwrap());
+
+    // a0 is older, but the key has a message in flight: it waits.
+    assert_eq!(d.run_until_idle().await.unwrap().claimed, 0);
+    let stats = env.outbox.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (1, 1), "{stats:?}");
+
+    // The busy dispatcher dies; once a1's lease has expired the key moves
+    // on, in enqueue order.
+    busy.abort();
+    let _ = busy.await;
+    env.clock.advance(Duration::from_secs(31));
+    d.run_until_idle().await.unwrap();
+    assert_eq!(recorder.published_ids(), vec![a0, a1]);
+    assert_eq!(env.outbox_rows().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_seq_committed_while_its_key_has_a_message_in_flight_waits_for_it() {
+    let env = env().await;
+    let recorder = Recorder::new();
+    // The slow transaction takes the lower sequence number...
+    let mut slow_client = env.pool.get().await.unwrap();
+    let slow = slow_client.transaction().await.unwrap();
+    let early = env
+        .outbox
+        .enqueue_in_tx(&slow, keyed(Some("a"), 0))
+        .await
+        .unwrap();
+    // ...a later message of the key commits and is being published...
+    let late = env.enqueue(vec![keyed(Some("a"), 1)]).await[0];
+    let (busy, busy_recorder) = hold_in_flight(env.outbox.clone()).await;
+    assert_eq!(busy_recorder.attempts()[0].out.message.id, late);
+    // ...when the slow transaction commits.
+    slow.commit().await.unwrap();
+
+    let d = ordered(env.outbox.clone(), &recorder, 10, 5);
+    assert_eq!(d.run_until_idle().await.unwrap().claimed, 0);
+
+    busy.abort();
+    let _ = busy.await;
+    env.clock.advance(Duration::from_secs(31));
+    d.run_until_idle().await.unwrap();
+    assert_eq!(recorder.published_ids(), vec![early, late]);
+}

@@ -43,8 +43,12 @@ pub struct OutboxStats {
     pub in_flight: u64,
     /// Dead letters.
     pub dead: u64,
-    /// Age of the oldest message not yet published and not dead (pending
-    /// or in flight): how far behind delivery is. `None` when there is none.
+    /// How far behind delivery is: how long the longest-waiting message
+    /// that is due has been due (pending, in flight or waiting for a retry;
+    /// not dead). A message is due from its enqueue, or from its
+    /// [`deliver_after`](saga_core::Message::deliver_after) time, or from
+    /// its last redrive: one waiting for its `deliver_after` time does not
+    /// count until then. `None` when no message is due.
     pub oldest_pending_age: Option<Duration>,
 }
 
@@ -120,8 +124,10 @@ impl Outbox {
             .collect()
     }
 
-    /// Puts dead letter `id` back in line: due now, with a fresh attempt
-    /// budget (its last error is kept until it is overwritten). Returns
+    /// Puts dead letter `id` back in line: due now, with a fresh budget (its
+    /// attempts start from zero and the retry policy's `max_elapsed` counts
+    /// from its next claim; its last error is kept until it is
+    /// overwritten). Returns
     /// whether there was such a dead letter. With per-key ordering it keeps
     /// its place: it goes out before the later messages of its key that
     /// are still pending.
@@ -161,8 +167,8 @@ impl Outbox {
         self.execute(&self.inner.sql.purge_all, &[&topic]).await
     }
 
-    /// Counts pending, in-flight and dead messages and measures the age of
-    /// the oldest undelivered one. One aggregate over the outbox table:
+    /// Counts pending, in-flight and dead messages and measures the delivery
+    /// lag (see [`OutboxStats::oldest_pending_age`]). One aggregate over the outbox table:
     /// cheap while the outbox is short, as it is when dispatch keeps up.
     pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
         let now = self.inner.clock.now();

@@ -32,7 +32,10 @@ pub enum DeliveryOrder {
     /// Messages with the same key are published one at a time in enqueue
     /// order; different keys (and messages without a key) proceed in
     /// parallel. A key's next message waits until the previous one is
-    /// published or dead-lettered (see the [module docs](super)).
+    /// published or dead-lettered (see the [module docs](super)). Every
+    /// dispatcher of the outbox must use it: one
+    /// [`Unordered`](DeliveryOrder::Unordered) dispatcher beside them voids
+    /// the ordering.
     PerKey,
 }
 
@@ -60,7 +63,10 @@ pub struct DispatcherConfig {
     /// Most messages claimed (and handed to the publisher) at once.
     pub batch_size: usize,
     /// How long a claim is held. A dispatcher that dies leaves its batch to
-    /// others once this has passed; keep it well above `publish_timeout`.
+    /// others once this has passed; keep it well above `publish_timeout`
+    /// plus the clock skew between dispatchers (leases are times on each
+    /// dispatcher's clock: a skew beyond the margin lets another take over
+    /// a batch still being published, and publish it again).
     pub lease_for: Duration,
     /// Longest wait for the publisher; past it the batch counts as failed
     /// (outcome unknown: it is published again later, with the same ids).
@@ -69,7 +75,9 @@ pub struct DispatcherConfig {
     /// wake it sooner; polling is what guarantees delivery.
     pub poll_interval: Duration,
     /// Per-message backoff and the attempt budget before dead-lettering.
-    /// Attempts count claims; elapsed time counts from the enqueue.
+    /// Attempts count claims; elapsed time (`max_elapsed`) counts from the
+    /// message's first claim, so a message delayed with `deliver_after` or
+    /// a dead letter redriven long after its enqueue gets the whole budget.
     pub retry: RetryPolicy,
     /// Unordered, or ordered per key.
     pub order: DeliveryOrder,
@@ -409,6 +417,9 @@ impl<P: Publisher> Dispatcher<P> {
             return Ok((report, 0));
         }
         let mut batch = Vec::with_capacity(rows.len());
+        // When each message of `batch` was first claimed (the retry policy's
+        // elapsed time counts from it).
+        let mut first_attempts = Vec::with_capacity(rows.len());
         let mut failed_ids = Vec::new();
         let mut failed_errors = Vec::new();
         let mut failed_retry_at: Vec<Option<SystemTime>> = Vec::new();
@@ -421,12 +432,16 @@ impl<P: Publisher> Dispatcher<P> {
                 continue;
             }
             match read_message(row) {
-                Ok((message, created_at, attempt, saga_id)) => batch.push(Outgoing {
-                    message,
-                    created_at,
-                    attempt,
-                    saga_id,
-                }),
+                Ok((message, created_at, attempt, saga_id)) => {
+                    let first_attempt: Option<SystemTime> = row.get(11);
+                    first_attempts.push(first_attempt.map_or(now, ts));
+                    batch.push(Outgoing {
+                        message,
+                        created_at,
+                        attempt,
+                        saga_id,
+                    });
+                }
                 Err(e) => {
                     // A row that cannot be read cannot be published: dead-
                     // letter it rather than let it come back forever.
@@ -461,7 +476,8 @@ impl<P: Publisher> Dispatcher<P> {
             match outcome {
                 Ok(()) => published.push(out.message.id.as_uuid()),
                 Err((text, permanent)) => {
-                    let (retry_at, text) = self.decide(out, permanent, now, text);
+                    let (retry_at, text) =
+                        self.decide(out, first_attempts[i], permanent, now, text);
                     tracing::warn!(message_id = %out.message.id, topic = %out.message.topic,
                         attempt = out.attempt, error = %text, retry_at = ?retry_at.map(ts),
                         "outbox message failed to publish");
@@ -521,11 +537,14 @@ impl<P: Publisher> Dispatcher<P> {
     /// are finished and settled first.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (wake_tx, _) = watch::channel(0_u64);
+        // Wake-ups are numbered on from those of an earlier run, so that
+        // `ListenerStatus::wake_ups` keeps counting up.
+        let (wake_tx, _) = watch::channel(self.inner.status.borrow().wake_ups);
         let mut tasks = JoinSet::new();
         if let Some(config) = &self.inner.listen {
             tasks.spawn(listen(
                 config.clone(),
+                self.inner.outbox.inner.schema.to_string(),
                 self.inner.outbox.inner.sql.channel.clone(),
                 self.inner.config.listen_health_interval,
                 wake_tx.clone(),
@@ -568,7 +587,7 @@ impl<P: Publisher> Dispatcher<P> {
                 return;
             }
             // A wake-up from here on triggers another round.
-            wake.borrow_and_update();
+            let woken_by = *wake.borrow_and_update();
             match self.cycle().await {
                 Ok((_, rows)) => {
                     errors = None;
@@ -576,6 +595,14 @@ impl<P: Publisher> Dispatcher<P> {
                         // A full batch: more is probably waiting.
                         continue;
                     }
+                    // Everything due when `woken_by` was sent is claimed.
+                    self.inner.status.send_if_modified(|s| {
+                        let newer = woken_by > s.wake_ups_handled;
+                        if newer {
+                            s.wake_ups_handled = woken_by;
+                        }
+                        newer
+                    });
                 }
                 Err(e) => {
                     let delay = errors
@@ -644,6 +671,7 @@ impl<P: Publisher> Dispatcher<P> {
     fn decide(
         &self,
         out: &Outgoing,
+        first_attempt_at: Timestamp,
         permanent: bool,
         now: Timestamp,
         text: String,
@@ -658,7 +686,7 @@ impl<P: Publisher> Dispatcher<P> {
             self.inner
                 .config
                 .retry
-                .decide(kind, out.attempt, out.created_at, now, &mut *rng)
+                .decide(kind, out.attempt, first_attempt_at, now, &mut *rng)
         };
         match decision {
             RetryDecision::RetryAt { at, .. } => (Some(at.to_system_time()), text),

@@ -10,7 +10,8 @@ use super::dispatcher::loop_backoff;
 use super::metrics;
 use super::publisher::error_chain;
 
-/// The state of a dispatcher's `LISTEN` connection.
+/// The state of a dispatcher's `LISTEN` connection, and how far its claim
+/// loops have caught up with the wake-ups it sent them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct ListenerStatus {
@@ -19,6 +20,17 @@ pub struct ListenerStatus {
     /// How many times it has connected and started listening (so a
     /// reconnection shows as a change even if it was quick).
     pub connections: u64,
+    /// Wake-ups sent to the claim loops: one on each (re)connection (to
+    /// catch up on what was committed while nobody listened; counted here
+    /// by the time `listening` turns true), and one per burst of
+    /// notifications.
+    pub wake_ups: u64,
+    /// The latest wake-up that a claim cycle has answered: a cycle that
+    /// started after that wake-up was sent has finished without filling its
+    /// batch. Once it reaches `wake_ups`, every message that was due and
+    /// committed before the last wake-up has been claimed; the next cycle
+    /// comes with the next notification (or the next poll).
+    pub wake_ups_handled: u64,
 }
 
 /// Longest wait for a health check of the listening connection.
@@ -41,6 +53,7 @@ enum ListenError {
 /// not listening). Reconnects with backoff after a drop.
 pub(crate) async fn listen(
     mut config: tokio_postgres::Config,
+    schema: String,
     channel: String,
     health_every: Duration,
     wake: watch::Sender<u64>,
@@ -59,10 +72,19 @@ pub(crate) async fn listen(
         if *stop.borrow() {
             break;
         }
-        let result = listen_once(&config, &channel, health_every, &wake, &status, &mut stop).await;
+        let result = listen_once(
+            &config,
+            &schema,
+            &channel,
+            health_every,
+            &wake,
+            &status,
+            &mut stop,
+        )
+        .await;
         let was_listening = status.borrow().listening;
         status.send_modify(|s| s.listening = false);
-        ::metrics::gauge!(metrics::LISTENER_CONNECTED).set(0.0);
+        ::metrics::gauge!(metrics::LISTENER_CONNECTED, "schema" => schema.clone()).set(0.0);
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -86,6 +108,7 @@ pub(crate) async fn listen(
 /// failed.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    schema: &str,
     channel: &str,
     health_every: Duration,
     wake: &watch::Sender<u64>,
@@ -117,15 +140,15 @@ async fn listen_once(
     client
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .await?;
-    status.send_modify(|s| {
+    // Whatever was committed while nobody listened: whoever sees
+    // `listening` also sees this catch-up wake-up counted in `wake_ups`.
+    wake_up(wake, status, |s| {
         s.listening = true;
         s.connections += 1;
     });
-    ::metrics::gauge!(metrics::LISTENER_CONNECTED).set(1.0);
-    ::metrics::counter!(metrics::LISTENER_CONNECTIONS).increment(1);
+    ::metrics::gauge!(metrics::LISTENER_CONNECTED, "schema" => schema.to_owned()).set(1.0);
+    ::metrics::counter!(metrics::LISTENER_CONNECTIONS, "schema" => schema.to_owned()).increment(1);
     tracing::debug!(channel, "outbox listener is listening");
-    // Whatever was committed while nobody listened.
-    wake.send_modify(|n| *n = n.wrapping_add(1));
     let mut health = tokio::time::interval(health_every);
     health.tick().await;
     loop {
@@ -134,7 +157,7 @@ async fn listen_once(
                 Some(()) => {
                     // One wake-up for everything that arrived together.
                     while rx.try_recv().is_ok() {}
-                    wake.send_modify(|n| *n = n.wrapping_add(1));
+                    wake_up(wake, status, |_| {});
                 }
                 None => return Err(ListenError::Closed),
             },
@@ -148,6 +171,21 @@ async fn listen_once(
             _ = stop.changed() => return Ok(()),
         }
     }
+}
+
+/// Wakes the claim loops, counting the wake-up in `status` (with `also`)
+/// first: whoever sees a wake-up's effect finds it counted.
+fn wake_up(
+    wake: &watch::Sender<u64>,
+    status: &watch::Sender<ListenerStatus>,
+    also: impl FnOnce(&mut ListenerStatus),
+) {
+    let next = *wake.borrow() + 1;
+    status.send_modify(|s| {
+        s.wake_ups = s.wake_ups.max(next);
+        also(s);
+    });
+    wake.send_replace(next);
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

@@ -21,6 +21,14 @@
 //!   its lease token. If it dies in between, the lease expires and another
 //!   dispatcher publishes the batch again. So a message can be delivered
 //!   more than once; it is never lost once its transaction committed.
+//!   Leases are times on each dispatcher's own clock: if the clocks of two
+//!   dispatchers disagree by more than the margin between a batch's publish
+//!   and its lease expiry, the one running ahead may take over a batch that
+//!   is still being published, and publish it again (with the same ids, so
+//!   deduplication absorbs it). Keep clocks synchronised (NTP) and
+//!   [`lease_for`](DispatcherBuilder::lease_for) well above
+//!   [`publish_timeout`](DispatcherBuilder::publish_timeout) plus the
+//!   worst skew.
 //! - **Ids for deduplication.** Every message has a unique, stable id
 //!   ([`MessageId`](saga_core::MessageId)): a UUIDv7 for messages enqueued
 //!   by hand, an id derived from (instance, step, direction, index) for
@@ -54,18 +62,50 @@
 //! `max_attempts` times. Operators list dead letters with
 //! [`Outbox::dead_letters`], put them back in line with
 //! [`Outbox::redrive`] / [`Outbox::redrive_all`] (due now, with a fresh
-//! budget), or delete them with [`Outbox::purge`] / [`Outbox::purge_all`].
-//! [`Outbox::stats`] counts pending, in-flight and dead messages and the
-//! age of the oldest undelivered one; [`Dispatcher::run`] exports them as
-//! gauges (see [`metrics`]).
+//! budget: its attempts start from zero, and a policy's `max_elapsed` counts
+//! from its next claim), or delete them with [`Outbox::purge`] /
+//! [`Outbox::purge_all`]. [`Outbox::stats`] counts pending, in-flight and
+//! dead messages and measures how long the longest-waiting due message has
+//! been due (the delivery lag; a message waiting for its
+//! [`deliver_after`](saga_core::Message::deliver_after) time does not count
+//! until then); [`Dispatcher::run`] exports them as gauges every
+//! [`stats_interval`](DispatcherConfig::stats_interval) (see [`metrics`]).
+//!
+//! # Retries inside the dispatcher
+//!
+//! A message's retries are never waited for in the process: they are
+//! scheduled in its row. The dispatcher does wait in three places, each
+//! with an exponential backoff ([`backon`](https://docs.rs/backon); each
+//! wait below is jittered up to twice its length) and with no transaction
+//! open, no row locked and no connection held while it waits:
+//!
+//! - **Settling a batch** after publishing it: the statement is guarded by
+//!   the lease token and safe to repeat, so a lost connection or a server
+//!   restart is retried (20 ms doubling to 2 s) until the waits add up to
+//!   `lease_for`. Past that the error is logged, and the batch, still
+//!   leased, is published again once its lease expires.
+//! - **A failed cycle** (the database is down): [`run`](Dispatcher::run)
+//!   logs it, counts it in [`metrics::DISPATCH_ERRORS`], and tries again
+//!   after 50 ms doubling to `max(poll_interval, 5 s)`, for as long as it
+//!   runs.
+//! - **The `LISTEN` connection**: reconnected after 50 ms doubling to 10 s,
+//!   for as long as it runs; polling delivers meanwhile.
 //!
 //! # Per-key ordering, and its trade-off
 //!
-//! With [`DeliveryOrder::PerKey`], a dispatcher claims only the *oldest*
-//! not-dead message of each key, so a key has at most one message in flight
-//! across all dispatchers, and its messages go out in enqueue order;
-//! different keys (and messages without a key) proceed in parallel.
+//! With [`DeliveryOrder::PerKey`], a dispatcher claims a message only if it
+//! is the *oldest* not-dead message of its key and no message of its key is
+//! in flight (leased by a dispatcher whose lease has not expired), so a key
+//! has one message in flight at a time across all dispatchers, and its
+//! messages go out in enqueue order; different keys (and messages without a
+//! key) proceed in parallel.
 //!
+//! - **Every dispatcher of an outbox must use the same order.** An
+//!   [`Unordered`](DeliveryOrder::Unordered) dispatcher claims any due
+//!   message, ignoring keys, so a single one running beside per-key
+//!   dispatchers (during a rolling deploy that changes the setting, say)
+//!   voids the ordering of every key. Change the order by stopping all
+//!   dispatchers of the outbox first.
 //! - A failing message **blocks its key** until it is published or
 //!   dead-lettered: the later messages of that key wait (other keys do not).
 //! - When a message exhausts its budget it is dead-lettered and **its key
@@ -75,15 +115,20 @@
 //!   that consumers may see; if they cannot tolerate gaps, give the
 //!   policy a large budget and alert on dead letters. A redriven dead letter
 //!   keeps its place and goes out before the key's later pending messages,
-//!   but after those already published.
+//!   but after those already published, and after the one being published
+//!   (if any) is settled.
 //! - A hot key is published one message per claim cycle (claim, publish,
 //!   delete), so per-key throughput is bounded by that latency; unordered
 //!   delivery has no such bound.
-//! - "Enqueue order" is the order in which the rows were inserted. For two
-//!   transactions that enqueue for the same key concurrently, whichever
-//!   commits first may go first; transactions that touch the same business
-//!   row are serialized by PostgreSQL anyway, and their messages keep
-//!   their commit order.
+//! - "Enqueue order" is the order in which the rows were inserted (their
+//!   `seq`). For two transactions that enqueue for the same key
+//!   concurrently, whichever commits first may go first: a transaction that
+//!   took a lower `seq` but commits after later messages of its key were
+//!   published goes out after them (it is never skipped), waits for the
+//!   key's message in flight, and still goes out before the key's messages
+//!   that are pending. Transactions that touch the same business row are
+//!   serialized by PostgreSQL anyway, and their messages keep their commit
+//!   order.
 //!
 //! # Example
 //!
@@ -148,11 +193,15 @@ pub mod metrics {
     pub const IN_FLIGHT: &str = "saga_outbox_in_flight";
     /// Gauge (label `schema`): dead letters.
     pub const DEAD: &str = "saga_outbox_dead";
-    /// Gauge (label `schema`): age in seconds of the oldest undelivered
-    /// message (0 when there is none).
+    /// Gauge (label `schema`): the delivery lag, in seconds: how long the
+    /// longest-waiting undelivered message has been due (since its enqueue,
+    /// its `deliver_after` time, or its last redrive; dead letters and
+    /// messages not yet due do not count). 0 when none is due.
     pub const OLDEST_PENDING_AGE: &str = "saga_outbox_oldest_pending_age_seconds";
-    /// Gauge: 1 while the dispatcher's `LISTEN` connection is up.
+    /// Gauge (label `schema`): 1 while the dispatcher's `LISTEN` connection
+    /// is up.
     pub const LISTENER_CONNECTED: &str = "saga_outbox_listener_connected";
-    /// Counter: times the `LISTEN` connection was (re)established.
+    /// Counter (label `schema`): times the `LISTEN` connection was
+    /// (re)established.
     pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
 }

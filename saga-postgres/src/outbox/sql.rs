@@ -4,7 +4,7 @@ use crate::schema::SchemaName;
 
 /// Columns read back for a claimed message, in this order: `id, topic, key,
 /// payload_json, payload_bytes, headers, due_at, created_at, attempts,
-/// saga_id, abandoned`.
+/// saga_id, abandoned, first_attempt_at`.
 #[derive(Debug)]
 pub(crate) struct OutboxSql {
     pub(crate) channel: String,
@@ -21,15 +21,25 @@ pub(crate) struct OutboxSql {
 }
 
 /// Builds the claim statement; `head_of_key` restricts it to the oldest
-/// non-dead message of each key (per-key ordering).
+/// non-dead message of each key, and only while no message of its key is
+/// in flight (per-key ordering).
 fn claim(s: &str, head_of_key: bool) -> String {
     let head = if head_of_key {
         // Only the head of its key: no older message of the same key that is
-        // not dead, whether due, leased or waiting for a retry.
+        // not dead, whether due, leased or waiting for a retry. And none of
+        // its key in flight (leased, lease not expired), even a younger one:
+        // a dead letter redriven, or a transaction with a lower `seq` that
+        // committed late, waits until the key's message being published is
+        // settled.
         format!(
-            "AND (o.key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM {s}.outbox p
-                WHERE p.key = o.key AND p.dead_at IS NULL AND p.seq < o.seq))"
+            "AND (o.key IS NULL OR (
+                NOT EXISTS (
+                    SELECT 1 FROM {s}.outbox p
+                    WHERE p.key = o.key AND p.dead_at IS NULL AND p.seq < o.seq)
+                AND NOT EXISTS (
+                    SELECT 1 FROM {s}.outbox f
+                    WHERE f.key = o.key AND f.lease_token IS NOT NULL
+                        AND f.lease_expires_at > $1::timestamptz)))"
         )
     } else {
         String::new()
@@ -42,6 +52,11 @@ fn claim(s: &str, head_of_key: bool) -> String {
     // hung); past the attempt budget it is dead-lettered here instead of
     // being claimed again, so a message that kills its dispatcher cannot
     // loop forever.
+    //
+    // The first claim since the enqueue (or the last redrive) records when
+    // the message became due (`pending_since`, from `available_at` before it
+    // moves to the lease expiry) and when it was first attempted
+    // (`first_attempt_at`, from which the retry policy's elapsed time counts).
     format!(
         "WITH due AS (
             SELECT o.id, o.available_at AS due_at,
@@ -59,6 +74,8 @@ fn claim(s: &str, head_of_key: bool) -> String {
             lease_expires_at = CASE WHEN due.abandoned THEN NULL ELSE $4::timestamptz END,
             available_at = CASE WHEN due.abandoned THEN o.available_at ELSE $4::timestamptz END,
             dead_at = CASE WHEN due.abandoned THEN $1::timestamptz END,
+            first_attempt_at = coalesce(o.first_attempt_at, $1::timestamptz),
+            pending_since = coalesce(o.pending_since, o.available_at),
             last_error = CASE WHEN due.abandoned
                 THEN 'abandoned: claimed ' || o.attempts || ' times without a recorded result '
                     || '(the dispatcher crashed, hung, or lost its database connection while '
@@ -67,7 +84,7 @@ fn claim(s: &str, head_of_key: bool) -> String {
         FROM due
         WHERE o.id = due.id
         RETURNING o.id, o.topic, o.key, o.payload_json, o.payload_bytes, o.headers, due.due_at,
-            o.created_at, o.attempts, o.saga_id, due.abandoned"
+            o.created_at, o.attempts, o.saga_id, due.abandoned, o.first_attempt_at"
     )
 }
 
@@ -147,7 +164,8 @@ impl OutboxSql {
             redrive_one: format!(
                 "WITH r AS (
                     UPDATE {s}.outbox SET dead_at = NULL, attempts = 0, available_at = $2::timestamptz,
-                        lease_token = NULL, lease_expires_at = NULL
+                        lease_token = NULL, lease_expires_at = NULL,
+                        first_attempt_at = NULL, pending_since = NULL
                     WHERE id = $1::uuid AND dead_at IS NOT NULL
                     RETURNING 1
                 ),
@@ -158,7 +176,8 @@ impl OutboxSql {
             redrive_all: format!(
                 "WITH r AS (
                     UPDATE {s}.outbox SET dead_at = NULL, attempts = 0, available_at = $2::timestamptz,
-                        lease_token = NULL, lease_expires_at = NULL
+                        lease_token = NULL, lease_expires_at = NULL,
+                        first_attempt_at = NULL, pending_since = NULL
                     WHERE dead_at IS NOT NULL AND ($1::text IS NULL OR topic = $1::text)
                     RETURNING 1
                 ),
@@ -170,14 +189,18 @@ impl OutboxSql {
                 "DELETE FROM {s}.outbox
                  WHERE dead_at IS NOT NULL AND ($1::text IS NULL OR topic = $1::text)"
             ),
-            // $1 now.
+            // $1 now. The lag: since when the longest-waiting message that
+            // is due (or was: it is in flight or waiting for a retry) has
+            // been due. A message never claimed is due at `available_at`;
+            // one claimed since its enqueue or redrive, at `pending_since`.
             stats: format!(
                 "SELECT
                     count(*) FILTER (WHERE dead_at IS NULL
                         AND (lease_expires_at IS NULL OR lease_expires_at <= $1::timestamptz)),
                     count(*) FILTER (WHERE dead_at IS NULL AND lease_expires_at > $1::timestamptz),
                     count(*) FILTER (WHERE dead_at IS NOT NULL),
-                    min(created_at) FILTER (WHERE dead_at IS NULL)
+                    min(coalesce(pending_since, available_at)) FILTER (WHERE dead_at IS NULL
+                        AND coalesce(pending_since, available_at) <= $1::timestamptz)
                  FROM {s}.outbox"
             ),
         }
