@@ -280,9 +280,15 @@ impl Hold {
     /// Resolves once a matching statement has arrived and is being held,
     /// with that statement; never, if none comes: wrap it in a timeout.
     pub async fn reached(&mut self) -> Intercepted {
-        match self.reached.wait_for(Option::is_some).await {
-            Ok(held) => held.clone().unwrap_or_default(),
-            Err(_) => std::future::pending().await,
+        let held = self
+            .reached
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|held| held.clone());
+        match held {
+            Some(held) => held,
+            None => std::future::pending().await,
         }
     }
 
