@@ -415,9 +415,9 @@ fn delivered(facts: &Facts, v: &mut Vec<Violation>) {
 fn compensations_in_ledgers(facts: &Facts, v: &mut Vec<Violation>) {
     for (order, effects) in &facts.effects {
         let done_before = |undo: &Effect, kind: EffectKind| {
-            effects.iter().any(|e| {
-                e.kind == kind && e.of == undo.of && e.sku == undo.sku && e.seq < undo.seq
-            })
+            effects
+                .iter()
+                .any(|e| e.kind == kind && e.of == undo.of && e.sku == undo.sku && e.seq < undo.seq)
         };
         for e in effects {
             let (needs, what) = match e.kind {
@@ -426,7 +426,11 @@ fn compensations_in_ledgers(facts: &Facts, v: &mut Vec<Violation>) {
                 EffectKind::Charge | EffectKind::Deduct => continue,
             };
             if !done_before(e, needs) {
-                let sku = e.sku.as_deref().map(|s| format!(", {s}")).unwrap_or_default();
+                let sku = e
+                    .sku
+                    .as_deref()
+                    .map(|s| format!(", {s}"))
+                    .unwrap_or_default();
                 v.push(violation(
                     "I6",
                     Some(order),
@@ -536,7 +540,9 @@ fn compensations_in_history(facts: &Facts, v: &mut Vec<Violation>) {
 /// I6: no zombie's stale result accepted.
 fn zombies(facts: &Facts, v: &mut Vec<Violation>) {
     for z in &facts.zombies {
-        if z.record_committed {
+        // Without a takeover the lease was still the zombie's to use: a
+        // late write is then no one else's loss.
+        if z.takeover && z.record_committed {
             v.push(violation(
                 "I6",
                 Some(&z.order),
@@ -1076,7 +1082,8 @@ mod tests {
     #[test]
     fn ledger_violations_are_passed_through() {
         let mut f = clean();
-        f.ledger_violations.push(violation("I1", Some(ORDER), "charged twice".into()));
+        f.ledger_violations
+            .push(violation("I1", Some(ORDER), "charged twice".into()));
         assert_fires(&f, "I1", "charged twice");
         assert_eq!(check(&f).per_invariant()["I1"], 1);
     }
@@ -1154,9 +1161,14 @@ mod tests {
     fn i6_fires_for_compensating_in_the_history_what_never_started() {
         let mut f = compensated();
         let i = f.instances.get_mut(ORDER).expect("the order");
-        i.history
-            .retain(|h| !(h.step.as_str() == "reserve_inventory" && h.direction == Direction::Forward));
-        assert_fires(&f, "I6", "reserve_inventory was compensated but never started");
+        i.history.retain(|h| {
+            !(h.step.as_str() == "reserve_inventory" && h.direction == Direction::Forward)
+        });
+        assert_fires(
+            &f,
+            "I6",
+            "reserve_inventory was compensated but never started",
+        );
     }
 
     #[test]
@@ -1174,13 +1186,26 @@ mod tests {
         let mut again = entry("charge_payment", Direction::Forward, 2, Outcome::Succeeded);
         again.transition_id = TransitionId::new();
         i.history.push(again);
-        assert_fires(&f, "I6", "the result of charge_payment (forward) was recorded 2 times");
+        assert_fires(
+            &f,
+            "I6",
+            "the result of charge_payment (forward) was recorded 2 times",
+        );
         let mut f = clean();
         let i = f.instances.get_mut(ORDER).expect("the order");
-        let mut same_attempt = entry("charge_payment", Direction::Forward, 1, Outcome::RetryScheduled);
+        let mut same_attempt = entry(
+            "charge_payment",
+            Direction::Forward,
+            1,
+            Outcome::RetryScheduled,
+        );
         same_attempt.transition_id = TransitionId::new();
         i.history.insert(2, same_attempt);
-        assert_fires(&f, "I6", "attempt 1 of charge_payment (forward) was recorded 2 times");
+        assert_fires(
+            &f,
+            "I6",
+            "attempt 1 of charge_payment (forward) was recorded 2 times",
+        );
     }
 
     fn zombie() -> ZombieFact {
@@ -1225,7 +1250,16 @@ mod tests {
         }
         f.zombies[0].record_committed = true;
         assert_eq!(f.zombies[0].refused(), None);
-        assert_fires(&f, "I6", "was accepted after another worker had taken its saga over");
+        assert_fires(
+            &f,
+            "I6",
+            "was accepted after another worker had taken its saga over",
+        );
+        // Nobody took over: the late result is not a violation (nor a
+        // verified fencing).
+        f.zombies[0].takeover = false;
+        assert_eq!(fired(&f), vec![]);
+        assert_eq!(f.zombies[0].refused(), None);
     }
 
     fn cut(after: bool, committed_at_cut: bool) -> CutFact {

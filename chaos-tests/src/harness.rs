@@ -297,6 +297,19 @@ impl Arm {
 struct Arms {
     effect: VecDeque<Arm>,
     publish: u32,
+    /// A zombie is frozen or being watched: the next zombie point waits,
+    /// so that some worker is always left to take a zombie's saga over.
+    zombie_active: bool,
+}
+
+impl Arms {
+    /// The effect point to arm on the workers now.
+    fn to_arm(&self) -> Option<Arm> {
+        self.effect
+            .front()
+            .copied()
+            .filter(|a| !(self.zombie_active && matches!(a, Arm::Zombie(_))))
+    }
 }
 
 enum Msg {
@@ -370,7 +383,7 @@ impl Workers {
         // A new incarnation gets the points armed on the others.
         let (effect, publish) = {
             let arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
-            (arms.effect.front().copied(), arms.publish > 0)
+            (arms.to_arm(), arms.publish > 0)
         };
         if let Some(arm) = effect {
             self.send(i, arm.command()).await;
@@ -389,12 +402,12 @@ impl Workers {
 
     /// Queues an effect point; arms it everywhere if it is the first.
     async fn arm_effect(&self, arm: Arm) {
-        let first = {
+        let now = {
             let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
             arms.effect.push_back(arm);
-            arms.effect.len() == 1
+            (arms.effect.len() == 1).then(|| arms.to_arm()).flatten()
         };
-        if first {
+        if let Some(arm) = now {
             self.broadcast(arm.command()).await;
         }
     }
@@ -404,12 +417,15 @@ impl Workers {
     async fn effect_fired(&self, action: PointAction) -> Option<Arm> {
         let (fired, next) = {
             let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
-            let fired = if arms.effect.front().is_some_and(|a| a.action() == action) {
+            let fired = if arms.to_arm().is_some_and(|a| a.action() == action) {
                 arms.effect.pop_front()
             } else {
                 None
             };
-            (fired, arms.effect.front().copied())
+            if matches!(fired, Some(Arm::Zombie(_))) {
+                arms.zombie_active = true;
+            }
+            (fired, arms.to_arm())
         };
         self.broadcast("disarm-effect").await;
         if let Some(next) = next {
@@ -438,6 +454,18 @@ impl Workers {
         self.broadcast("disarm-publish").await;
         if more {
             self.broadcast("crash-after-publish").await;
+        }
+    }
+
+    /// The zombie is done with: the next zombie point may be armed.
+    async fn zombie_done(&self) {
+        let next = {
+            let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
+            arms.zombie_active = false;
+            arms.to_arm()
+        };
+        if let Some(next) = next {
+            self.broadcast(next.command()).await;
         }
     }
 
@@ -892,7 +920,8 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         let _ = task.await;
     }
     loop {
-        let tasks = std::mem::take(&mut *run.zombie_tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let tasks =
+            std::mem::take(&mut *run.zombie_tasks.lock().unwrap_or_else(|e| e.into_inner()));
         if tasks.is_empty() {
             break;
         }
@@ -996,11 +1025,19 @@ pub async fn run(config: Config) -> Result<Report, Error> {
     tally.affected(FaultKind::LostReplies, service_totals.lost_replies);
     tally.affected(
         FaultKind::ZombieWorker,
-        facts.zombies.iter().filter(|z| z.refused().is_some()).count() as u64,
+        facts
+            .zombies
+            .iter()
+            .filter(|z| z.refused().is_some())
+            .count() as u64,
     );
     tally.affected(FaultKind::CommitCut, facts.cuts.len() as u64);
 
-    let fired = tally.fired.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let fired = tally
+        .fired
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let affected = tally
         .affected
         .lock()
@@ -1094,7 +1131,13 @@ fn unit(kind: FaultKind) -> &'static str {
     }
 }
 
-async fn handle_event(run: &Arc<Run>, lease: Duration, i: usize, incarnation: u64, event: WorkerEvent) {
+async fn handle_event(
+    run: &Arc<Run>,
+    lease: Duration,
+    i: usize,
+    incarnation: u64,
+    event: WorkerEvent,
+) {
     let workers = &run.workers;
     match event {
         WorkerEvent::Stats { counts } => {
@@ -1124,9 +1167,10 @@ async fn handle_event(run: &Arc<Run>, lease: Duration, i: usize, incarnation: u6
             order_id,
             ..
         } => {
-            let at = match workers.effect_fired(PointAction::Pause).await {
-                Some(Arm::Zombie(at)) => at,
-                _ => ZombieAt::Step,
+            let Some(Arm::Zombie(at)) = workers.effect_fired(PointAction::Pause).await else {
+                // Reached after it was disarmed: not a zombie.
+                workers.send(i, "resume").await;
+                return;
             };
             let task = tokio::spawn(zombie(run.clone(), lease, i, incarnation, order_id, at));
             run.zombie_tasks
@@ -1243,6 +1287,7 @@ async fn zombie(
     let Some((saga, Some(token), version)) = lease_now else {
         workers.send(i, "resume").await;
         workers.set_paused(i, false);
+        workers.zombie_done().await;
         return;
     };
     let saga_id = saga.to_string();
@@ -1272,8 +1317,7 @@ async fn zombie(
                     fact.frozen = true;
                     run.tally.fired(FaultKind::ZombieWorker);
                     fact.takeover =
-                        wait_for_takeover(deployment, &order, token, version, takeover_bound)
-                            .await;
+                        wait_for_takeover(deployment, &order, token, version, takeover_bound).await;
                 }
                 // The result reaches the database now, after the takeover.
                 hold = None;
@@ -1312,6 +1356,7 @@ async fn zombie(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(fact);
+    workers.zombie_done().await;
 }
 
 fn bump(generation: &std::sync::Mutex<BTreeMap<String, u64>>, key: &str) -> u64 {
@@ -1401,7 +1446,10 @@ mod tests {
     #[test]
     fn the_saga_and_transition_of_a_cut_statement_are_read_from_its_parameters() {
         assert_eq!(placeholder_after(RECORD, "UPDATE", "WHERE id = "), Some(1));
-        assert_eq!(placeholder_after(RECORD, TRANSITION_SQL, "SELECT"), Some(12));
+        assert_eq!(
+            placeholder_after(RECORD, TRANSITION_SQL, "SELECT"),
+            Some(12)
+        );
         let (saga, transition) = (Uuid::from_u128(1), Uuid::from_u128(12));
         let mut statement = Intercepted::default();
         statement.sql = Some(RECORD.into());

@@ -29,8 +29,8 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         w,
-        "    {:<22} {:>9} {:>7} {:>9}  affected",
-        "kind", "scheduled", "fired", ""
+        "    {:<22} {:>9} {:>7} {:>9}  (what it counts)",
+        "kind", "scheduled", "fired", "affected"
     );
     for (kind, k) in &r.faults {
         let _ = writeln!(

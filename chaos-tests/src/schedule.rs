@@ -383,9 +383,9 @@ fn draw(kind: FaultKind, rng: &mut SplitMix64, workers: usize, turns: &mut Turns
     }
 }
 
-/// The schedule of `plan`: every kind once, spread from 10% to 70% of the
-/// duration in a seeded order, then more faults at the given rate,
-/// sorted by time.
+/// The schedule of `plan`: every kind once (both variants of a cut and of
+/// a zombie), spread from 10% to 70% of the duration in a seeded order,
+/// then more faults at the given rate, sorted by time.
 #[must_use]
 pub fn schedule(plan: &Plan) -> Vec<Event> {
     let mut rng = SplitMix64::new(plan.seed);
@@ -393,7 +393,15 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
     let mut kinds = plan.kinds.clone();
     kinds.sort();
     kinds.dedup();
+    // Every kind once; the kinds with two variants (a cut after or before
+    // sending, a zombie frozen in its step or before its result lands)
+    // twice, one of each.
     let mut first = kinds.clone();
+    first.extend(
+        kinds
+            .iter()
+            .filter(|k| matches!(k, FaultKind::CommitCut | FaultKind::ZombieWorker)),
+    );
     rng.shuffle(&mut first);
     // After the first 10% (workers are up), before the last 30% (the
     // faults' effects are still under way when the phase ends).
@@ -463,9 +471,9 @@ mod tests {
 
     const PINNED_HEAD: [(u128, &str); 4] = [
         (95, "downstream_latency"),
-        (2639, "dispatcher_crash"),
-        (2752, "crash_after_effect"),
-        (3525, "dispatcher_crash"),
+        (3561, "downstream_outage"),
+        (3600, "duplicate_delivery"),
+        (4429, "dispatcher_crash"),
     ];
     const PINNED_LEN: usize = 60;
 
@@ -475,7 +483,11 @@ mod tests {
         let mut zero = SplitMix64::new(0);
         assert_eq!(
             [zero.next_u64(), zero.next_u64(), zero.next_u64()],
-            [0xE220_A839_7B1D_CDAF, 0x6E78_9E6A_A1B9_65F4, 0x06C4_5D18_8009_454F]
+            [
+                0xE220_A839_7B1D_CDAF,
+                0x6E78_9E6A_A1B9_65F4,
+                0x06C4_5D18_8009_454F
+            ]
         );
         let mut other = SplitMix64::new(1_234_567);
         assert_eq!(
@@ -516,8 +528,10 @@ mod tests {
     }
 
     #[test]
-    fn zombies_and_cuts_alternate_between_their_variants() {
-        let events = schedule(&plan(5));
+    fn zombies_and_cuts_come_in_both_variants() {
+        let mut p = plan(5);
+        p.rate = 0.0;
+        let events = schedule(&p);
         let zombies: Vec<ZombieAt> = events
             .iter()
             .filter_map(|e| match e.fault {
@@ -532,7 +546,10 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(zombies.len() >= 2 && cuts.len() >= 2, "{zombies:?} {cuts:?}");
+        assert!(
+            zombies.len() >= 2 && cuts.len() >= 2,
+            "{zombies:?} {cuts:?}"
+        );
         assert!(zombies.contains(&ZombieAt::Record) && zombies.contains(&ZombieAt::Step));
         assert!(cuts.contains(&true) && cuts.contains(&false));
     }
