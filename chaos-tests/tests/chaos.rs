@@ -168,7 +168,9 @@ fn check_alone(kind: FaultKind, report: &Report, failed: &mut Vec<String>) {
     }
 }
 
-async fn caught(control: NegativeControl, invariants: &[&str]) {
+/// Runs the short configuration with `control` on, and returns the report
+/// once it has shown each of `invariants` broken.
+async fn caught(control: NegativeControl, invariants: &[&str]) -> Report {
     let report = run(config(Some(control))).await;
     assert!(
         !report.passed(),
@@ -181,13 +183,21 @@ async fn caught(control: NegativeControl, invariants: &[&str]) {
             report.violations
         );
     }
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_fencing_off_is_caught() {
     // A frozen worker's stale result is accepted after another worker took
     // its saga over: a result recorded twice, a zombie's write accepted.
-    caught(NegativeControl::NoFencing, &["I6"]).await;
+    let report = caught(NegativeControl::NoFencing, &["I6"]).await;
+    assert!(
+        report.violation_details.iter().any(|v| v
+            .detail
+            .contains("accepted after another worker had taken its saga over")),
+        "a zombie's own stale write is caught: {:#?}",
+        report.violation_details
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
