@@ -303,12 +303,18 @@ struct Arms {
 }
 
 impl Arms {
-    /// The effect point to arm on the workers now.
-    fn to_arm(&self) -> Option<Arm> {
+    /// The effect point to arm on the workers now, and where it is in the
+    /// queue: the first, or while a zombie is active the first crash.
+    fn next(&self) -> Option<(usize, Arm)> {
         self.effect
-            .front()
+            .iter()
             .copied()
-            .filter(|a| !(self.zombie_active && matches!(a, Arm::Zombie(_))))
+            .enumerate()
+            .find(|(_, a)| !(self.zombie_active && matches!(a, Arm::Zombie(_))))
+    }
+
+    fn to_arm(&self) -> Option<Arm> {
+        self.next().map(|(_, arm)| arm)
     }
 }
 
@@ -402,12 +408,15 @@ impl Workers {
 
     /// Queues an effect point; arms it everywhere if it is the first.
     async fn arm_effect(&self, arm: Arm) {
-        let now = {
+        let (before, after) = {
             let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
+            let before = arms.to_arm();
             arms.effect.push_back(arm);
-            (arms.effect.len() == 1).then(|| arms.to_arm()).flatten()
+            (before, arms.to_arm())
         };
-        if let Some(arm) = now {
+        if let Some(arm) = after
+            && before.is_none()
+        {
             self.broadcast(arm.command()).await;
         }
     }
@@ -417,10 +426,9 @@ impl Workers {
     async fn effect_fired(&self, action: PointAction) -> Option<Arm> {
         let (fired, next) = {
             let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
-            let fired = if arms.to_arm().is_some_and(|a| a.action() == action) {
-                arms.effect.pop_front()
-            } else {
-                None
+            let fired = match arms.next() {
+                Some((index, arm)) if arm.action() == action => arms.effect.remove(index),
+                _ => None,
             };
             if matches!(fired, Some(Arm::Zombie(_))) {
                 arms.zombie_active = true;
