@@ -711,12 +711,14 @@ async fn client_to_server(
                 }
                 Frame::Message { tag, bytes } => (tag, bytes),
             };
-            let executes = statements.observe(tag, &bytes[5..]).map(|executed| Intercepted {
-                sql: executed.sql,
-                params: executed.params,
-                application_name: session.application_name.clone(),
-                upstream_port: session.upstream_port,
-            });
+            let executes = statements
+                .observe(tag, &bytes[5..])
+                .map(|executed| Intercepted {
+                    sql: executed.sql,
+                    params: executed.params,
+                    application_name: session.application_name.clone(),
+                    upstream_port: session.upstream_port,
+                });
             if let Some(statement) = &executes
                 && let Some(mut release) = shared.take_hold(statement)
             {
