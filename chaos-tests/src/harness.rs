@@ -3,7 +3,7 @@
 //! a stream of orders, and a seeded schedule of faults; then, once the
 //! faults stop and the system quiesces, the checks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -14,14 +14,18 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use checkout::deploy::{Database, Deployment, WorkerSettings};
 use checkout::services::{Faults, Service as FakeService};
 use saga_postgres::testing::TestCluster;
-use saga_postgres::testing::proxy::{Cut, FaultProxy};
+use saga_postgres::testing::proxy::{Cut, FaultProxy, Intercepted};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
 
-use crate::check::{self, Findings};
-use crate::schedule::{self, Event, Fault, FaultKind, Plan, Service};
+use crate::check::{
+    self, CutSummary, Findings, Recorded, RecordedCut, RefusedAt, WorkerFact, ZombieFact,
+};
+use crate::schedule::{self, Event, Fault, FaultKind, Plan, Service, ZombieAt};
 use crate::worker::{Counts, PointAction, SPEC_ENV, WorkerEvent, WorkerSpec, chaos_settings};
 
 /// A switch that breaks the system on purpose, so that the harness can show
@@ -58,8 +62,23 @@ pub struct Config {
     pub quiesce_bound: Duration,
     /// The `chaos` executable, run as `chaos worker`.
     pub worker_exe: PathBuf,
-    /// Print progress to stderr.
+    /// Print progress to stderr (every few seconds).
     pub progress: bool,
+}
+
+/// The faults of one kind: how many were scheduled, how many took place,
+/// and how much they hit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KindCount {
+    /// Events in the schedule.
+    pub scheduled: u64,
+    /// Events that took place (a point armed but never reached, a kill of
+    /// a process already gone, a reset with no connection open... did not).
+    pub fired: u64,
+    /// What the fired events hit, in `unit`s.
+    pub affected: u64,
+    /// What `affected` counts.
+    pub unit: &'static str,
 }
 
 /// What a run found.
@@ -73,15 +92,30 @@ pub struct Report {
     pub workers: usize,
     /// The negative control, if one was on.
     pub negative: Option<NegativeControl>,
+    /// The kinds of fault injected.
+    pub kinds: Vec<&'static str>,
     /// Seconds of fault injection.
     pub fault_seconds: f64,
-    /// Faults injected, by kind.
-    pub faults: BTreeMap<String, u64>,
-    /// Faults injected in all.
-    pub faults_total: u64,
-    /// Repeated deliveries the email inbox recognised and ignored.
-    pub duplicates_absorbed: u64,
-    /// The workers' counters (fenced writes, ambiguous commits...).
+    /// Per kind: scheduled, fired, affected.
+    pub faults: BTreeMap<&'static str, KindCount>,
+    /// Fault events scheduled, all kinds (the sum of `scheduled`).
+    pub fault_events_scheduled: u64,
+    /// Fault events fired, all kinds (the sum of `fired`).
+    pub fault_events_fired: u64,
+    /// What the cut transitions turned out to be, from the database.
+    pub cuts: CutSummary,
+    /// The zombies, each with what the harness saw.
+    pub zombies: Vec<ZombieFact>,
+    /// Deliveries the harness repeated itself.
+    pub redeliveries_sent: u64,
+    /// Of those, the ones the email inbox recognised and applied no
+    /// effect for.
+    pub redeliveries_absorbed: u64,
+    /// Repeated deliveries from the dispatchers (after a dispatcher crash
+    /// or a lost reply) that the email inbox absorbed.
+    pub dispatcher_duplicates_absorbed: u64,
+    /// The workers' counters, all incarnations (killed ones as last
+    /// reported).
     pub counts: Counts,
     /// Violations per invariant.
     pub violations: BTreeMap<&'static str, usize>,
@@ -91,8 +125,9 @@ pub struct Report {
     pub outcomes: BTreeMap<String, u64>,
     /// Stuck sagas and why.
     pub stuck: Vec<(String, String)>,
-    /// Seconds from the end of the faults until every saga had finished and
-    /// every message was delivered (`None`: not within the bound).
+    /// Seconds from the end of the last fault until every saga had
+    /// finished and every message was delivered (`None`: not within the
+    /// bound).
     pub seconds_to_quiesce: Option<f64>,
     /// The bound, in seconds.
     pub quiesce_bound_seconds: f64,
@@ -109,6 +144,21 @@ impl Report {
     #[must_use]
     pub fn passed(&self) -> bool {
         self.violation_details.is_empty()
+    }
+
+    /// The counts of `kind` (zeros if it was not injected).
+    #[must_use]
+    pub fn kind(&self, kind: FaultKind) -> KindCount {
+        self.faults.get(kind.name()).cloned().unwrap_or_default()
+    }
+
+    /// The zombies fenced off at their result write, verified.
+    #[must_use]
+    pub fn zombies_refused_at(&self, at: RefusedAt) -> usize {
+        self.zombies
+            .iter()
+            .filter(|z| z.refused() == Some(at))
+            .count()
     }
 }
 
@@ -130,19 +180,84 @@ pub enum Error {
     Json(#[from] serde_json::Error),
 }
 
+/// SQL text found only in a saga transition's statement (the one that
+/// moves the instance and appends its history row): the store writes
+/// `INSERT INTO <schema>.saga_history (transition_id, ...`. Workers never
+/// start sagas (the shop does, on its own connections), so every worker
+/// statement with this text is a transition.
+pub const TRANSITION_SQL: &str = "saga_history (transition_id";
+
+/// The number `N` of the first `$N` placeholder after `anchor` and then
+/// `then` in `sql`.
+fn placeholder_after(sql: &str, anchor: &str, then: &str) -> Option<usize> {
+    let rest = &sql[sql.find(anchor)? + anchor.len()..];
+    let rest = &rest[rest.find(then)? + then.len()..];
+    let rest = &rest[rest.find('$')? + 1..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn uuid_param(statement: &Intercepted, n: Option<usize>) -> Option<Uuid> {
+    Uuid::from_slice(statement.param(n?)?).ok()
+}
+
+/// The saga and transition ids of a transition's statement: the saga is
+/// the `WHERE id = $N` of its update, the transition the first value of
+/// its history row's `SELECT`.
+#[must_use]
+pub fn transition_ids(statement: &Intercepted) -> (Option<Uuid>, Option<Uuid>) {
+    let Some(sql) = statement.sql.as_deref() else {
+        return (None, None);
+    };
+    (
+        uuid_param(statement, placeholder_after(sql, "UPDATE", "WHERE id = ")),
+        uuid_param(statement, placeholder_after(sql, TRANSITION_SQL, "SELECT")),
+    )
+}
+
+/// Fired fault events, and when the last one ended.
 #[derive(Default)]
 struct Tally {
-    by_kind: std::sync::Mutex<BTreeMap<FaultKind, u64>>,
+    fired: std::sync::Mutex<BTreeMap<FaultKind, u64>>,
+    affected: std::sync::Mutex<BTreeMap<FaultKind, u64>>,
+    last: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Tally {
-    fn add(&self, kind: FaultKind, n: u64) {
+    fn fired(&self, kind: FaultKind) {
         *self
-            .by_kind
+            .fired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+        self.touch();
+    }
+
+    fn affected(&self, kind: FaultKind, n: u64) {
+        *self
+            .affected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(kind)
             .or_default() += n;
+    }
+
+    /// A fault's effect ended now.
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn last(&self) -> Option<Instant> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn total(&self) -> u64 {
+        self.fired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
     }
 }
 
@@ -150,21 +265,69 @@ struct Slot {
     child: Child,
     stdin: ChildStdin,
     incarnation: u64,
+    reader: JoinHandle<()>,
+}
+
+/// An armed effect point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    Crash,
+    Zombie(ZombieAt),
+}
+
+impl Arm {
+    fn action(self) -> PointAction {
+        match self {
+            Arm::Crash => PointAction::Crash,
+            Arm::Zombie(_) => PointAction::Pause,
+        }
+    }
+
+    fn command(self) -> &'static str {
+        match self.action() {
+            PointAction::Crash => "crash-after-effect",
+            PointAction::Pause => "pause-after-effect",
+        }
+    }
 }
 
 /// Armed points not yet reached. The head of each queue is armed on every
 /// live worker; the first worker to reach it fires it.
 #[derive(Debug, Default)]
 struct Arms {
-    effect: std::collections::VecDeque<PointAction>,
+    effect: VecDeque<Arm>,
     publish: u32,
+    /// A zombie is frozen or being watched: the next zombie point waits,
+    /// so that some worker is always left to take a zombie's saga over.
+    zombie_active: bool,
 }
 
-fn effect_command(action: PointAction) -> &'static str {
-    match action {
-        PointAction::Crash => "crash-after-effect",
-        PointAction::Pause => "pause-after-effect",
+impl Arms {
+    /// The effect point to arm on the workers now, and where it is in the
+    /// queue: the first, or while a zombie is active the first crash.
+    fn next(&self) -> Option<(usize, Arm)> {
+        self.effect
+            .iter()
+            .copied()
+            .enumerate()
+            .find(|(_, a)| !(self.zombie_active && matches!(a, Arm::Zombie(_))))
     }
+
+    fn to_arm(&self) -> Option<Arm> {
+        self.next().map(|(_, arm)| arm)
+    }
+}
+
+enum Msg {
+    Event(usize, u64, WorkerEvent),
+    /// Answered once every message before it was handled.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The name a worker incarnation's connections carry
+/// (`application_name`).
+fn incarnation_name(i: usize, incarnation: u64) -> String {
+    format!("chaos-w{i}-{incarnation}")
 }
 
 /// The worker processes, restarted after each kill.
@@ -172,21 +335,34 @@ struct Workers {
     arms: std::sync::Mutex<Arms>,
     /// Workers frozen as zombies right now: random kills spare them, so
     /// that each zombie lives to make its stale write.
-    paused: std::sync::Mutex<std::collections::BTreeSet<usize>>,
+    paused: std::sync::Mutex<BTreeSet<usize>>,
     exe: PathBuf,
-    specs: Vec<String>,
+    spec: WorkerSpec,
     slots: Vec<Mutex<Option<Slot>>>,
-    events: mpsc::UnboundedSender<(usize, u64, WorkerEvent)>,
+    events: mpsc::UnboundedSender<Msg>,
     counts: std::sync::Mutex<BTreeMap<(usize, u64), Counts>>,
+    /// Incarnations that stopped cleanly (their counters are complete).
+    stopped: std::sync::Mutex<BTreeSet<(usize, u64)>>,
+    /// Writes refused, as the workers reported them: (worker, incarnation,
+    /// saga id).
+    leases_lost: std::sync::Mutex<Vec<(usize, u64, String)>>,
+    lease_lost: Notify,
     incarnations: AtomicU64,
 }
 
 impl Workers {
     async fn spawn(&self, i: usize) -> Result<(), Error> {
         let incarnation = self.incarnations.fetch_add(1, Ordering::Relaxed);
+        let mut spec = self.spec.clone();
+        spec.number = i;
+        spec.endpoints.database_url = format!(
+            "{}?application_name={}",
+            spec.endpoints.database_url,
+            incarnation_name(i, incarnation)
+        );
         let mut child = Command::new(&self.exe)
             .arg("worker")
-            .env(SPEC_ENV, &self.specs[i])
+            .env(SPEC_ENV, serde_json::to_string(&spec)?)
             .env("RUST_LOG", "error")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -196,11 +372,11 @@ impl Workers {
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let events = self.events.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Ok(event) = serde_json::from_str::<WorkerEvent>(&line) {
-                    let _ = events.send((i, incarnation, event));
+                    let _ = events.send(Msg::Event(i, incarnation, event));
                 }
             }
         });
@@ -208,14 +384,15 @@ impl Workers {
             child,
             stdin,
             incarnation,
+            reader,
         });
         // A new incarnation gets the points armed on the others.
         let (effect, publish) = {
             let arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
-            (arms.effect.front().copied(), arms.publish > 0)
+            (arms.to_arm(), arms.publish > 0)
         };
-        if let Some(action) = effect {
-            self.send(i, effect_command(action)).await;
+        if let Some(arm) = effect {
+            self.send(i, arm.command()).await;
         }
         if publish {
             self.send(i, "crash-after-publish").await;
@@ -230,30 +407,39 @@ impl Workers {
     }
 
     /// Queues an effect point; arms it everywhere if it is the first.
-    async fn arm_effect(&self, action: PointAction) {
-        let first = {
+    async fn arm_effect(&self, arm: Arm) {
+        let (before, after) = {
             let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
-            arms.effect.push_back(action);
-            arms.effect.len() == 1
+            let before = arms.to_arm();
+            arms.effect.push_back(arm);
+            (before, arms.to_arm())
         };
-        if first {
-            self.broadcast(effect_command(action)).await;
+        if let Some(arm) = after
+            && before.is_none()
+        {
+            self.broadcast(arm.command()).await;
         }
     }
 
-    /// An effect point was reached: disarm it everywhere, arm the next.
-    async fn effect_fired(&self, action: PointAction) {
-        let next = {
+    /// An effect point was reached: disarm it everywhere, arm the next;
+    /// returns the arm it fired.
+    async fn effect_fired(&self, action: PointAction) -> Option<Arm> {
+        let (fired, next) = {
             let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
-            if arms.effect.front() == Some(&action) {
-                arms.effect.pop_front();
+            let fired = match arms.next() {
+                Some((index, arm)) if arm.action() == action => arms.effect.remove(index),
+                _ => None,
+            };
+            if matches!(fired, Some(Arm::Zombie(_))) {
+                arms.zombie_active = true;
             }
-            arms.effect.front().copied()
+            (fired, arms.to_arm())
         };
         self.broadcast("disarm-effect").await;
         if let Some(next) = next {
-            self.broadcast(effect_command(next)).await;
+            self.broadcast(next.command()).await;
         }
+        fired
     }
 
     async fn arm_publish(&self) {
@@ -279,9 +465,49 @@ impl Workers {
         }
     }
 
+    /// The zombie is done with: the next zombie point may be armed.
+    async fn zombie_done(&self) {
+        let next = {
+            let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
+            arms.zombie_active = false;
+            arms.to_arm()
+        };
+        if let Some(next) = next {
+            self.broadcast(next.command()).await;
+        }
+    }
+
     fn armed(&self) -> bool {
         let arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
         !arms.effect.is_empty() || arms.publish > 0
+    }
+
+    fn clear_arms(&self) {
+        *self.arms.lock().unwrap_or_else(|e| e.into_inner()) = Arms::default();
+    }
+
+    fn is_paused(&self, i: usize) -> bool {
+        self.paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&i)
+    }
+
+    fn set_paused(&self, i: usize, paused: bool) {
+        let mut set = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused {
+            set.insert(i);
+        } else {
+            set.remove(&i);
+        }
+    }
+
+    fn reported_lease_lost(&self, i: usize, incarnation: u64, saga: &str) -> bool {
+        self.leases_lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(w, n, s)| *w == i && *n == incarnation && s == saga)
     }
 
     /// SIGKILL worker `i` (if `incarnation` is given, only that one), then
@@ -336,22 +562,41 @@ impl Workers {
         total
     }
 
-    /// Asks every worker to stop and waits (killing what does not stop).
+    fn facts(&self) -> Vec<WorkerFact> {
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((i, n), counts)| WorkerFact {
+                name: incarnation_name(*i, *n),
+                survived: stopped.contains(&(*i, *n)),
+                counts: *counts,
+            })
+            .collect()
+    }
+
+    /// Asks every worker to stop and waits for it and for its last events
+    /// (killing what does not stop).
     async fn stop_all(&self) {
         for slot in &self.slots {
             if let Some(s) = slot.lock().await.as_mut() {
                 let _ = s.stdin.write_all(b"stop\n").await;
+                let _ = s.stdin.flush().await;
             }
         }
         for slot in &self.slots {
-            if let Some(mut s) = slot.lock().await.take()
-                && tokio::time::timeout(Duration::from_secs(30), s.child.wait())
-                    .await
-                    .is_err()
+            let Some(mut s) = slot.lock().await.take() else {
+                continue;
+            };
+            if tokio::time::timeout(Duration::from_secs(30), s.child.wait())
+                .await
+                .is_err()
             {
                 let _ = s.child.start_kill();
                 let _ = s.child.wait().await;
             }
+            let _ = s.reader.await;
         }
     }
 }
@@ -364,11 +609,24 @@ fn fake(d: &Deployment, s: Service) -> &FakeService {
     }
 }
 
+/// What the fault tasks share.
+struct Run {
+    deployment: Arc<Deployment>,
+    proxy: Arc<FaultProxy>,
+    workers: Arc<Workers>,
+    tally: Arc<Tally>,
+    zombies: std::sync::Mutex<Vec<ZombieFact>>,
+    zombie_tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    redeliveries_sent: AtomicU64,
+    redeliveries_absorbed: AtomicU64,
+}
+
 /// Runs the harness.
 pub async fn run(config: Config) -> Result<Report, Error> {
     let started = Instant::now();
-    let say = |msg: String| {
-        if config.progress {
+    let progress = config.progress;
+    let say = move |msg: String| {
+        if progress {
             eprintln!("chaos: {msg}");
         }
     };
@@ -388,6 +646,7 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         )
         .await?,
     );
+    check::install_records(&deployment).await?;
     let mut endpoints = deployment.endpoints();
     endpoints.database_url = format!(
         "postgres://postgres@127.0.0.1:{}/postgres",
@@ -400,104 +659,84 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         Some(NegativeControl::PublishDirectly) => settings.publish_directly = true,
         None => {}
     }
-    let lease = settings.lease;
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-    let specs = (0..config.workers)
-        .map(|number| {
-            serde_json::to_string(&WorkerSpec {
-                endpoints: endpoints.clone(),
-                settings: settings.clone(),
-                number,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let workers = Arc::new(Workers {
         exe: config.worker_exe.clone(),
-        specs,
+        spec: WorkerSpec {
+            endpoints,
+            settings: settings.clone(),
+            number: 0,
+        },
         slots: (0..config.workers).map(|_| Mutex::new(None)).collect(),
         events: events_tx,
         arms: std::sync::Mutex::default(),
         paused: std::sync::Mutex::default(),
         counts: std::sync::Mutex::default(),
+        stopped: std::sync::Mutex::default(),
+        leases_lost: std::sync::Mutex::default(),
+        lease_lost: Notify::new(),
         incarnations: AtomicU64::new(0),
     });
     for i in 0..config.workers {
         workers.spawn(i).await?;
     }
     let tally = Arc::new(Tally::default());
+    let run = Arc::new(Run {
+        deployment: deployment.clone(),
+        proxy: proxy.clone(),
+        workers: workers.clone(),
+        tally: tally.clone(),
+        zombies: std::sync::Mutex::default(),
+        zombie_tasks: std::sync::Mutex::default(),
+        redeliveries_sent: AtomicU64::new(0),
+        redeliveries_absorbed: AtomicU64::new(0),
+    });
 
-    // The workers' events: counters, and the armed points where the
-    // harness kills or stalls them.
+    // The workers' events: counters, refused writes, and the armed points
+    // where the harness kills or freezes them.
     let event_loop = {
-        let workers = workers.clone();
-        let tally = tally.clone();
+        let run = run.clone();
+        let lease = settings.lease;
         tokio::spawn(async move {
-            while let Some((i, incarnation, event)) = events_rx.recv().await {
-                match event {
-                    WorkerEvent::Stats { counts } => {
-                        workers
-                            .counts
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert((i, incarnation), counts);
+            while let Some(msg) = events_rx.recv().await {
+                let (i, incarnation, event) = match msg {
+                    Msg::Event(i, n, e) => (i, n, e),
+                    Msg::Flush(done) => {
+                        let _ = done.send(());
+                        continue;
                     }
-                    WorkerEvent::EffectPoint {
-                        action: PointAction::Crash,
-                        ..
-                    } => {
-                        workers.effect_fired(PointAction::Crash).await;
-                        if workers
-                            .kill_and_restart(i, Some(incarnation))
-                            .await
-                            .unwrap_or(false)
-                        {
-                            tally.add(FaultKind::CrashAfterEffect, 1);
-                        }
-                    }
-                    WorkerEvent::EffectPoint {
-                        action: PointAction::Pause,
-                        ..
-                    } => {
-                        workers.effect_fired(PointAction::Pause).await;
-                        let workers = workers.clone();
-                        let tally = tally.clone();
-                        tokio::spawn(async move {
-                            workers
-                                .paused
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(i);
-                            if workers.signal(i, incarnation, "STOP").await {
-                                tally.add(FaultKind::ZombieWorker, 1);
-                                tokio::time::sleep(lease + Duration::from_secs(1)).await;
-                                workers.signal(i, incarnation, "CONT").await;
-                            }
-                            workers.send(i, "resume").await;
-                            // Leave it time to try its stale write.
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                            workers
-                                .paused
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&i);
-                        });
-                    }
-                    WorkerEvent::PublishPoint => {
-                        workers.publish_fired().await;
-                        if workers
-                            .kill_and_restart(i, Some(incarnation))
-                            .await
-                            .unwrap_or(false)
-                        {
-                            tally.add(FaultKind::DispatcherCrash, 1);
-                        }
-                    }
-                    WorkerEvent::Ready | WorkerEvent::Stopped => {}
-                }
+                };
+                handle_event(&run, lease, i, incarnation, event).await;
             }
         })
     };
+
+    // Progress, every few seconds.
+    let phase = Arc::new(std::sync::Mutex::new("faults"));
+    let progress_task = config.progress.then(|| {
+        let deployment = deployment.clone();
+        let tally = tally.clone();
+        let phase = phase.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(5));
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let phase = *phase.lock().unwrap_or_else(|e| e.into_inner());
+                if let Ok(p) = deployment.quiet().await {
+                    eprintln!(
+                        "chaos: {:>6.1}s {phase}: {}/{} sagas finished, {} messages to deliver, {} fault events fired",
+                        started.elapsed().as_secs_f64(),
+                        p.finished,
+                        p.sagas,
+                        p.undelivered,
+                        tally.total()
+                    );
+                }
+            }
+        })
+    });
 
     // Orders, placed over the first 80% of the fault phase; each retried
     // until it lands (placing is idempotent on the order id).
@@ -531,6 +770,25 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         })
     };
 
+    // Commit cuts, one armed at a time (arming replaces a cut not yet
+    // fired), each aimed at a transition's statement.
+    let (cut_tx, mut cut_rx) = mpsc::unbounded_channel::<bool>();
+    let cutter = {
+        let proxy = proxy.clone();
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            while let Some(reply_lost) = cut_rx.recv().await {
+                proxy.arm(if reply_lost {
+                    Cut::AfterQueryContaining(TRANSITION_SQL.into())
+                } else {
+                    Cut::BeforeQueryContaining(TRANSITION_SQL.into())
+                });
+                proxy.fired().await;
+                tally.fired(FaultKind::CommitCut);
+            }
+        })
+    };
+
     // The fault schedule.
     let events = schedule::schedule(&Plan {
         seed: config.seed,
@@ -539,62 +797,53 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         kinds: config.kinds.clone(),
         rate: config.rate,
     });
+    let mut scheduled: BTreeMap<FaultKind, u64> = BTreeMap::new();
+    for e in &events {
+        *scheduled.entry(e.fault.kind()).or_default() += 1;
+    }
     say(format!("{} scheduled faults", events.len()));
     let generation: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
     let fault_start = Instant::now();
     let mut background = Vec::new();
-    let mut last_progress = Instant::now();
     for Event { at, fault } in events {
         if let Some(wait) = at.checked_sub(fault_start.elapsed()) {
             tokio::time::sleep(wait).await;
         }
-        if config.progress && last_progress.elapsed() > Duration::from_secs(5) {
-            last_progress = Instant::now();
-            if let Ok(p) = deployment.quiet().await {
-                say(format!(
-                    "{:>5.1}s: {}/{} sagas finished",
-                    fault_start.elapsed().as_secs_f64(),
-                    p.finished,
-                    p.sagas
-                ));
-            }
-        }
         let kind = fault.kind();
         match fault {
             Fault::WorkerKill { worker } => {
-                let target = {
-                    let paused = workers.paused.lock().unwrap_or_else(|e| e.into_inner());
-                    (0..config.workers)
-                        .map(|k| (worker + k) % config.workers)
-                        .find(|w| !paused.contains(w))
-                };
+                let target = (0..config.workers)
+                    .map(|k| (worker + k) % config.workers)
+                    .find(|w| !workers.is_paused(*w));
                 if let Some(target) = target
                     && workers.kill_and_restart(target, None).await?
                 {
-                    tally.add(kind, 1);
+                    tally.fired(kind);
+                    tally.affected(kind, 1);
                 }
             }
             // Armed on every worker: the first to reach the point fires it.
-            Fault::CrashAfterEffect { .. } => workers.arm_effect(PointAction::Crash).await,
-            Fault::ZombieWorker { .. } => workers.arm_effect(PointAction::Pause).await,
+            Fault::CrashAfterEffect { .. } => workers.arm_effect(Arm::Crash).await,
+            Fault::ZombieWorker { at, .. } => workers.arm_effect(Arm::Zombie(at)).await,
             Fault::DispatcherCrash { .. } => workers.arm_publish().await,
             Fault::PostgresRestart { down_for } => {
                 let cluster = cluster.clone();
                 let tally = tally.clone();
                 background.push(tokio::spawn(async move {
-                    if cluster.stop_immediate().await.is_ok() {
-                        tally.add(kind, 1);
+                    let stopped = cluster.stop_immediate().await.is_ok();
+                    if stopped {
+                        tally.fired(kind);
+                        tally.affected(kind, 1);
                         tokio::time::sleep(down_for).await;
                     }
                     let _ = cluster.start_again().await;
+                    if stopped {
+                        tally.touch();
+                    }
                 }));
             }
             Fault::CommitCut { reply_lost } => {
-                proxy.arm(if reply_lost {
-                    Cut::AfterExecute
-                } else {
-                    Cut::BeforeExecute
-                });
+                let _ = cut_tx.send(reply_lost);
             }
             Fault::ConnectionReset => {
                 // Right after a database restart there may be no live
@@ -605,7 +854,8 @@ pub async fn run(config: Config) -> Result<Report, Error> {
                     for _ in 0..10 {
                         let reset = proxy.reset_all().await;
                         if reset > 0 {
-                            tally.add(kind, reset as u64);
+                            tally.fired(kind);
+                            tally.affected(kind, reset as u64);
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -613,9 +863,10 @@ pub async fn run(config: Config) -> Result<Report, Error> {
                 }));
             }
             Fault::NetworkLatency { latency, window } => {
-                tally.add(kind, 1);
+                tally.fired(kind);
                 proxy.set_latency(latency);
                 let proxy = proxy.clone();
+                let tally = tally.clone();
                 let generation = generation.clone();
                 let mine = bump(&generation, "proxy");
                 background.push(tokio::spawn(async move {
@@ -623,6 +874,7 @@ pub async fn run(config: Config) -> Result<Report, Error> {
                     if current(&generation, "proxy") == mine {
                         proxy.set_latency(Duration::ZERO);
                     }
+                    tally.touch();
                 }));
             }
             Fault::Downstream {
@@ -630,11 +882,10 @@ pub async fn run(config: Config) -> Result<Report, Error> {
                 faults,
                 window,
             } => {
-                if kind == FaultKind::DownstreamOutage || kind == FaultKind::DownstreamLatency {
-                    tally.add(kind, 1);
-                }
+                tally.fired(kind);
                 fake(&deployment, service).set_faults(faults);
                 let deployment = deployment.clone();
+                let tally = tally.clone();
                 let generation = generation.clone();
                 let key = format!("{service:?}");
                 let mine = bump(&generation, &key);
@@ -643,10 +894,19 @@ pub async fn run(config: Config) -> Result<Report, Error> {
                     if current(&generation, &key) == mine {
                         fake(&deployment, service).set_faults(Faults::default());
                     }
+                    tally.touch();
                 }));
             }
             Fault::DuplicateDelivery { count } => {
-                tally.add(kind, redeliver(&deployment, count).await.unwrap_or(0));
+                if let Ok((sent, absorbed)) = redeliver(&deployment, count).await
+                    && sent > 0
+                {
+                    tally.fired(kind);
+                    tally.affected(kind, absorbed);
+                    run.redeliveries_sent.fetch_add(sent, Ordering::Relaxed);
+                    run.redeliveries_absorbed
+                        .fetch_add(absorbed, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -660,74 +920,162 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    workers.clear_arms();
+    for i in 0..config.workers {
+        workers.send(i, "disarm").await;
+    }
     for task in background {
         let _ = task.await;
+    }
+    loop {
+        let tasks =
+            std::mem::take(&mut *run.zombie_tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        if tasks.is_empty() {
+            break;
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
     }
     if !cluster.is_running() {
         let _ = cluster.start_again().await;
     }
+    drop(cut_tx);
     proxy.disarm();
+    cutter.abort();
+    let _ = cutter.await;
     proxy.set_latency(Duration::ZERO);
     for s in [Service::Payment, Service::Inventory, Service::Email] {
         bump(&generation, &format!("{s:?}"));
         fake(&deployment, s).set_faults(Faults::default());
     }
     for i in 0..config.workers {
-        workers.send(i, "disarm").await;
         workers.send(i, "resume").await;
     }
     let _ = placing.await;
-    tally.add(FaultKind::CommitCut, proxy.fired_count());
     let fault_seconds = fault_start.elapsed().as_secs_f64();
+    *phase.lock().unwrap_or_else(|e| e.into_inner()) = "quiescing";
     say("faults stopped; waiting for the system to quiesce".into());
 
-    let quiet_start = Instant::now();
+    // I4: from the end of the last fault.
+    let last_fault = tally.last().unwrap_or(fault_start);
+    let deadline = last_fault + config.quiesce_bound;
     let mut quiesced = None;
-    while quiet_start.elapsed() < config.quiesce_bound {
+    loop {
         match deployment.quiet().await {
             Ok(p) if p.is_quiet() && p.sagas as usize == config.orders => {
-                quiesced = Some(quiet_start.elapsed());
+                quiesced = Some(last_fault.elapsed());
                 break;
             }
-            Ok(p) if config.progress && last_progress.elapsed() > Duration::from_secs(5) => {
-                last_progress = Instant::now();
-                say(format!(
-                    "quiescing: {}/{} sagas finished, {} messages to deliver",
-                    p.finished, p.sagas, p.undelivered
-                ));
-            }
+            _ if Instant::now() >= deadline => break,
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if let Some(task) = progress_task {
+        task.abort();
+    }
     workers.stop_all().await;
+    let (done, flushed) = oneshot::channel();
+    let _ = workers.events.send(Msg::Flush(done));
+    let _ = flushed.await;
     event_loop.abort();
 
-    let audit = deployment.audit().await?;
-    let counts = workers.total();
-    let findings: Findings = check::check(&deployment, &audit, quiesced.is_some(), &counts).await?;
-    for s in [Service::Payment, Service::Inventory, Service::Email] {
-        let injected = fake(&deployment, s).injected();
-        tally.add(FaultKind::DownstreamErrors, injected.failures);
-        tally.add(FaultKind::LostReplies, injected.lost_replies);
-    }
-    let duplicates_absorbed = deployment.email.injected().duplicates_absorbed;
-    deployment.stop_services();
+    let cuts = proxy
+        .cuts()
+        .into_iter()
+        .map(|c| {
+            let (saga, transition) = transition_ids(&c.statement);
+            RecordedCut {
+                after: c.after,
+                saga,
+                transition,
+                worker: c.statement.application_name.clone(),
+                port: c.statement.upstream_port,
+            }
+        })
+        .collect();
+    let recorded = Recorded {
+        cuts,
+        workers: workers.facts(),
+        zombies: run
+            .zombies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    };
+    let facts = check::gather(&deployment, quiesced.is_some(), recorded).await?;
+    let findings: Findings = check::check(&facts);
 
-    let faults: BTreeMap<String, u64> = tally
-        .by_kind
+    // What each kind hit.
+    let mut service_totals = checkout::services::Injected::default();
+    for s in [Service::Payment, Service::Inventory, Service::Email] {
+        let i = fake(&deployment, s).injected();
+        service_totals.errors += i.errors;
+        service_totals.outage_rejections += i.outage_rejections;
+        service_totals.delayed += i.delayed;
+        service_totals.lost_replies += i.lost_replies;
+    }
+    let redeliveries_absorbed = run.redeliveries_absorbed.load(Ordering::Relaxed);
+    let dispatcher_duplicates_absorbed = deployment
+        .email
+        .injected()
+        .duplicates_absorbed
+        .saturating_sub(redeliveries_absorbed);
+    deployment.stop_services();
+    tally.affected(FaultKind::NetworkLatency, proxy.stats().delayed);
+    tally.affected(FaultKind::DownstreamErrors, service_totals.errors);
+    tally.affected(
+        FaultKind::DownstreamOutage,
+        service_totals.outage_rejections,
+    );
+    tally.affected(FaultKind::DownstreamLatency, service_totals.delayed);
+    tally.affected(FaultKind::LostReplies, service_totals.lost_replies);
+    tally.affected(
+        FaultKind::ZombieWorker,
+        facts
+            .zombies
+            .iter()
+            .filter(|z| z.refused().is_some())
+            .count() as u64,
+    );
+    tally.affected(FaultKind::CommitCut, facts.cuts.len() as u64);
+
+    let fired = tally
+        .fired
         .lock()
         .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let affected = tally
+        .affected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut kinds: Vec<FaultKind> = config.kinds.clone();
+    kinds.sort();
+    kinds.dedup();
+    let faults: BTreeMap<&'static str, KindCount> = kinds
         .iter()
-        .map(|(k, n)| (k.name().to_owned(), *n))
+        .map(|k| {
+            (
+                k.name(),
+                KindCount {
+                    scheduled: scheduled.get(k).copied().unwrap_or(0),
+                    fired: fired.get(k).copied().unwrap_or(0),
+                    affected: affected.get(k).copied().unwrap_or(0),
+                    unit: unit(*k),
+                },
+            )
+        })
         .collect();
+
     let mut first_violating_orders = Vec::new();
     for v in &findings.violations {
         let Some(order) = &v.order else { continue };
         if first_violating_orders.iter().any(|(o, _)| o == order) {
             continue;
         }
-        let timeline = findings
+        let timeline = facts
             .instances
             .get(order)
             .map(|i| checkout::demo::timeline(&i.history))
@@ -746,14 +1094,20 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         .sum();
     Ok(Report {
         seed: config.seed,
-        sagas: findings.instances.len(),
+        sagas: facts.instances.len(),
         workers: config.workers,
         negative: config.negative,
+        kinds: kinds.iter().map(|k| k.name()).collect(),
         fault_seconds,
-        faults_total: faults.values().sum(),
+        fault_events_scheduled: faults.values().map(|k| k.scheduled).sum(),
+        fault_events_fired: faults.values().map(|k| k.fired).sum(),
         faults,
-        duplicates_absorbed,
-        counts,
+        cuts: findings.cuts,
+        zombies: facts.zombies.clone(),
+        redeliveries_sent: run.redeliveries_sent.load(Ordering::Relaxed),
+        redeliveries_absorbed,
+        dispatcher_duplicates_absorbed,
+        counts: workers.total(),
         violations: findings.per_invariant(),
         violation_details: findings.violations.clone(),
         outcomes: findings.outcomes.clone(),
@@ -764,6 +1118,253 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         seconds,
         first_violating_orders,
     })
+}
+
+/// What `affected` counts for each kind.
+fn unit(kind: FaultKind) -> &'static str {
+    match kind {
+        FaultKind::WorkerKill => "workers killed",
+        FaultKind::CrashAfterEffect => "workers killed after an effect",
+        FaultKind::ZombieWorker => "zombies fenced off (verified)",
+        FaultKind::PostgresRestart => "restarts",
+        FaultKind::CommitCut => "transitions cut",
+        FaultKind::ConnectionReset => "connections closed",
+        FaultKind::NetworkLatency => "chunks delayed",
+        FaultKind::DownstreamOutage => "requests refused (outage 503)",
+        FaultKind::DownstreamErrors => "requests failed (injected 503)",
+        FaultKind::DownstreamLatency => "requests delayed",
+        FaultKind::LostReplies => "replies lost after the effect",
+        FaultKind::DuplicateDelivery => "redeliveries absorbed by the inbox",
+        FaultKind::DispatcherCrash => "dispatchers killed after publishing",
+    }
+}
+
+async fn handle_event(
+    run: &Arc<Run>,
+    lease: Duration,
+    i: usize,
+    incarnation: u64,
+    event: WorkerEvent,
+) {
+    let workers = &run.workers;
+    match event {
+        WorkerEvent::Stats { counts } => {
+            workers
+                .counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((i, incarnation), counts);
+        }
+        WorkerEvent::EffectPoint {
+            action: PointAction::Crash,
+            ..
+        } => {
+            workers.effect_fired(PointAction::Crash).await;
+            // It hangs until killed, armed or not.
+            if workers
+                .kill_and_restart(i, Some(incarnation))
+                .await
+                .unwrap_or(false)
+            {
+                run.tally.fired(FaultKind::CrashAfterEffect);
+                run.tally.affected(FaultKind::CrashAfterEffect, 1);
+            }
+        }
+        WorkerEvent::EffectPoint {
+            action: PointAction::Pause,
+            order_id,
+            ..
+        } => {
+            let Some(Arm::Zombie(at)) = workers.effect_fired(PointAction::Pause).await else {
+                // Reached after it was disarmed: not a zombie.
+                workers.send(i, "resume").await;
+                return;
+            };
+            let task = tokio::spawn(zombie(run.clone(), lease, i, incarnation, order_id, at));
+            run.zombie_tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+        }
+        WorkerEvent::PublishPoint => {
+            workers.publish_fired().await;
+            if workers
+                .kill_and_restart(i, Some(incarnation))
+                .await
+                .unwrap_or(false)
+            {
+                run.tally.fired(FaultKind::DispatcherCrash);
+                run.tally.affected(FaultKind::DispatcherCrash, 1);
+            }
+        }
+        WorkerEvent::LeaseLost { saga_id, .. } => {
+            workers
+                .leases_lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((i, incarnation, saga_id));
+            workers.lease_lost.notify_waiters();
+        }
+        WorkerEvent::Stopped => {
+            workers
+                .stopped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((i, incarnation));
+        }
+        WorkerEvent::Ready => {}
+    }
+}
+
+/// The saga of `order`: its id, lease token and version.
+async fn lease_of(
+    deployment: &Deployment,
+    order: &str,
+) -> Result<Option<(Uuid, Option<Uuid>, i64)>, checkout::Error> {
+    let db = deployment.pool.get().await?;
+    let row = db
+        .query_opt(
+            &format!(
+                "SELECT id, lease_token, version FROM {}.saga_instances WHERE start_key = $1",
+                deployment.schemas.saga.quoted()
+            ),
+            &[&order],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// Waits (up to `bound`) until someone other than the holder of `token`
+/// has written to the saga (a new version) under a new lease: another
+/// worker claimed it.
+async fn wait_for_takeover(
+    deployment: &Deployment,
+    order: &str,
+    token: Uuid,
+    version: i64,
+    bound: Duration,
+) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < bound {
+        if let Ok(Some((_, now_token, now_version))) = lease_of(deployment, order).await
+            && now_version > version
+            && now_token != Some(token)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A zombie: worker `i` stopped at its effect point on `order`. Frozen
+/// there (`Step`) or once its result is on the way (`Record`), until
+/// another worker has taken the saga over; then woken, and watched until
+/// it reports its write refused.
+async fn zombie(
+    run: Arc<Run>,
+    lease: Duration,
+    i: usize,
+    incarnation: u64,
+    order: String,
+    at: ZombieAt,
+) {
+    let workers = &run.workers;
+    let deployment = &run.deployment;
+    let mut fact = ZombieFact {
+        order: order.clone(),
+        at,
+        frozen: false,
+        takeover: false,
+        record_sent: None,
+        record_committed: false,
+        refusal_reported: false,
+    };
+    workers.set_paused(i, true);
+    // The worker is in its step and holds the saga's lease right now.
+    let mut lease_now = None;
+    for _ in 0..20 {
+        match lease_of(deployment, &order).await {
+            Ok(found) => {
+                lease_now = found;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    let Some((saga, Some(token), version)) = lease_now else {
+        workers.send(i, "resume").await;
+        workers.set_paused(i, false);
+        workers.zombie_done().await;
+        return;
+    };
+    let saga_id = saga.to_string();
+    // Its result, if it ever sends one, is held back until released.
+    let mut hold = Some(run.proxy.hold(TRANSITION_SQL, token.as_bytes()));
+    let takeover_bound = lease * 8;
+    match at {
+        ZombieAt::Step => {
+            if workers.signal(i, incarnation, "STOP").await {
+                fact.frozen = true;
+                run.tally.fired(FaultKind::ZombieWorker);
+                fact.takeover =
+                    wait_for_takeover(deployment, &order, token, version, takeover_bound).await;
+                workers.signal(i, incarnation, "CONT").await;
+            }
+            workers.send(i, "resume").await;
+        }
+        ZombieAt::Record => {
+            workers.send(i, "resume").await;
+            let reached = match hold.as_mut() {
+                Some(h) => tokio::time::timeout(lease * 2, h.reached()).await.ok(),
+                None => None,
+            };
+            if let Some(statement) = reached {
+                fact.record_sent = Some(transition_ids(&statement).1);
+                if workers.signal(i, incarnation, "STOP").await {
+                    fact.frozen = true;
+                    run.tally.fired(FaultKind::ZombieWorker);
+                    fact.takeover =
+                        wait_for_takeover(deployment, &order, token, version, takeover_bound).await;
+                }
+                // The result reaches the database now, after the takeover.
+                hold = None;
+                workers.signal(i, incarnation, "CONT").await;
+            }
+        }
+    }
+    // Until the worker reports its write refused: a result it sends now
+    // goes through at once (the takeover has happened).
+    let deadline = Instant::now() + lease * 5;
+    while Instant::now() < deadline && !workers.reported_lease_lost(i, incarnation, &saga_id) {
+        let notified = workers.lease_lost.notified();
+        let poll = tokio::time::sleep(Duration::from_millis(200));
+        match hold.as_mut() {
+            Some(h) => tokio::select! {
+                statement = h.reached() => {
+                    fact.record_sent = Some(transition_ids(&statement).1);
+                    hold = None;
+                }
+                () = notified => {}
+                () = poll => {}
+            },
+            None => tokio::select! {
+                () = notified => {}
+                () = poll => {}
+            },
+        }
+    }
+    fact.refusal_reported = workers.reported_lease_lost(i, incarnation, &saga_id);
+    drop(hold);
+    workers.set_paused(i, false);
+    if fact.frozen {
+        run.tally.touch();
+    }
+    run.zombies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(fact);
+    workers.zombie_done().await;
 }
 
 fn bump(generation: &std::sync::Mutex<BTreeMap<String, u64>>, key: &str) -> u64 {
@@ -783,8 +1384,9 @@ fn current(generation: &std::sync::Mutex<BTreeMap<String, u64>>, key: &str) -> u
 }
 
 /// Delivers up to `count` already delivered confirmations again, as a
-/// broker redelivering would; returns how many were sent.
-async fn redeliver(deployment: &Deployment, count: usize) -> Result<u64, checkout::Error> {
+/// broker redelivering would; returns how many were sent and how many of
+/// those the email service answered as already seen.
+async fn redeliver(deployment: &Deployment, count: usize) -> Result<(u64, u64), checkout::Error> {
     let db = deployment.pool.get().await?;
     let rows = db
         .query(
@@ -802,7 +1404,7 @@ async fn redeliver(deployment: &Deployment, count: usize) -> Result<u64, checkou
         .timeout(Duration::from_secs(2))
         .build()
         .map_err(checkout::Error::Http)?;
-    let mut sent = 0;
+    let (mut sent, mut absorbed) = (0, 0);
     for row in rows {
         let confirmed = checkout::model::OrderConfirmed {
             order_id: row.get(1),
@@ -814,15 +1416,60 @@ async fn redeliver(deployment: &Deployment, count: usize) -> Result<u64, checkou
             checkout::model::ORDER_CONFIRMED,
             serde_json::to_value(&confirmed)?,
         );
-        if http
+        let Ok(response) = http
             .post(format!("{}/deliveries", deployment.email.url()))
             .json(&delivery)
             .send()
             .await
-            .is_ok()
+        else {
+            continue;
+        };
+        sent += 1;
+        if response.status().is_success()
+            && let Ok(body) = response.json::<serde_json::Value>().await
+            && body.get("sent") == Some(&serde_json::Value::Bool(false))
         {
-            sent += 1;
+            absorbed += 1;
         }
     }
-    Ok(sent)
+    Ok((sent, absorbed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The transition statement as the store writes it (abridged).
+    const RECORD: &str = "WITH upd AS (
+                    UPDATE \"chaos_saga\".saga_instances SET status = $3::text
+                    WHERE id = $1::uuid AND lease_token = $2::uuid
+                    RETURNING id
+                ),
+                hist AS (
+                INSERT INTO \"chaos_saga\".saga_history (transition_id, saga_id, step, direction, attempt,
+                    outcome, error, from_status, to_status, started_at, finished_at)
+                SELECT $12::uuid, id, $13::text FROM upd
+            ) SELECT 1";
+
+    #[test]
+    fn the_saga_and_transition_of_a_cut_statement_are_read_from_its_parameters() {
+        assert_eq!(placeholder_after(RECORD, "UPDATE", "WHERE id = "), Some(1));
+        assert_eq!(
+            placeholder_after(RECORD, TRANSITION_SQL, "SELECT"),
+            Some(12)
+        );
+        let (saga, transition) = (Uuid::from_u128(1), Uuid::from_u128(12));
+        let mut statement = Intercepted::default();
+        statement.sql = Some(RECORD.into());
+        statement.params = (1..=13)
+            .map(|n| match n {
+                1 => Some(saga.as_bytes().to_vec()),
+                12 => Some(transition.as_bytes().to_vec()),
+                _ => Some(vec![0; 4]),
+            })
+            .collect();
+        assert_eq!(transition_ids(&statement), (Some(saga), Some(transition)));
+        statement.sql = Some("SELECT 1".into());
+        assert_eq!(transition_ids(&statement), (None, None));
+    }
 }

@@ -3,9 +3,13 @@
 //! schedule injects faults — killed and frozen workers, PostgreSQL
 //! restarts, connections cut around COMMIT, downstream outages and lost
 //! replies, duplicate deliveries — and then, once the faults stop and the
-//! system quiesces, the checkout invariants checked from ground truth.
+//! system quiesces, the checkout invariants checked from ground truth: the
+//! services' ledgers, the database rows, and the harness's own records
+//! (every outbox and history row ever inserted, copied by triggers; every
+//! statement the proxy cut; every zombie it froze).
 //!
-//! Run it with `cargo run -p chaos-tests --bin chaos -- run --help`.
+//! Run it with `cargo run -p chaos-tests --bin chaos -- run --help`; see
+//! `docs/chaos.md`.
 
 pub mod check;
 pub mod harness;

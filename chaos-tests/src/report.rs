@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::check::RefusedAt;
 use crate::harness::Report;
 
 /// The report as a table.
@@ -21,26 +22,70 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(w, "  sagas                      {}", r.sagas);
     let _ = writeln!(w, "  workers                    {}", r.workers);
     let _ = writeln!(w, "  fault phase                {:.1} s", r.fault_seconds);
-    let _ = writeln!(w, "  faults injected            {}", r.faults_total);
-    for (kind, n) in &r.faults {
-        let _ = writeln!(w, "    {kind:<24} {n}");
+    let _ = writeln!(
+        w,
+        "  fault events               {} fired of {} scheduled",
+        r.fault_events_fired, r.fault_events_scheduled
+    );
+    let _ = writeln!(
+        w,
+        "    {:<22} {:>9} {:>7} {:>9}  (what it counts)",
+        "kind", "scheduled", "fired", "affected"
+    );
+    for (kind, k) in &r.faults {
+        let _ = writeln!(
+            w,
+            "    {kind:<22} {:>9} {:>7} {:>9}  {}",
+            k.scheduled, k.fired, k.affected, k.unit
+        );
     }
     let _ = writeln!(
         w,
-        "  duplicate deliveries absorbed  {}",
-        r.duplicates_absorbed
+        "    {:<22} {:>9} {:>7}",
+        "total", r.fault_events_scheduled, r.fault_events_fired
+    );
+    let c = &r.cuts;
+    let _ = writeln!(
+        w,
+        "  transitions cut            {} ({} after sending, {} before): {} committed at the cut, \
+         {} not ({} written again, {} refused and redone)",
+        c.after + c.before,
+        c.after,
+        c.before,
+        c.committed,
+        c.not_committed,
+        c.written_again,
+        c.dropped
+    );
+    let frozen = r.zombies.iter().filter(|z| z.frozen).count();
+    let _ = writeln!(
+        w,
+        "  zombies                    {frozen} frozen: {} fenced off at the heartbeat, {} at the result, \
+         {} not verified",
+        r.zombies_refused_at(RefusedAt::Heartbeat),
+        r.zombies_refused_at(RefusedAt::Record),
+        frozen
+            - r.zombies_refused_at(RefusedAt::Heartbeat)
+            - r.zombies_refused_at(RefusedAt::Record)
+    );
+    let _ = writeln!(
+        w,
+        "  redeliveries               {} sent by the harness, {} absorbed by the inbox; \
+         {} more duplicates from dispatchers absorbed",
+        r.redeliveries_sent, r.redeliveries_absorbed, r.dispatcher_duplicates_absorbed
     );
     let c = &r.counts;
     let _ = writeln!(
         w,
-        "  ambiguous commits resolved {} ({} had committed, {} had not; {} unresolved)",
+        "  workers' own counters      {} ambiguous commits resolved ({} committed, {} not; \
+         {} unresolved), {} writes refused, {} database retries",
         c.ambiguous_committed + c.ambiguous_not_committed,
         c.ambiguous_committed,
         c.ambiguous_not_committed,
-        c.ambiguous_unresolved
+        c.ambiguous_unresolved,
+        c.leases_lost,
+        c.retries
     );
-    let _ = writeln!(w, "  stale writes fenced off    {}", c.leases_lost);
-    let _ = writeln!(w, "  database retries           {}", c.retries);
     let _ = writeln!(
         w,
         "  outcomes                   {}",
@@ -54,7 +99,10 @@ pub fn table(r: &Report) -> String {
         w,
         "  time to quiesce            {}",
         match r.seconds_to_quiesce {
-            Some(s) => format!("{s:.1} s (bound {:.0} s)", r.quiesce_bound_seconds),
+            Some(s) => format!(
+                "{s:.1} s after the last fault (bound {:.0} s)",
+                r.quiesce_bound_seconds
+            ),
             None => format!("NOT within {:.0} s", r.quiesce_bound_seconds),
         }
     );

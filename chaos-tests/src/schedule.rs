@@ -1,32 +1,103 @@
 //! The fault schedule: what goes wrong, and when, drawn from a seed. The
 //! same seed, duration, worker count and fault kinds give the same
-//! schedule.
+//! schedule, whatever the versions of the dependencies: the generator
+//! ([`SplitMix64`]) and the ways it is drawn from are defined here.
 
 use std::time::Duration;
 
 use checkout::services::Faults;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+/// SplitMix64 (Steele, Lea and Flood, 2014): a tiny generator whose
+/// output for a seed is fixed by its definition, so a seed names the same
+/// schedule on every build.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// The generator seeded with `seed`.
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`, from the top 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1_u64 << 53) as f64
+    }
+
+    /// Uniform in `[0, n)` (0 if `n` is 0), by multiply-shift.
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// Uniform in `[low, high)`.
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high.saturating_sub(low))
+    }
+
+    /// Uniform in `[low, high)`.
+    pub fn range_f64(&mut self, low: f64, high: f64) -> f64 {
+        low + (high - low) * self.unit()
+    }
+
+    /// `low..high` milliseconds.
+    pub fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(self.range(low, high))
+    }
+
+    /// Fisher–Yates.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
 /// A kind of fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum FaultKind {
     /// A worker process killed with SIGKILL at a random moment, then restarted.
     WorkerKill,
     /// A worker process killed with SIGKILL right after a downstream call
     /// applied its effect, before the step's result was recorded.
     CrashAfterEffect,
-    /// A worker stopped with SIGSTOP right after an effect, for longer than
-    /// its lease; another worker takes over; then SIGCONT. Its writes must
-    /// be refused.
+    /// A worker frozen (SIGSTOP) past its lease, either in the middle of a
+    /// step right after its effect, or between the end of the step and the
+    /// arrival of its result at the database (the write is held back in
+    /// the network meanwhile); another worker takes the saga over; then it
+    /// wakes. Its write must be refused.
     ZombieWorker,
     /// The database stopped with `pg_ctl stop -m immediate`, then started.
     PostgresRestart,
-    /// A worker's connection dropped after a statement (its COMMIT) was
-    /// sent and before the reply arrived, or just before it was sent.
+    /// A worker's connection dropped around a saga transition's statement
+    /// (the one that writes its history row and commits): after it was
+    /// sent and before the reply arrived (the reply to a COMMIT is lost),
+    /// or just before it was sent.
     CommitCut,
     /// Every live worker connection reset.
     ConnectionReset,
@@ -120,18 +191,20 @@ pub enum Fault {
         /// Which worker.
         worker: usize,
     },
-    /// Stop worker `worker` after its next effect, past its lease.
+    /// Freeze worker `worker` after its next effect, past its lease.
     ZombieWorker {
         /// Which worker.
         worker: usize,
+        /// Where it freezes.
+        at: ZombieAt,
     },
     /// Stop the database for `down_for`.
     PostgresRestart {
         /// How long it stays down.
         down_for: Duration,
     },
-    /// Cut the next statement's connection, after (`reply_lost`) or
-    /// before it reached the server.
+    /// Cut the connection of the next saga transition's statement, after
+    /// (`reply_lost`) or before it reached the server.
     CommitCut {
         /// Whether the statement reached the server.
         reply_lost: bool,
@@ -195,6 +268,18 @@ impl Fault {
     }
 }
 
+/// Where a zombie worker freezes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZombieAt {
+    /// In the step, right after its effect: on waking, its lease heartbeat
+    /// (or, if the step's end wins the race, its result) is refused.
+    Step,
+    /// After the step ended, with its result on the way to the database:
+    /// the result itself must be refused.
+    Record,
+}
+
 /// A fault and when it starts, from the beginning of the fault phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -219,23 +304,44 @@ pub struct Plan {
     pub rate: f64,
 }
 
-fn draw(kind: FaultKind, rng: &mut StdRng, workers: usize) -> Fault {
-    let worker = rng.random_range(0..workers.max(1));
-    let service = [Service::Payment, Service::Inventory, Service::Email][rng.random_range(0..3)];
-    let window = Duration::from_millis(rng.random_range(500..3_000));
+/// Alternations that make sure a run with two or more of a kind sees
+/// both of its variants.
+#[derive(Debug, Default)]
+struct Turns {
+    zombies: u64,
+    cuts: u64,
+}
+
+fn draw(kind: FaultKind, rng: &mut SplitMix64, workers: usize, turns: &mut Turns) -> Fault {
+    let worker = rng.below(workers.max(1) as u64) as usize;
+    let service = [Service::Payment, Service::Inventory, Service::Email][rng.below(3) as usize];
+    let window = rng.millis(500, 3_000);
     match kind {
         FaultKind::WorkerKill => Fault::WorkerKill { worker },
         FaultKind::CrashAfterEffect => Fault::CrashAfterEffect { worker },
-        FaultKind::ZombieWorker => Fault::ZombieWorker { worker },
+        FaultKind::ZombieWorker => {
+            turns.zombies += 1;
+            Fault::ZombieWorker {
+                worker,
+                at: if turns.zombies % 2 == 1 {
+                    ZombieAt::Record
+                } else {
+                    ZombieAt::Step
+                },
+            }
+        }
         FaultKind::PostgresRestart => Fault::PostgresRestart {
-            down_for: Duration::from_millis(rng.random_range(500..2_500)),
+            down_for: rng.millis(500, 2_500),
         },
-        FaultKind::CommitCut => Fault::CommitCut {
-            reply_lost: rng.random_bool(0.5),
-        },
+        FaultKind::CommitCut => {
+            turns.cuts += 1;
+            Fault::CommitCut {
+                reply_lost: turns.cuts % 2 == 1,
+            }
+        }
         FaultKind::ConnectionReset => Fault::ConnectionReset,
         FaultKind::NetworkLatency => Fault::NetworkLatency {
-            latency: Duration::from_millis(rng.random_range(5..60)),
+            latency: rng.millis(5, 60),
             window,
         },
         FaultKind::DownstreamOutage => Fault::Downstream {
@@ -244,12 +350,12 @@ fn draw(kind: FaultKind, rng: &mut StdRng, workers: usize) -> Fault {
                 outage: true,
                 ..Faults::default()
             },
-            window: Duration::from_millis(rng.random_range(300..1_500)),
+            window: rng.millis(300, 1_500),
         },
         FaultKind::DownstreamErrors => Fault::Downstream {
             service,
             faults: Faults {
-                error_rate: rng.random_range(0.1..0.4),
+                error_rate: rng.range_f64(0.1, 0.4),
                 ..Faults::default()
             },
             window,
@@ -257,7 +363,7 @@ fn draw(kind: FaultKind, rng: &mut StdRng, workers: usize) -> Fault {
         FaultKind::DownstreamLatency => Fault::Downstream {
             service,
             faults: Faults {
-                latency: Duration::from_millis(rng.random_range(20..300)),
+                latency: rng.millis(20, 300),
                 ..Faults::default()
             },
             window,
@@ -265,29 +371,38 @@ fn draw(kind: FaultKind, rng: &mut StdRng, workers: usize) -> Fault {
         FaultKind::LostReplies => Fault::Downstream {
             service,
             faults: Faults {
-                lose_reply_rate: rng.random_range(0.1..0.4),
+                lose_reply_rate: rng.range_f64(0.1, 0.4),
                 ..Faults::default()
             },
             window,
         },
         FaultKind::DuplicateDelivery => Fault::DuplicateDelivery {
-            count: rng.random_range(1..10),
+            count: rng.range(1, 10) as usize,
         },
         FaultKind::DispatcherCrash => Fault::DispatcherCrash { worker },
     }
 }
 
-/// The schedule of `plan`: every kind once, spread from 10% to 70% of the
-/// duration in a seeded order, then more faults at the given rate,
-/// sorted by time.
+/// The schedule of `plan`: every kind once (both variants of a cut and of
+/// a zombie), spread from 10% to 70% of the duration in a seeded order,
+/// then more faults at the given rate, sorted by time.
 #[must_use]
 pub fn schedule(plan: &Plan) -> Vec<Event> {
-    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let mut rng = SplitMix64::new(plan.seed);
+    let mut turns = Turns::default();
     let mut kinds = plan.kinds.clone();
     kinds.sort();
     kinds.dedup();
+    // Every kind once; the kinds with two variants (a cut after or before
+    // sending, a zombie frozen in its step or before its result lands)
+    // twice, one of each.
     let mut first = kinds.clone();
-    first.shuffle(&mut rng);
+    first.extend(
+        kinds
+            .iter()
+            .filter(|k| matches!(k, FaultKind::CommitCut | FaultKind::ZombieWorker)),
+    );
+    rng.shuffle(&mut first);
     // After the first 10% (workers are up), before the last 30% (the
     // faults' effects are still under way when the phase ends).
     let (begin, span) = (plan.duration.mul_f64(0.1), plan.duration.mul_f64(0.6));
@@ -296,7 +411,7 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
         .enumerate()
         .map(|(i, kind)| Event {
             at: begin + span.mul_f64((i as f64 + 0.5) / first.len().max(1) as f64),
-            fault: draw(*kind, &mut rng, plan.workers),
+            fault: draw(*kind, &mut rng, plan.workers, &mut turns),
         })
         .collect();
     let total_weight: u32 = kinds.iter().map(|k| k.weight()).sum();
@@ -305,7 +420,7 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
         if total_weight == 0 {
             break;
         }
-        let mut pick = rng.random_range(0..total_weight);
+        let mut pick = rng.below(u64::from(total_weight)) as u32;
         let kind = *kinds
             .iter()
             .find(|k| {
@@ -317,9 +432,10 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
                 }
             })
             .expect("a kind under the total weight");
+        let at = plan.duration.mul_f64(rng.unit());
         events.push(Event {
-            at: plan.duration.mul_f64(rng.random_range(0.0..1.0)),
-            fault: draw(kind, &mut rng, plan.workers),
+            at,
+            fault: draw(kind, &mut rng, plan.workers, &mut turns),
         });
     }
     // At most one database restart every ten seconds: each costs the
@@ -351,6 +467,91 @@ mod tests {
             kinds: FaultKind::ALL.to_vec(),
             rate: 2.0,
         }
+    }
+
+    const PINNED_HEAD: [(u128, &str); 4] = [
+        (95, "downstream_latency"),
+        (3561, "downstream_outage"),
+        (3600, "duplicate_delivery"),
+        (4429, "dispatcher_crash"),
+    ];
+    const PINNED_LEN: usize = 60;
+
+    #[test]
+    fn the_generator_gives_the_published_splitmix64_sequence() {
+        // The reference values of SplitMix64 seeded with 0 and 1234567.
+        let mut zero = SplitMix64::new(0);
+        assert_eq!(
+            [zero.next_u64(), zero.next_u64(), zero.next_u64()],
+            [
+                0xE220_A839_7B1D_CDAF,
+                0x6E78_9E6A_A1B9_65F4,
+                0x06C4_5D18_8009_454F
+            ]
+        );
+        let mut other = SplitMix64::new(1_234_567);
+        assert_eq!(
+            [other.next_u64(), other.next_u64()],
+            [6_457_827_717_110_365_317, 3_203_168_211_198_807_973]
+        );
+    }
+
+    #[test]
+    fn draws_stay_in_their_ranges() {
+        let mut rng = SplitMix64::new(9);
+        for _ in 0..10_000 {
+            assert!(rng.below(7) < 7);
+            assert!((3..5).contains(&rng.range(3, 5)));
+            let u = rng.unit();
+            assert!((0.0..1.0).contains(&u));
+        }
+        assert_eq!(rng.below(0), 0);
+        let mut items: Vec<u32> = (0..20).collect();
+        rng.shuffle(&mut items);
+        let mut sorted = items.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
+        assert_ne!(items, sorted, "a shuffle of 20 moves something");
+    }
+
+    #[test]
+    fn a_seed_names_the_same_schedule_on_every_build() {
+        // Pinned: a change here changes what every recorded seed means.
+        let events = schedule(&plan(2026));
+        let head: Vec<(u128, &str)> = events
+            .iter()
+            .take(4)
+            .map(|e| (e.at.as_millis(), e.fault.kind().name()))
+            .collect();
+        assert_eq!(head, PINNED_HEAD, "{head:?}");
+        assert_eq!(events.len(), PINNED_LEN);
+    }
+
+    #[test]
+    fn zombies_and_cuts_come_in_both_variants() {
+        let mut p = plan(5);
+        p.rate = 0.0;
+        let events = schedule(&p);
+        let zombies: Vec<ZombieAt> = events
+            .iter()
+            .filter_map(|e| match e.fault {
+                Fault::ZombieWorker { at, .. } => Some(at),
+                _ => None,
+            })
+            .collect();
+        let cuts: Vec<bool> = events
+            .iter()
+            .filter_map(|e| match e.fault {
+                Fault::CommitCut { reply_lost } => Some(reply_lost),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            zombies.len() >= 2 && cuts.len() >= 2,
+            "{zombies:?} {cuts:?}"
+        );
+        assert!(zombies.contains(&ZombieAt::Record) && zombies.contains(&ZombieAt::Step));
+        assert!(cuts.contains(&true) && cuts.contains(&false));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! `pause-after-effect` (after the next downstream call that applied an
 //! effect, before the step's result is recorded), `crash-after-publish`
 //! (after the next delivered outbox batch, before it is deleted), `resume`
-//! (end a pause), `disarm-effect`, `disarm-publish`, `disarm`, `stop`. Events, one JSON object per line on
-//! stdout: [`WorkerEvent`].
+//! (end a pause), `disarm-effect`, `disarm-publish`, `disarm`, `stop`.
+//! Events, one JSON object per line on stdout: [`WorkerEvent`], among them
+//! every write the engine had refused because the lease was lost
+//! ([`WorkerEvent::LeaseLost`], read from the executor's own warning).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -99,8 +101,121 @@ pub enum WorkerEvent {
     },
     /// An armed publish point was reached: it hangs until killed.
     PublishPoint,
+    /// The engine refused this worker's write (a heartbeat or a step's
+    /// result) because its lease had lapsed or been taken over, and
+    /// dropped the attempt.
+    LeaseLost {
+        /// The saga instance.
+        saga_id: String,
+        /// Its step.
+        step: String,
+        /// Its direction.
+        direction: String,
+    },
     /// Stopped cleanly.
     Stopped,
+}
+
+/// The fields of the executor's `saga_step` span.
+#[derive(Debug, Default)]
+struct StepFields {
+    saga_id: String,
+    step: String,
+    direction: String,
+}
+
+impl tracing::field::Visit for StepFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let slot = match field.name() {
+            "saga_id" => &mut self.saga_id,
+            "step" => &mut self.step,
+            "direction" => &mut self.direction,
+            _ => return,
+        };
+        *slot = format!("{value:?}");
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+}
+
+#[derive(Default)]
+struct MessageText(String);
+
+impl tracing::field::Visit for MessageText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+/// Turns the executor's "lease lost" warning, inside its `saga_step`
+/// span, into a [`WorkerEvent::LeaseLost`].
+struct LeaseLostLayer;
+
+impl<S> tracing_subscriber::Layer<S> for LeaseLostLayer
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "saga_step" {
+            return;
+        }
+        let mut fields = StepFields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() != tracing::Level::WARN {
+            return;
+        }
+        let mut message = MessageText::default();
+        event.record(&mut message);
+        if !message.0.starts_with("lease lost") {
+            return;
+        }
+        let Some(scope) = ctx.event_scope(event) else {
+            return;
+        };
+        for span in scope {
+            if let Some(f) = span.extensions().get::<StepFields>() {
+                emit(&WorkerEvent::LeaseLost {
+                    saga_id: f.saga_id.clone(),
+                    step: f.step.clone(),
+                    direction: f.direction.clone(),
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Logs to stderr as `RUST_LOG` says, and reports refused writes on stdout
+/// whatever `RUST_LOG` says.
+pub fn init_tracing() {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let leases = tracing_subscriber::filter::Targets::new()
+        .with_target("saga_core::executor", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+        )
+        .with(LeaseLostLayer.with_filter(leases))
+        .init();
 }
 
 fn emit(event: &WorkerEvent) {

@@ -80,6 +80,7 @@ async fn latency_slows_queries_down_but_they_still_work() {
     let (db, proxy) = setup().await;
     let client = connect(&db.config_via(proxy.addr())).await;
     let latency = Duration::from_millis(100);
+    assert_eq!(proxy.stats().delayed, 0);
     proxy.set_latency(latency);
     assert_eq!(proxy.latency(), latency);
     let started = Instant::now();
@@ -93,8 +94,11 @@ async fn latency_slows_queries_down_but_they_still_work() {
         elapsed >= 2 * latency,
         "one delay each way, took {elapsed:?}"
     );
+    let delayed = proxy.stats().delayed;
+    assert!(delayed >= 2, "both directions counted: {delayed}");
     proxy.set_latency(Duration::ZERO);
     client.simple_query("SELECT 1").await.expect("query");
+    assert_eq!(proxy.stats().delayed, delayed, "no latency, no delay");
 }
 
 #[tokio::test]
@@ -320,4 +324,93 @@ async fn stop_closes_the_listener_and_the_connections() {
     let error = client.batch_execute("SELECT 1").await.unwrap_err();
     assert!(is_connection_loss(&error), "{error:?}");
     assert!(TcpStream::connect(addr).await.is_err(), "nothing listens");
+}
+
+#[tokio::test]
+async fn a_cut_is_recorded_with_its_statement_and_session() {
+    let (db, proxy) = setup().await;
+    let direct = create_table(&db).await;
+    let mut config = db.config_via(proxy.addr());
+    config.application_name("cut-me");
+    let client = connect(&config).await;
+    // A statement that does not match goes through and is not recorded.
+    client
+        .execute("INSERT INTO t VALUES ($1)", &[&1_i32])
+        .await
+        .expect("an unmatched statement");
+
+    proxy.arm(Cut::AfterQueryContaining("insert into t".into()));
+    let fired = proxy.fired();
+    let error = client
+        .execute("INSERT INTO t VALUES ($1)", &[&42_i32])
+        .await
+        .unwrap_err();
+    assert!(is_connection_loss(&error), "{error:?}");
+    tokio::time::timeout(WAIT, fired)
+        .await
+        .expect("the cut completes");
+
+    let cuts = proxy.cuts();
+    assert_eq!(cuts.len(), 1, "{cuts:?}");
+    let cut = &cuts[0];
+    assert!(cut.after);
+    assert_eq!(
+        cut.statement.sql.as_deref(),
+        Some("INSERT INTO t VALUES ($1)")
+    );
+    assert_eq!(cut.statement.param(1), Some(&42_i32.to_be_bytes()[..]));
+    assert_eq!(cut.statement.param(2), None);
+    assert_eq!(cut.statement.application_name.as_deref(), Some("cut-me"));
+    assert!(cut.statement.upstream_port.is_some());
+    assert_eq!(rows(&direct).await, 2);
+}
+
+#[tokio::test]
+async fn a_held_statement_reaches_the_server_only_once_released() {
+    let (db, proxy) = setup().await;
+    let direct = create_table(&db).await;
+    let client = connect(&db.config_via(proxy.addr())).await;
+    let other = connect(&db.config_via(proxy.addr())).await;
+
+    let mut hold = proxy.hold("INSERT INTO t", &7_i32.to_be_bytes());
+    // The same statement with another parameter is not held.
+    client
+        .execute("INSERT INTO t VALUES ($1)", &[&6_i32])
+        .await
+        .expect("not held");
+    let held = tokio::spawn(async move {
+        client
+            .query_one(
+                "WITH ins AS (INSERT INTO t VALUES ($1) RETURNING 1) \
+                 SELECT inet_client_port() FROM ins",
+                &[&7_i32],
+            )
+            .await
+            .map(|row| row.get::<_, i32>(0))
+    });
+    let statement = tokio::time::timeout(WAIT, hold.reached())
+        .await
+        .expect("the statement arrives");
+    // Held: not run, and the proxy's other connections go on.
+    let one: i32 = other
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("another connection")
+        .get(0);
+    assert_eq!(one, 1);
+    assert_eq!(rows(&direct).await, 1, "only the statement not held ran");
+    assert!(!held.is_finished());
+
+    hold.release();
+    let port = tokio::time::timeout(WAIT, held)
+        .await
+        .expect("released")
+        .expect("joined")
+        .expect("the held statement runs");
+    assert_eq!(rows(&direct).await, 2);
+    assert_eq!(
+        statement.upstream_port.map(i32::from),
+        Some(port),
+        "the server sees the session on the recorded port"
+    );
 }

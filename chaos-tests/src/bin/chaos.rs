@@ -53,12 +53,26 @@ struct RunArgs {
     /// Break the system on purpose, to see the checker notice.
     #[arg(long, value_enum)]
     negative: Option<NegativeControl>,
+    /// The kinds of fault to inject, comma-separated (each at least once);
+    /// all of them by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    kinds: Vec<FaultKind>,
     /// Seconds after the last fault within which every saga must finish.
     #[arg(long, default_value_t = 120)]
     quiesce_bound: u64,
-    /// Print the report as JSON on stdout.
+    /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+impl RunArgs {
+    fn kinds(&self) -> Vec<FaultKind> {
+        if self.kinds.is_empty() {
+            FaultKind::ALL.to_vec()
+        } else {
+            self.kinds.clone()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -69,10 +83,7 @@ fn main() -> ExitCode {
         .expect("a tokio runtime");
     match cli.command {
         Command::Worker => {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_writer(std::io::stderr)
-                .init();
+            worker::init_tracing();
             let spec: WorkerSpec = match std::env::var(SPEC_ENV)
                 .map_err(|e| e.to_string())
                 .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
@@ -96,7 +107,7 @@ fn main() -> ExitCode {
                 seed: args.seed,
                 duration: Duration::from_secs(args.seconds),
                 workers: args.workers.max(1),
-                kinds: FaultKind::ALL.to_vec(),
+                kinds: args.kinds(),
                 rate: args.rate,
             });
             let mut per_kind = std::collections::BTreeMap::new();
@@ -120,12 +131,18 @@ fn main() -> ExitCode {
                 workers: args.workers.max(1),
                 duration: Duration::from_secs(args.seconds),
                 rate: args.rate,
-                kinds: FaultKind::ALL.to_vec(),
+                kinds: args.kinds(),
                 negative: args.negative,
                 quiesce_bound: Duration::from_secs(args.quiesce_bound),
                 worker_exe: exe,
-                progress: !args.json,
+                progress: true,
             };
+            // The seed goes to stderr first, whatever happens next.
+            eprintln!(
+                "chaos: seed {} (rerun with --seed {})",
+                config.seed, config.seed
+            );
+            let seed = config.seed;
             match runtime.block_on(chaos_tests::run(config)) {
                 Ok(report) => {
                     if args.json {
@@ -143,7 +160,10 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e) => {
-                    eprintln!("chaos: {}", checkout::describe(&e));
+                    eprintln!(
+                        "chaos: the harness failed (seed {seed}): {}",
+                        checkout::describe(&e)
+                    );
                     ExitCode::FAILURE
                 }
             }

@@ -45,7 +45,8 @@ pub struct Faults {
 pub(crate) enum Fate {
     /// Handle normally.
     Serve,
-    /// Fail with 503 before doing anything.
+    /// Fail with 503 before doing anything (an injected error, or an
+    /// outage).
     Fail,
     /// Apply the effect, then never reply.
     LoseReply,
@@ -60,15 +61,22 @@ pub(crate) struct Common {
     rng: Mutex<StdRng>,
     shutdown: watch::Receiver<bool>,
     failed: AtomicU64,
+    down: AtomicU64,
+    delayed: AtomicU64,
     lost: AtomicU64,
     pub(crate) duplicates: AtomicU64,
 }
 
-/// How many faults a service injected.
+/// How many faults a service injected, each request counted under the
+/// one fault that decided its fate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Injected {
-    /// Requests failed with a 503 (errors and outages).
-    pub failures: u64,
+    /// Requests failed with a 503 by [`Faults::error_rate`].
+    pub errors: u64,
+    /// Requests refused with a 503 during an outage ([`Faults::outage`]).
+    pub outage_rejections: u64,
+    /// Requests delayed by [`Faults::latency`].
+    pub delayed: u64,
     /// Requests whose reply was lost after the effect.
     pub lost_replies: u64,
     /// Repeated deliveries it recognised and applied no effect for (the
@@ -85,11 +93,14 @@ impl Common {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if !faults.latency.is_zero() {
+            self.delayed.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(faults.latency).await;
         }
-        let fate = if faults.outage {
-            Fate::Fail
-        } else {
+        if faults.outage {
+            self.down.fetch_add(1, Ordering::Relaxed);
+            return Fate::Fail;
+        }
+        let fate = {
             let roll: f64 = self.rng.lock().unwrap_or_else(|e| e.into_inner()).random();
             if roll < faults.error_rate {
                 Fate::Fail
@@ -154,7 +165,9 @@ impl Service {
     #[must_use]
     pub fn injected(&self) -> Injected {
         Injected {
-            failures: self.common.failed.load(Ordering::Relaxed),
+            errors: self.common.failed.load(Ordering::Relaxed),
+            outage_rejections: self.common.down.load(Ordering::Relaxed),
+            delayed: self.common.delayed.load(Ordering::Relaxed),
             lost_replies: self.common.lost.load(Ordering::Relaxed),
             duplicates_absorbed: self.common.duplicates.load(Ordering::Relaxed),
         }
@@ -181,6 +194,8 @@ pub(crate) async fn serve(
         rng: Mutex::new(StdRng::seed_from_u64(seed)),
         shutdown: shutdown.clone(),
         failed: AtomicU64::new(0),
+        down: AtomicU64::new(0),
+        delayed: AtomicU64::new(0),
         lost: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
     });

@@ -25,6 +25,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Each cut is recorded ([`FaultProxy::cuts`]) with the statement it hit:
+//! its SQL, its bind parameters, the client's `application_name` and the
+//! port the server sees the connection come from (`inet_client_port()`),
+//! so that a test can tell afterwards, from the database itself, which
+//! write was cut and whether it committed. [`FaultProxy::hold`] holds one
+//! chosen statement back until released: a write that reaches the server
+//! late, as from a worker that stalled just before sending it.
+//!
 //! The proxy's tasks run on the tokio runtime that called
 //! [`FaultProxy::start`].
 
@@ -107,6 +115,44 @@ pub struct ProxyStats {
     pub cuts_fired: u64,
     /// Connections being forwarded now.
     pub live: u64,
+    /// Chunks of bytes delayed by [`FaultProxy::set_latency`].
+    pub delayed: u64,
+}
+
+/// A statement the proxy intercepted (cut or held).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Intercepted {
+    /// Its SQL text, if known (the Query's, or that of the Parse behind
+    /// the executed portal).
+    pub sql: Option<String>,
+    /// Its bind parameters as sent (`None` for NULL), in the format the
+    /// client chose (tokio-postgres sends binary: a `uuid` is its 16
+    /// bytes). Empty for a simple Query.
+    pub params: Vec<Option<Vec<u8>>>,
+    /// The `application_name` of the client's startup message.
+    pub application_name: Option<String>,
+    /// The local port of the proxy's connection to the server: what the
+    /// server reports as `inet_client_port()` for this session.
+    pub upstream_port: Option<u16>,
+}
+
+impl Intercepted {
+    /// The parameter `$n` (numbered from 1, as in SQL).
+    pub fn param(&self, n: usize) -> Option<&[u8]> {
+        self.params.get(n.checked_sub(1)?)?.as_deref()
+    }
+}
+
+/// A cut the proxy carried out (see [`FaultProxy::cuts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CutRecord {
+    /// `true` for a cut after the statement was forwarded (its reply is
+    /// lost), `false` for one before (it never reached the server).
+    pub after: bool,
+    /// The statement the cut fell on.
+    pub statement: Intercepted,
 }
 
 /// Which side of the statement the cut falls on.
@@ -134,6 +180,12 @@ struct Shared {
     refused: AtomicU64,
     resets: AtomicU64,
     trigger: Mutex<Trigger>,
+    /// Every cut claimed, with its statement.
+    cuts: Mutex<Vec<CutRecord>>,
+    /// Statements to hold back, waiting for a match.
+    holds: Mutex<Vec<HoldSpec>>,
+    next_hold: AtomicU64,
+    delayed: AtomicU64,
     /// The number of cuts carried out.
     fired: watch::Sender<u64>,
     connections: Mutex<Vec<JoinHandle<()>>>,
@@ -143,12 +195,15 @@ impl Shared {
     async fn delay(&self) {
         let micros = self.latency_micros.load(Ordering::Relaxed);
         if micros > 0 {
+            self.delayed.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_micros(micros)).await;
         }
     }
 
-    /// Takes the armed trigger if a statement with this SQL text matches it.
-    fn claim(&self, sql: Option<&str>) -> Option<When> {
+    /// Takes the armed trigger if this statement matches it, and records
+    /// the cut.
+    fn claim(&self, statement: &Intercepted) -> Option<When> {
+        let sql = statement.sql.as_deref();
         let mut trigger = self.trigger.lock().unwrap_or_else(PoisonError::into_inner);
         let when = match trigger.armed.as_ref()? {
             Cut::AfterExecute => When::After,
@@ -159,7 +214,24 @@ impl Shared {
         };
         trigger.armed = None;
         trigger.claimed += 1;
+        self.cuts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(CutRecord {
+                after: when == When::After,
+                statement: statement.clone(),
+            });
         Some(when)
+    }
+
+    /// Takes the first hold this statement matches: tells its owner, and
+    /// returns what releases it.
+    fn take_hold(&self, statement: &Intercepted) -> Option<watch::Receiver<bool>> {
+        let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = holds.iter().position(|hold| hold.matches(statement))?;
+        let hold = holds.remove(index);
+        let _ = hold.reached.send(Some(statement.clone()));
+        Some(hold.release)
     }
 
     fn cut_done(&self) {
@@ -170,6 +242,75 @@ impl Shared {
         self.connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A statement to hold back: its SQL contains `text` and one of its bind
+/// parameters is `param`.
+#[derive(Debug)]
+struct HoldSpec {
+    id: u64,
+    text: String,
+    param: Vec<u8>,
+    reached: watch::Sender<Option<Intercepted>>,
+    release: watch::Receiver<bool>,
+}
+
+impl HoldSpec {
+    fn matches(&self, statement: &Intercepted) -> bool {
+        contains_ignoring_case(statement.sql.as_deref(), &self.text)
+            && statement
+                .params
+                .iter()
+                .any(|p| p.as_deref() == Some(self.param.as_slice()))
+    }
+}
+
+/// A statement held back by [`FaultProxy::hold`]. Dropping it releases the
+/// statement (or, if none matched yet, withdraws the hold).
+#[derive(Debug)]
+pub struct Hold {
+    id: u64,
+    shared: Arc<Shared>,
+    reached: watch::Receiver<Option<Intercepted>>,
+    release: watch::Sender<bool>,
+}
+
+impl Hold {
+    /// Resolves once a matching statement has arrived and is being held,
+    /// with that statement; never, if none comes: wrap it in a timeout.
+    pub async fn reached(&mut self) -> Intercepted {
+        let held = self
+            .reached
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|held| held.clone());
+        match held {
+            Some(held) => held,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The statement held, if one has arrived.
+    pub fn held(&self) -> Option<Intercepted> {
+        self.reached.borrow().clone()
+    }
+
+    /// Forwards the held statement (and what the client sent after it).
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.shared
+            .holds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|hold| hold.id != self.id);
+        let _ = self.release.send(true);
     }
 }
 
@@ -205,6 +346,10 @@ impl FaultProxy {
             refused: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             trigger: Mutex::new(Trigger::default()),
+            cuts: Mutex::new(Vec::new()),
+            holds: Mutex::new(Vec::new()),
+            next_hold: AtomicU64::new(0),
+            delayed: AtomicU64::new(0),
             fired: watch::Sender::new(0),
             connections: Mutex::new(Vec::new()),
         });
@@ -311,6 +456,44 @@ impl FaultProxy {
         *self.shared.fired.borrow()
     }
 
+    /// Every cut claimed so far, in order, with the statement it fell on.
+    pub fn cuts(&self) -> Vec<CutRecord> {
+        self.shared
+            .cuts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Holds back the next statement, on any connection, whose SQL text
+    /// contains `text` (ignoring ASCII case) and one of whose bind
+    /// parameters is exactly `param` (as sent: binary for tokio-postgres).
+    /// Bytes the client sent before it are forwarded; the statement and
+    /// whatever follows on its connection wait until the [`Hold`] is
+    /// released or dropped. The connection's other direction goes on.
+    pub fn hold(&self, text: &str, param: &[u8]) -> Hold {
+        let id = self.shared.next_hold.fetch_add(1, Ordering::Relaxed);
+        let (reached_tx, reached) = watch::channel(None);
+        let (release, release_rx) = watch::channel(false);
+        self.shared
+            .holds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(HoldSpec {
+                id,
+                text: text.to_owned(),
+                param: param.to_vec(),
+                reached: reached_tx,
+                release: release_rx,
+            });
+        Hold {
+            id,
+            shared: Arc::clone(&self.shared),
+            reached,
+            release,
+        }
+    }
+
     /// The proxy's counters.
     pub fn stats(&self) -> ProxyStats {
         let live = self
@@ -325,6 +508,7 @@ impl FaultProxy {
             resets: self.shared.resets.load(Ordering::SeqCst),
             cuts_fired: self.fired_count(),
             live: live as u64,
+            delayed: self.shared.delayed.load(Ordering::Relaxed),
         }
     }
 
@@ -403,6 +587,10 @@ async fn proxy_connection(mut client: TcpStream, shared: Arc<Shared>) {
         return;
     };
     let _ = server.set_nodelay(true);
+    let session = Session {
+        application_name: startup_parameter(&startup.bytes, "application_name"),
+        upstream_port: server.local_addr().ok().map(|addr| addr.port()),
+    };
     shared.delay().await;
     if server.write_all(&startup.bytes).await.is_err() {
         return;
@@ -421,6 +609,7 @@ async fn proxy_connection(mut client: TcpStream, shared: Arc<Shared>) {
         server_write,
         framed,
         &shared,
+        &session,
         cut_tx,
         &ready_expected,
     );
@@ -440,6 +629,30 @@ async fn proxy_connection(mut client: TcpStream, shared: Arc<Shared>) {
 struct Startup {
     bytes: Vec<u8>,
     code: u32,
+}
+
+/// What a connection's startup said about it.
+#[derive(Debug, Default)]
+struct Session {
+    application_name: Option<String>,
+    upstream_port: Option<u16>,
+}
+
+/// The value of `name` among a startup message's parameters (pairs of
+/// NUL-terminated strings after the length and protocol version).
+fn startup_parameter(startup: &[u8], name: &str) -> Option<String> {
+    let mut rest = startup.get(8..)?;
+    while let Some((key, after_key)) = c_string(rest) {
+        if key.is_empty() {
+            return None;
+        }
+        let (value, after_value) = c_string(after_key)?;
+        if key == name {
+            return Some(value);
+        }
+        rest = after_value;
+    }
+    None
 }
 
 /// Reads the untyped packets that open a connection, answering `N` (no) to
@@ -470,6 +683,7 @@ async fn client_to_server(
     mut server: OwnedWriteHalf,
     framed: bool,
     shared: &Arc<Shared>,
+    session: &Session,
     cut_tx: oneshot::Sender<CutOrder>,
     ready_expected: &AtomicU64,
 ) {
@@ -497,10 +711,30 @@ async fn client_to_server(
                 }
                 Frame::Message { tag, bytes } => (tag, bytes),
             };
-            let executes = statements.observe(tag, &bytes[5..]);
+            let executes = statements
+                .observe(tag, &bytes[5..])
+                .map(|executed| Intercepted {
+                    sql: executed.sql,
+                    params: executed.params,
+                    application_name: session.application_name.clone(),
+                    upstream_port: session.upstream_port,
+                });
+            if let Some(statement) = &executes
+                && let Some(mut release) = shared.take_hold(statement)
+            {
+                // Forward what came before it, then wait.
+                if !out.is_empty() {
+                    shared.delay().await;
+                    if server.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+                let _ = release.wait_for(|released| *released).await;
+            }
             if firing.is_none()
-                && let Some(sql) = executes
-                && let Some(when) = shared.claim(sql.as_deref())
+                && let Some(statement) = &executes
+                && let Some(when) = shared.claim(statement)
             {
                 firing = Some(Firing(Arc::clone(shared)));
                 if when == When::Before {
@@ -707,13 +941,43 @@ impl ReadyCounter {
 #[derive(Debug, Default)]
 struct Statements {
     prepared: HashMap<String, String>,
-    portals: HashMap<String, Option<String>>,
+    portals: HashMap<String, Executed>,
+}
+
+/// A statement being run: its SQL text if known, and its parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Executed {
+    sql: Option<String>,
+    params: Vec<Option<Vec<u8>>>,
+}
+
+/// The parameter values of a Bind message's body after the portal and
+/// statement names: format codes, then each value (length -1 is NULL).
+fn bind_parameters(mut data: &[u8]) -> Option<Vec<Option<Vec<u8>>>> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (data.get(..n)?, data.get(n..)?);
+        *data = tail;
+        Some(head)
+    }
+    let formats = u16::from_be_bytes(take(&mut data, 2)?.try_into().ok()?);
+    take(&mut data, 2 * usize::from(formats))?;
+    let count = u16::from_be_bytes(take(&mut data, 2)?.try_into().ok()?);
+    let mut params = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = i32::from_be_bytes(take(&mut data, 4)?.try_into().ok()?);
+        params.push(match usize::try_from(len) {
+            Ok(len) => Some(take(&mut data, len)?.to_vec()),
+            Err(_) => None,
+        });
+    }
+    Some(params)
 }
 
 impl Statements {
     /// Records what a message defines. For a message that runs a statement
-    /// (Query, Execute), returns `Some` with its SQL text if known.
-    fn observe(&mut self, tag: u8, body: &[u8]) -> Option<Option<String>> {
+    /// (Query, Execute), returns `Some` with its SQL text (if known) and
+    /// parameters.
+    fn observe(&mut self, tag: u8, body: &[u8]) -> Option<Executed> {
         match tag {
             b'P' => {
                 if let Some((name, rest)) = c_string(body)
@@ -725,9 +989,14 @@ impl Statements {
             }
             b'B' => {
                 if let Some((portal, rest)) = c_string(body) {
-                    let sql =
-                        c_string(rest).and_then(|(name, _)| self.prepared.get(&name).cloned());
-                    self.portals.insert(portal, sql);
+                    let named = c_string(rest);
+                    let sql = named
+                        .as_ref()
+                        .and_then(|(name, _)| self.prepared.get(name).cloned());
+                    let params = named
+                        .and_then(|(_, rest)| bind_parameters(rest))
+                        .unwrap_or_default();
+                    self.portals.insert(portal, Executed { sql, params });
                 }
                 None
             }
@@ -747,9 +1016,14 @@ impl Statements {
                 }
                 None
             }
-            b'Q' => Some(c_string(body).map(|(query, _)| query)),
+            b'Q' => Some(Executed {
+                sql: c_string(body).map(|(query, _)| query),
+                params: Vec::new(),
+            }),
             b'E' => Some(
-                c_string(body).and_then(|(portal, _)| self.portals.get(&portal).cloned().flatten()),
+                c_string(body)
+                    .and_then(|(portal, _)| self.portals.get(&portal).cloned())
+                    .unwrap_or_default(),
             ),
             _ => None,
         }
@@ -833,21 +1107,65 @@ mod tests {
         }
     }
 
+    fn sql(executed: Option<Executed>) -> Option<Option<String>> {
+        executed.map(|e| e.sql)
+    }
+
     #[test]
     fn an_execute_is_traced_to_its_parse() {
         let mut statements = Statements::default();
         assert_eq!(statements.observe(b'P', b"s7\0COMMIT\0\0\0"), None);
         assert_eq!(statements.observe(b'B', b"\0s7\0\0\0\0\0\0\0"), None);
         assert_eq!(
-            statements.observe(b'E', b"\0\0\0\0\0"),
+            sql(statements.observe(b'E', b"\0\0\0\0\0")),
             Some(Some("COMMIT".to_owned()))
         );
         assert_eq!(statements.observe(b'C', b"Ss7\0"), None);
         assert_eq!(
-            statements.observe(b'Q', b"select 1\0"),
+            sql(statements.observe(b'Q', b"select 1\0")),
             Some(Some("select 1".to_owned()))
         );
-        assert_eq!(statements.observe(b'E', b"unknown\0\0\0\0\0"), Some(None));
+        assert_eq!(
+            sql(statements.observe(b'E', b"unknown\0\0\0\0\0")),
+            Some(None)
+        );
+    }
+
+    #[test]
+    fn an_execute_carries_its_portal_parameters() {
+        let mut statements = Statements::default();
+        statements.observe(b'P', b"s1\0INSERT INTO t VALUES ($1, $2, $3)\0\0\0");
+        // Portal "p", statement "s1", one format code (binary), three
+        // parameters: 4 bytes, NULL, 2 bytes; then the result formats.
+        let mut bind = b"p\0s1\0".to_vec();
+        bind.extend_from_slice(&[0, 1, 0, 1, 0, 3]);
+        bind.extend_from_slice(&[0, 0, 0, 4, 1, 2, 3, 4]);
+        bind.extend_from_slice(&(-1_i32).to_be_bytes());
+        bind.extend_from_slice(&[0, 0, 0, 2, 9, 9]);
+        bind.extend_from_slice(&[0, 0]);
+        assert_eq!(statements.observe(b'B', &bind), None);
+        let executed = statements.observe(b'E', b"p\0\0\0\0\0").expect("runs");
+        assert_eq!(
+            executed.sql.as_deref(),
+            Some("INSERT INTO t VALUES ($1, $2, $3)")
+        );
+        assert_eq!(
+            executed.params,
+            vec![Some(vec![1, 2, 3, 4]), None, Some(vec![9, 9])]
+        );
+        // A truncated Bind gives no parameters rather than garbage.
+        assert_eq!(bind_parameters(&[0, 0, 0, 1, 0, 0, 0, 9, 1]), None);
+    }
+
+    #[test]
+    fn the_application_name_is_read_from_the_startup_message() {
+        let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
+        startup.extend_from_slice(b"user\0postgres\0application_name\0worker-1\0\0");
+        assert_eq!(
+            startup_parameter(&startup, "application_name").as_deref(),
+            Some("worker-1")
+        );
+        assert_eq!(startup_parameter(&startup, "database"), None);
     }
 
     #[test]
