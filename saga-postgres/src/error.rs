@@ -57,14 +57,17 @@ pub enum PgError {
 
     /// The schema has not been migrated to what this binary needs.
     #[error(
-        "schema `{schema}` is at migration {found}, this binary needs {needed}: run \
-         `saga_postgres::migrate` (with a role allowed to run DDL) first"
+        "schema `{schema}` lacks migration {missing} (the latest applied is {found}), this \
+         binary needs every migration up to {needed}: run `saga_postgres::migrate` (with a role \
+         allowed to run DDL) first"
     )]
     NotMigrated {
         /// The schema.
         schema: String,
         /// The latest migration applied (0: none).
         found: i32,
+        /// The lowest migration this binary needs that is not applied.
+        missing: i32,
         /// The latest migration this binary knows.
         needed: i32,
     },
