@@ -86,6 +86,21 @@ pub enum PgError {
     /// A configuration value makes no sense.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
+
+    /// The operation's deadline (`PgSagaStore::with_reconnect_for`) passed
+    /// while an attempt was still pending (a connection being made, a wait
+    /// for a pooled connection, a statement running). The pending statement
+    /// was cancelled, but may or may not have taken effect: this counts as
+    /// a connection error. The source, if any, is the error of the attempt
+    /// before.
+    #[error("the database did not answer within the operation's deadline of {after:?}")]
+    DeadlineExceeded {
+        /// The deadline, measured from the start of the operation.
+        after: std::time::Duration,
+        /// What the previous attempt failed with, if there was one.
+        #[source]
+        last: Option<Box<PgError>>,
+    },
 }
 
 /// SQLSTATEs after which the whole operation may simply be tried again.
@@ -110,6 +125,7 @@ impl PgError {
         match self {
             PgError::Db(e) | PgError::InvalidUrl(e) => e.code(),
             PgError::Pool(deadpool_postgres::PoolError::Backend(e)) => e.code(),
+            PgError::DeadlineExceeded { last: Some(e), .. } => e.code(),
             _ => None,
         }
     }
@@ -121,7 +137,8 @@ impl PgError {
         let pg = match self {
             PgError::Db(e) => e,
             PgError::Pool(deadpool_postgres::PoolError::Backend(e)) => e,
-            PgError::Pool(deadpool_postgres::PoolError::Timeout(_)) => return true,
+            PgError::Pool(deadpool_postgres::PoolError::Timeout(_))
+            | PgError::DeadlineExceeded { .. } => return true,
             _ => return false,
         };
         if pg.is_closed() {
@@ -158,6 +175,19 @@ impl PgError {
     pub fn is_retryable(&self) -> bool {
         self.is_connection_error() || self.code().is_some_and(|c| RETRYABLE_STATES.contains(c))
     }
+}
+
+/// An error and its causes on one line (for stored reasons and logs; the
+/// error itself keeps the chain).
+pub(crate) fn chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl From<PgError> for saga_core::Error {

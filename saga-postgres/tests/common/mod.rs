@@ -45,6 +45,16 @@ pub struct TestStore {
     _guard: TestSchema,
 }
 
+impl TestStore {
+    /// The same schema, with the store changed by `f`.
+    pub fn map(self, f: impl FnOnce(PgSagaStore) -> PgSagaStore) -> Self {
+        TestStore {
+            store: f(self.store),
+            ..self
+        }
+    }
+}
+
 impl std::ops::Deref for TestStore {
     type Target = PgSagaStore;
     fn deref(&self) -> &PgSagaStore {
