@@ -57,14 +57,17 @@ pub enum PgError {
 
     /// The schema has not been migrated to what this binary needs.
     #[error(
-        "schema `{schema}` is at migration {found}, this binary needs {needed}: run \
-         `saga_postgres::migrate` (with a role allowed to run DDL) first"
+        "schema `{schema}` lacks migration {missing} (the latest applied is {found}), this \
+         binary needs every migration up to {needed}: run `saga_postgres::migrate` (with a role \
+         allowed to run DDL) first"
     )]
     NotMigrated {
         /// The schema.
         schema: String,
         /// The latest migration applied (0: none).
         found: i32,
+        /// The lowest migration this binary needs that is not applied.
+        missing: i32,
         /// The latest migration this binary knows.
         needed: i32,
     },
@@ -83,6 +86,21 @@ pub enum PgError {
     /// A configuration value makes no sense.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
+
+    /// The operation's deadline (`PgSagaStore::with_reconnect_for`) passed
+    /// while an attempt was still pending (a connection being made, a wait
+    /// for a pooled connection, a statement running). The pending statement
+    /// was cancelled, but may or may not have taken effect: this counts as
+    /// a connection error. The source, if any, is the error of the attempt
+    /// before.
+    #[error("the database did not answer within the operation's deadline of {after:?}")]
+    DeadlineExceeded {
+        /// The deadline, measured from the start of the operation.
+        after: std::time::Duration,
+        /// What the previous attempt failed with, if there was one.
+        #[source]
+        last: Option<Box<PgError>>,
+    },
 }
 
 /// SQLSTATEs after which the whole operation may simply be tried again.
@@ -107,6 +125,7 @@ impl PgError {
         match self {
             PgError::Db(e) | PgError::InvalidUrl(e) => e.code(),
             PgError::Pool(deadpool_postgres::PoolError::Backend(e)) => e.code(),
+            PgError::DeadlineExceeded { last: Some(e), .. } => e.code(),
             _ => None,
         }
     }
@@ -118,7 +137,8 @@ impl PgError {
         let pg = match self {
             PgError::Db(e) => e,
             PgError::Pool(deadpool_postgres::PoolError::Backend(e)) => e,
-            PgError::Pool(deadpool_postgres::PoolError::Timeout(_)) => return true,
+            PgError::Pool(deadpool_postgres::PoolError::Timeout(_))
+            | PgError::DeadlineExceeded { .. } => return true,
             _ => return false,
         };
         if pg.is_closed() {
@@ -155,6 +175,19 @@ impl PgError {
     pub fn is_retryable(&self) -> bool {
         self.is_connection_error() || self.code().is_some_and(|c| RETRYABLE_STATES.contains(c))
     }
+}
+
+/// An error and its causes on one line (for stored reasons and logs; the
+/// error itself keeps the chain).
+pub(crate) fn chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl From<PgError> for saga_core::Error {

@@ -13,8 +13,8 @@ pub mod testing;
 pub use error::{BoxError, PgError};
 pub use inbox::{ConsumerName, Delivery, Inbox};
 pub use migrate::{
-    MIGRATIONS, Migration, MigrationReport, check as check_migrations, latest_version, migrate,
-    migrate_with,
+    MIGRATIONS, Migration, MigrationReport, check as check_migrations, latest_version,
+    lock_key as migration_lock_key, migrate, migrate_with,
 };
 pub use outbox::{Dispatcher, Outbox, OutboxError};
 pub use schema::{MAX_SCHEMA_LEN, SchemaName};

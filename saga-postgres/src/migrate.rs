@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_attempt_and_due_times",
         sql: include_str!("../migrations/0003_outbox_attempt_and_due_times.sql"),
     },
+    Migration {
+        version: 4,
+        name: "claims_by_kind",
+        sql: include_str!("../migrations/0004_claims_by_kind.sql"),
+    },
 ];
 
 /// The latest migration this binary knows.
@@ -70,8 +75,11 @@ pub struct MigrationReport {
     pub unknown: Vec<i32>,
 }
 
-/// The advisory lock key for migrating `schema`.
-fn lock_key(schema: &SchemaName) -> i64 {
+/// The key of the transaction-scoped advisory lock that [`migrate`] takes
+/// for `schema` (`pg_advisory_xact_lock(key)`): a session holding
+/// `pg_advisory_lock(key)` keeps every migration of that schema waiting.
+#[must_use]
+pub fn lock_key(schema: &SchemaName) -> i64 {
     let digest = Sha256::digest(format!("saga-postgres migrate {schema}").as_bytes());
     i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
@@ -152,6 +160,11 @@ pub async fn migrate_with(
 
 /// Checks that `schema` has every migration this binary needs, without
 /// changing anything (the runtime role needs no DDL rights for this).
+///
+/// Every migration of [`MIGRATIONS`] must be recorded, not only the highest
+/// version: versions may have gaps, and a schema migrated by a build that
+/// lacked one of them is refused ([`PgError::NotMigrated`] names the lowest
+/// one missing).
 pub async fn check(client: &Client, schema: &SchemaName) -> Result<(), PgError> {
     let q = schema.quoted();
     let exists: bool = client
@@ -162,23 +175,60 @@ pub async fn check(client: &Client, schema: &SchemaName) -> Result<(), PgError> 
         )
         .await?
         .get(0);
-    let found: i32 = if exists {
+    let applied: Vec<i32> = if exists {
         client
-            .query_one(
-                &format!("SELECT coalesce(max(version), 0) FROM {q}.saga_migrations"),
-                &[],
-            )
+            .query(&format!("SELECT version FROM {q}.saga_migrations"), &[])
             .await?
-            .get(0)
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
     } else {
-        0
+        Vec::new()
     };
-    if found < latest_version() {
-        return Err(PgError::NotMigrated {
+    match missing(&applied, MIGRATIONS) {
+        None => Ok(()),
+        Some(missing) => Err(PgError::NotMigrated {
             schema: schema.to_string(),
-            found,
+            found: applied.iter().copied().max().unwrap_or(0),
+            missing,
             needed: latest_version(),
-        });
+        }),
     }
-    Ok(())
+}
+
+/// The lowest version of `migrations` that is not in `applied`.
+fn missing(applied: &[i32], migrations: &[Migration]) -> Option<i32> {
+    migrations
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn m(version: i32) -> Migration {
+        Migration {
+            version,
+            name: "m",
+            sql: "",
+        }
+    }
+
+    #[test]
+    fn every_known_migration_must_be_applied_not_only_the_highest() {
+        let known = [m(1), m(2), m(4)];
+        assert_eq!(missing(&[1, 2, 4], &known), None);
+        assert_eq!(missing(&[1, 2, 4, 5], &known), None, "a newer binary's");
+        assert_eq!(missing(&[1, 4], &known), Some(2), "a gap below the top");
+        assert_eq!(missing(&[], &known), Some(1));
+    }
+
+    #[test]
+    fn embedded_versions_increase() {
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
+        assert_eq!(latest_version(), MIGRATIONS.last().unwrap().version);
+    }
 }

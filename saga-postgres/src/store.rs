@@ -6,6 +6,15 @@
 //! its history row and enqueues its outbox messages together. No
 //! transaction is ever open while a step runs.
 //!
+//! ## Retries and their deadline
+//!
+//! Each operation has one wall-clock deadline, `with_reconnect_for` after
+//! it starts. Every attempt, every wait between attempts and every lookup
+//! that resolves an ambiguity runs before that deadline; a connection, a
+//! pool wait or a statement still pending at the deadline is abandoned
+//! (its statement cancelled, its connection closed rather than given back
+//! to the pool) and the operation fails.
+//!
 //! ## Lost connections and ambiguous commits
 //!
 //! If the connection drops while a transition's statement is in flight, the
@@ -15,23 +24,32 @@
 //! written again, still guarded by the lease, so it can never apply twice
 //! (and a late commit of the first attempt makes the second change nothing,
 //! which the store detects by looking the id up once more).
+//!
+//! A claim is identified the same way: the worker generates a claim id that
+//! the claim's statement writes into every row it leases. If the reply is
+//! lost, the store looks those rows up and hands them out, rather than
+//! claiming other rows and leaving these leased, with an attempt spent,
+//! until their lease expires.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, LeaseToken, MessageId,
-    NewSaga, OutboxMessage, Payload, Record, SagaId, SagaKind, SagaName, SagaSnapshot, SagaStore,
-    StartKey, Started, Status, StepName, SystemClock, Timestamp, TransitionId, WorkerId,
+    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, LeaseToken, Limits,
+    MessageId, NewSaga, OutboxMessage, Payload, Record, SagaId, SagaKind, SagaName, SagaSnapshot,
+    SagaStore, StartKey, Started, Status, StepName, SystemClock, Timestamp, TransitionId, WorkerId,
 };
+use tokio::time::Instant;
 use tokio_postgres::NoTls;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::error::{BoxError, PgError};
@@ -40,12 +58,13 @@ use crate::schema::SchemaName;
 
 /// Default size of the connection pool made by [`PgSagaStore::connect`].
 pub const DEFAULT_POOL_SIZE: usize = 16;
-/// Default time the store keeps retrying an operation while the database is
-/// unreachable before giving the error to the caller.
+/// Default time an operation may take, retries included, while the database
+/// is unreachable or failing before the error goes back to the caller.
 pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(30);
 
 /// Counters of what the store had to recover from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreStats {
     /// Operations retried after a lost connection, a restart, a
     /// serialization failure or a deadlock.
@@ -57,9 +76,15 @@ pub struct StoreStats {
     /// committed (they were written again).
     pub ambiguous_not_committed: u64,
     /// Transitions whose commit was ambiguous and that could not be
-    /// resolved before the reconnect budget ran out (the caller got an
-    /// error; the step runs again once its lease expires).
+    /// resolved before the operation's deadline (the caller got an error;
+    /// the step runs again once its lease expires).
     pub ambiguous_unresolved: u64,
+    /// Claims whose reply was lost after they committed: the rows they
+    /// leased were looked up by claim id and handed out.
+    pub claims_recovered: u64,
+    /// Claimed rows that could not be read (a malformed column, written by
+    /// hand) and were parked as `Stuck` instead of failing the whole batch.
+    pub malformed_parked: u64,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +97,12 @@ struct Counters {
     // not-committed count.
     ambiguous_not_committed_undo: AtomicU64,
     ambiguous_unresolved: AtomicU64,
+    claims_recovered: AtomicU64,
+    malformed_parked: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The SQL of every operation, rendered once for the schema.
@@ -80,6 +111,8 @@ struct Sql {
     start: String,
     start_existing: String,
     claim: String,
+    claimed_by: String,
+    park_malformed: String,
     heartbeat: String,
     release: String,
     record_leased: String,
@@ -95,6 +128,10 @@ struct Sql {
 const SNAPSHOT_COLUMNS: &str = "id, saga_name, saga_version, start_key, status, step, direction, \
     attempt, first_attempt_at, next_run_at, state, stuck_reason, lease_owner, lease_expires_at, \
     version, created_at, updated_at";
+
+/// What a claim returns for each row (read by [`claimed`]).
+const CLAIMED_COLUMNS: &str = "i.id, i.lease_token, i.lease_expires_at, i.saga_name, \
+    i.saga_version, i.status, i.step, i.direction, i.attempt, i.first_attempt_at, i.state";
 
 impl Sql {
     fn new(schema: &SchemaName, fencing: bool) -> Self {
@@ -155,36 +192,76 @@ impl Sql {
                 "SELECT id, input_digest FROM {s}.saga_instances
                  WHERE saga_name = $1::text AND start_key = $2::text"
             ),
+            // Per kind, the oldest due rows through `saga_instances_due
+            // (saga_name, saga_version, next_run_at)`, so that due rows of
+            // kinds not asked for are never walked; then the oldest of
+            // those. Rows locked by a kind's subquery but cut by the outer
+            // limit stay locked (not leased) until the statement ends.
             claim: format!(
-                "WITH kinds AS (
-                    SELECT * FROM unnest($4::text[], $5::int4[]) AS k(name, version)
-                ),
-                due AS (
-                    SELECT i.id, i.next_run_at AS due_at
-                    FROM {s}.saga_instances i
-                    WHERE i.status IN ('running', 'compensating')
-                      AND i.next_run_at <= $1::timestamptz
-                      AND (i.lease_expires_at IS NULL OR i.lease_expires_at <= $1::timestamptz)
-                      AND EXISTS (SELECT 1 FROM kinds k
-                                  WHERE k.name = i.saga_name AND k.version = i.saga_version)
-                    ORDER BY i.next_run_at
+                "WITH due AS (
+                    SELECT c.id, c.due_at
+                    FROM unnest($4::text[], $5::int4[]) AS k(name, version)
+                    CROSS JOIN LATERAL (
+                        SELECT i.id, i.next_run_at AS due_at
+                        FROM {s}.saga_instances i
+                        WHERE i.saga_name = k.name AND i.saga_version = k.version
+                          AND i.status IN ('running', 'compensating')
+                          AND i.next_run_at <= $1::timestamptz
+                          AND (i.lease_expires_at IS NULL
+                               OR i.lease_expires_at <= $1::timestamptz)
+                        ORDER BY i.next_run_at
+                        LIMIT $3::int8
+                        FOR UPDATE OF i SKIP LOCKED
+                    ) AS c
+                    ORDER BY c.due_at
                     LIMIT $3::int8
-                    FOR UPDATE OF i SKIP LOCKED
                 )
                 UPDATE {s}.saga_instances i SET
                     lease_owner = $2::uuid,
                     lease_token = gen_random_uuid(),
                     lease_expires_at = $6::timestamptz,
                     next_run_at = $6::timestamptz,
+                    claim_id = $7::uuid,
                     attempt = i.attempt + 1,
                     first_attempt_at = coalesce(i.first_attempt_at, $1::timestamptz),
                     version = i.version + 1,
                     updated_at = $1::timestamptz
                 FROM due
                 WHERE i.id = due.id
-                RETURNING i.id, i.lease_token, i.lease_expires_at, i.saga_name, i.saga_version,
-                    i.status, i.step, i.direction, i.attempt, i.first_attempt_at, i.state,
-                    due.due_at"
+                RETURNING {CLAIMED_COLUMNS}, due.due_at"
+            ),
+            // The rows a claim whose reply was lost leased, still under its
+            // lease: found through the due index by kind and lease expiry
+            // (the leased rows' `next_run_at`), then by claim id. The due
+            // time they had is gone; they are ordered by id.
+            claimed_by: format!(
+                "SELECT {CLAIMED_COLUMNS}, NULL::timestamptz AS due_at
+                 FROM unnest($1::text[], $2::int4[]) AS k(name, version)
+                 JOIN {s}.saga_instances i
+                   ON i.saga_name = k.name AND i.saga_version = k.version
+                 WHERE i.status IN ('running', 'compensating')
+                   AND i.next_run_at = ANY($3::timestamptz[])
+                   AND i.claim_id = $4::uuid
+                   AND i.lease_owner = $5::uuid
+                   AND i.lease_expires_at > $6::timestamptz"
+            ),
+            // A claimed row that cannot be read: parked for an operator,
+            // under the lease the claim just took. The history row takes
+            // the row's own text, malformed or not.
+            park_malformed: format!(
+                "WITH upd AS (
+                    UPDATE {s}.saga_instances
+                    SET status = 'stuck', stuck_reason = $3::text, next_run_at = NULL,
+                        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                        version = version + 1, updated_at = $4::timestamptz
+                    WHERE id = $1::uuid AND lease_token = $2::uuid
+                    RETURNING id
+                )
+                INSERT INTO {s}.saga_history (transition_id, saga_id, step, direction, attempt,
+                    outcome, error, from_status, to_status, started_at, finished_at)
+                SELECT $5::uuid, id, $6::text, $7::text, $8::int4, 'parked', $3::text, $9::text,
+                    'stuck', $4::timestamptz, $4::timestamptz
+                FROM upd"
             ),
             heartbeat: format!(
                 "UPDATE {s}.saga_instances
@@ -205,7 +282,8 @@ impl Sql {
                      next_run_at = $3::timestamptz, version = version + 1,
                      updated_at = $3::timestamptz
                  WHERE id = $1::uuid AND lease_token = $2::uuid
-                   AND lease_expires_at > $3::timestamptz"
+                   AND lease_expires_at > $3::timestamptz
+                 RETURNING id"
             ),
             record_leased: format!(
                 "WITH upd AS (
@@ -269,6 +347,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     sql: Sql,
     reconnect_for: Duration,
+    limits: Limits,
     counters: Counters,
 }
 
@@ -290,6 +369,7 @@ impl std::fmt::Debug for PgSagaStore {
         f.debug_struct("PgSagaStore")
             .field("schema", &self.inner.schema)
             .field("reconnect_for", &self.inner.reconnect_for)
+            .field("limits", &self.inner.limits)
             .finish_non_exhaustive()
     }
 }
@@ -338,6 +418,95 @@ enum Guard {
     Version(i64),
 }
 
+/// One operation's retry budget: a wall-clock deadline for all of it
+/// (attempts, waits between them, lookups), and the backoff between
+/// attempts.
+struct Budget {
+    reconnect_for: Duration,
+    deadline: Instant,
+    backoff: backon::ExponentialBackoff,
+    /// The last error an attempt failed with, kept as the cause of
+    /// [`PgError::DeadlineExceeded`].
+    last: Option<PgError>,
+}
+
+impl Budget {
+    fn new(reconnect_for: Duration) -> Self {
+        Budget {
+            reconnect_for,
+            deadline: Instant::now() + reconnect_for,
+            backoff: backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(20))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter()
+                .without_max_times()
+                .build(),
+            last: None,
+        }
+    }
+}
+
+/// Why one attempt at a statement failed.
+struct Failed {
+    error: PgError,
+    /// Whether the statement itself had been sent: it may have taken
+    /// effect. False when no connection could be had or the statement could
+    /// not be prepared.
+    in_flight: bool,
+}
+
+impl Failed {
+    fn before(error: PgError) -> Self {
+        Failed {
+            error,
+            in_flight: false,
+        }
+    }
+
+    /// Whether the statement may or may not have taken effect.
+    fn ambiguous(&self) -> bool {
+        self.in_flight && self.error.is_connection_error()
+    }
+}
+
+/// Gives up a connection whose statement is still running (its operation's
+/// deadline passed): cancels the statement and closes the connection rather
+/// than handing it back to the pool with a reply pending.
+fn abandon(client: Object) {
+    let cancel = client.cancel_token();
+    drop(Object::take(client));
+    tokio::spawn(async move {
+        // Best effort: if it fails, the server ends the statement when it
+        // next notices that the connection is gone.
+        let _ = cancel.cancel_query(NoTls).await;
+    });
+}
+
+/// A value's size as compact JSON, without building the text.
+fn json_size(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+fn check_size(what: &'static str, size: usize, limit: usize) -> Result<(), Error> {
+    if size > limit {
+        return Err(Error::TooLarge { what, size, limit });
+    }
+    Ok(())
+}
+
 impl PgSagaStore {
     /// A store on `pool`, with its tables in `schema`. Does not touch the
     /// database; see [`check_schema`](PgSagaStore::check_schema).
@@ -352,6 +521,7 @@ impl PgSagaStore {
                 clock: Arc::new(SystemClock),
                 sql,
                 reconnect_for: DEFAULT_RECONNECT_FOR,
+                limits: Limits::default(),
                 counters: Counters::default(),
             }),
         }
@@ -373,6 +543,7 @@ impl PgSagaStore {
             clock: shared.clock.clone(),
             sql: Sql::new(&shared.schema, shared.fencing),
             reconnect_for: shared.reconnect_for,
+            limits: shared.limits,
             counters: Counters::default(),
         });
         f(&mut inner);
@@ -400,11 +571,35 @@ impl PgSagaStore {
         })
     }
 
-    /// How long an operation keeps retrying while the database is
-    /// unreachable (default 30 s) before failing.
+    /// How long one operation may take, retries included, while the
+    /// database is unreachable or failing (default 30 s): a wall-clock
+    /// deadline from the start of the operation, covering connecting,
+    /// waiting for a pooled connection, every attempt, the waits between
+    /// attempts and the lookups that resolve an ambiguous commit. At the
+    /// deadline, or when the next attempt would start after it, the
+    /// operation fails: with the last attempt's error, or
+    /// [`PgError::DeadlineExceeded`] if an attempt was still pending.
     #[must_use]
     pub fn with_reconnect_for(self, d: Duration) -> Self {
         self.with_inner(|i| i.reconnect_for = d)
+    }
+
+    /// The size caps the store enforces itself, whoever prepared the
+    /// values (default [`Limits::default`], 256 KiB): a start's input and
+    /// a transition's state over `max_state_bytes`, or an outbox payload
+    /// over `max_payload_bytes`, are refused with
+    /// [`Error::TooLarge`] before anything is written. Keep them at least
+    /// as large as the executor's and clients' limits, which refuse
+    /// earlier and route an oversized state to compensation.
+    #[must_use]
+    pub fn with_limits(self, limits: Limits) -> Self {
+        self.with_inner(|i| i.limits = limits)
+    }
+
+    /// The size caps set by [`with_limits`](PgSagaStore::with_limits).
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
     }
 
     /// The connection pool.
@@ -431,6 +626,8 @@ impl PgSagaStore {
                 .load(Ordering::Relaxed)
                 .saturating_sub(c.ambiguous_not_committed_undo.load(Ordering::Relaxed)),
             ambiguous_unresolved: c.ambiguous_unresolved.load(Ordering::Relaxed),
+            claims_recovered: c.claims_recovered.load(Ordering::Relaxed),
+            malformed_parked: c.malformed_parked.load(Ordering::Relaxed),
         }
     }
 
@@ -445,9 +642,36 @@ impl PgSagaStore {
         self.inner.clock.now()
     }
 
+    fn budget(&self) -> Budget {
+        Budget::new(self.inner.reconnect_for)
+    }
+
+    /// Refuses a start whose input is over the cap.
+    fn check_start(&self, new: &NewSaga) -> Result<(), Error> {
+        check_size(
+            "saga input",
+            json_size(&new.state),
+            self.inner.limits.max_state_bytes,
+        )
+    }
+
+    /// Refuses a transition whose state or messages are over the caps.
+    fn check_record(&self, record: &Record) -> Result<(), Error> {
+        let limits = &self.inner.limits;
+        if let Some(state) = &record.state {
+            check_size("saga state", json_size(state), limits.max_state_bytes)?;
+        }
+        for m in &record.outbox {
+            check_size("outbox payload", m.payload.len(), limits.max_payload_bytes)?;
+        }
+        Ok(())
+    }
+
     /// Starts an instance inside the caller's own transaction, next to
     /// their business write: the instance exists if and only if that
-    /// transaction commits. Prepare `new` with [`NewSaga::new`]. Same
+    /// transaction commits. Prepare `new` with [`NewSaga::new`]; an input
+    /// over the store's cap ([`with_limits`](PgSagaStore::with_limits)) is
+    /// refused with [`Error::TooLarge`] before anything is sent. Same
     /// idempotency on the start key as [`SagaStore::start`]; use READ
     /// COMMITTED (the default) so that a start racing with another on the
     /// same key sees the winner. Nothing is retried: errors go back to the
@@ -459,6 +683,7 @@ impl PgSagaStore {
         tx: &tokio_postgres::Transaction<'_>,
         new: NewSaga,
     ) -> Result<Started, Error> {
+        self.check_start(&new)?;
         let now = self.now().to_system_time();
         let p = StartParams::new(&new);
         let sql = &self.inner.sql;
@@ -481,7 +706,7 @@ impl PgSagaStore {
 
     /// The query plan of a claim for `kinds` (`EXPLAIN` output, one line
     /// per row), to check that claims use the `saga_instances_due` partial
-    /// index and touch only due rows. Claims nothing.
+    /// index and touch only due rows of those kinds. Claims nothing.
     pub async fn explain_claim(&self, kinds: &[SagaKind], limit: usize) -> Result<String, PgError> {
         let (names, versions) = kind_arrays(kinds);
         let now = self.now();
@@ -498,7 +723,15 @@ impl PgSagaStore {
         let rows = tx
             .query(
                 &format!("EXPLAIN {}", self.inner.sql.claim),
-                &[&now, &worker, &limit, &names, &versions, &expires],
+                &[
+                    &now,
+                    &worker,
+                    &limit,
+                    &names,
+                    &versions,
+                    &expires,
+                    &Uuid::nil(),
+                ],
             )
             .await?;
         tx.rollback().await?;
@@ -509,73 +742,123 @@ impl PgSagaStore {
             .join("\n"))
     }
 
-    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(20))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times()
-            .with_total_delay(Some(self.inner.reconnect_for))
-            .build()
-    }
-
     /// Waits before retrying `op` after `e`, or gives `e` back when the
-    /// error is not worth retrying or the budget is spent.
+    /// error is not worth retrying or the next attempt would start after
+    /// the deadline.
     async fn pause(
         &self,
         op: &'static str,
         e: PgError,
-        backoff: &mut impl Iterator<Item = Duration>,
+        budget: &mut Budget,
     ) -> Result<(), PgError> {
         if !e.is_retryable() {
             return Err(e);
         }
-        let Some(delay) = backoff.next() else {
-            tracing::error!(op, error = %e, "database still failing; giving up");
-            return Err(e);
-        };
-        self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+        let delay = budget.backoff.next().unwrap_or(Duration::from_secs(2));
+        if Instant::now() + delay >= budget.deadline {
+            tracing::error!(op, error = %e, code = ?e.code(), budget = ?budget.reconnect_for,
+                "database still failing at the operation's deadline; giving up");
+            return Err(with_last(e, budget));
+        }
+        bump(&self.inner.counters.retries);
         metrics::counter!(crate::metrics::STORE_RETRIES, "operation" => op).increment(1);
         tracing::warn!(op, error = %e, code = ?e.code(), retry_in = ?delay, "database operation failed; retrying");
+        budget.last = Some(e);
         tokio::time::sleep(delay).await;
         Ok(())
     }
 
-    /// Runs `f` until it succeeds or fails with an error not worth
-    /// retrying. Only for operations that are safe to repeat.
-    async fn retrying<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, PgError>
+    /// Runs `f` until it succeeds, fails with an error not worth retrying,
+    /// or the budget's deadline passes. Only for operations that are safe
+    /// to repeat.
+    async fn retrying<T, F, Fut>(
+        &self,
+        op: &'static str,
+        budget: &mut Budget,
+        mut f: F,
+    ) -> Result<T, PgError>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, PgError>>,
+        Fut: Future<Output = Result<T, Failed>>,
     {
-        let mut backoff = self.backoff();
         loop {
             match f().await {
                 Ok(v) => return Ok(v),
-                Err(e) => self.pause(op, e, &mut backoff).await?,
+                Err(failed) => self.pause(op, failed.error, budget).await?,
             }
         }
     }
 
-    async fn query(
+    /// One attempt at one statement, within the budget's deadline.
+    async fn attempt(
         &self,
+        deadline: Instant,
         sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<Row>, PgError> {
-        let client = self.inner.pool.get().await?;
-        let stmt = client.prepare_cached(sql).await?;
-        Ok(client.query(&stmt, params).await?)
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Failed> {
+        let prepared = tokio::time::timeout_at(deadline, async {
+            let client = self.inner.pool.get().await?;
+            let stmt = client.prepare_cached(sql).await?;
+            Ok::<_, PgError>((client, stmt))
+        })
+        .await;
+        let (client, stmt) = match prepared {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => return Err(Failed::before(e)),
+            Err(_) => return Err(Failed::before(self.deadline_error(None))),
+        };
+        match tokio::time::timeout_at(deadline, client.query(&stmt, params)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(Failed {
+                error: e.into(),
+                in_flight: true,
+            }),
+            Err(_) => {
+                abandon(client);
+                Err(Failed {
+                    error: self.deadline_error(None),
+                    in_flight: true,
+                })
+            }
+        }
     }
 
-    async fn transition_applied(&self, id: TransitionId) -> Result<bool, PgError> {
+    fn deadline_error(&self, last: Option<PgError>) -> PgError {
+        PgError::DeadlineExceeded {
+            after: self.inner.reconnect_for,
+            last: last.map(Box::new),
+        }
+    }
+
+    /// One statement, retried within the budget (only for statements that
+    /// are safe to repeat).
+    async fn query(
+        &self,
+        op: &'static str,
+        budget: &mut Budget,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, PgError> {
+        let deadline = budget.deadline;
+        self.retrying(op, budget, || self.attempt(deadline, sql, params))
+            .await
+    }
+
+    async fn transition_applied(
+        &self,
+        budget: &mut Budget,
+        id: TransitionId,
+    ) -> Result<bool, PgError> {
         let tid = id.as_uuid();
-        self.retrying("lookup_transition", || async {
-            let rows = self
-                .query(&self.inner.sql.transition_exists, &[&tid])
-                .await?;
-            Ok(rows[0].get::<_, bool>(0))
-        })
-        .await
+        let rows = self
+            .query(
+                "lookup_transition",
+                budget,
+                &self.inner.sql.transition_exists,
+                &[&tid],
+            )
+            .await?;
+        Ok(rows[0].get::<_, bool>(0))
     }
 
     /// Applies a transition under `guard`, resolving ambiguous commits.
@@ -584,8 +867,9 @@ impl PgSagaStore {
     /// found, it committed; not found, it did not (and is written again,
     /// still guarded, which may then be refused because the lease lapsed
     /// meanwhile). It stays *unresolved* only if the lookup itself cannot
-    /// be made before the reconnect budget runs out.
+    /// be made before the operation's deadline.
     async fn apply(&self, id: SagaId, guard: Guard, record: Record) -> Result<(), Error> {
+        self.check_record(&record)?;
         let tid = record.transition_id;
         let p = TransitionParams::new(&record, &self.inner.schema);
         let sql = match guard {
@@ -593,85 +877,83 @@ impl PgSagaStore {
             Guard::Version(_) => &self.inner.sql.record_unleased,
         };
         let counters = &self.inner.counters;
-        let count = |c: &AtomicU64| {
-            c.fetch_add(1, Ordering::Relaxed);
-        };
-        let mut backoff = self.backoff();
-        // Whether an earlier attempt's outcome is unknown and not yet
-        // looked up.
+        let mut budget = self.budget();
+        let uuid = id.as_uuid();
+        // Whether an earlier attempt's outcome was looked up, found "not
+        // committed", and might still commit late.
         let mut in_doubt = false;
         loop {
             let now = self.now().to_system_time();
-            let attempt = async {
-                let client = self.inner.pool.get().await?;
-                let stmt = client.prepare_cached(sql).await?;
-                let id = id.as_uuid();
-                let rows = match guard {
-                    Guard::Lease(t) => client.query(&stmt, &p.params(&id, &t, &now)).await?,
-                    Guard::Version(v) => client.query(&stmt, &p.params(&id, &v, &now)).await?,
-                };
-                Ok::<i64, PgError>(rows[0].get(0))
-            }
-            .await;
-            match attempt {
-                Ok(1) => return Ok(()),
+            let params = match &guard {
+                Guard::Lease(t) => p.params(&uuid, t, &now),
+                Guard::Version(v) => p.params(&uuid, v, &now),
+            };
+            match self.attempt(budget.deadline, sql, &params).await {
+                Ok(rows) if rows[0].get::<_, i64>(0) == 1 => return Ok(()),
                 Ok(_) => {
                     // The guard refused. An earlier attempt whose reply was
                     // lost may have committed meanwhile (its backend was
                     // still running): look once more.
                     if in_doubt {
-                        match self.transition_applied(tid).await {
+                        match self.transition_applied(&mut budget, tid).await {
                             Ok(true) => {
-                                count(&counters.ambiguous_committed);
-                                count(&counters.ambiguous_not_committed_undo);
+                                bump(&counters.ambiguous_committed);
+                                bump(&counters.ambiguous_not_committed_undo);
                                 return Ok(());
                             }
                             Ok(false) => {}
                             Err(e) => {
-                                count(&counters.ambiguous_unresolved);
-                                count(&counters.ambiguous_not_committed_undo);
+                                bump(&counters.ambiguous_unresolved);
+                                bump(&counters.ambiguous_not_committed_undo);
                                 return Err(e.into());
                             }
                         }
                     }
-                    return Err(self.refusal(id, guard).await?);
+                    return Err(self.refusal(&mut budget, id, guard).await?);
                 }
-                Err(e) if e.is_connection_error() => {
+                Err(failed) if failed.ambiguous() => {
+                    let e = failed.error;
                     tracing::warn!(saga_id = %id, transition = %tid, error = %e,
                         "connection lost while a transition was in flight; checking whether it committed");
                     metrics::counter!(crate::metrics::AMBIGUOUS_COMMITS).increment(1);
-                    if let Err(e) = self.pause("record", e, &mut backoff).await {
-                        count(&counters.ambiguous_unresolved);
+                    if let Err(e) = self.pause("record", e, &mut budget).await {
+                        bump(&counters.ambiguous_unresolved);
                         return Err(e.into());
                     }
-                    match self.transition_applied(tid).await {
+                    match self.transition_applied(&mut budget, tid).await {
                         Ok(true) => {
-                            count(&counters.ambiguous_committed);
+                            bump(&counters.ambiguous_committed);
                             return Ok(());
                         }
                         Ok(false) => {
-                            // Resolved: it did not commit. Write it again.
-                            count(&counters.ambiguous_not_committed);
+                            // Resolved: it did not commit (yet). Write it
+                            // again.
+                            if !in_doubt {
+                                bump(&counters.ambiguous_not_committed);
+                            }
                             in_doubt = true;
                         }
                         Err(e) => {
-                            count(&counters.ambiguous_unresolved);
+                            bump(&counters.ambiguous_unresolved);
                             return Err(e.into());
                         }
                     }
                 }
-                Err(e) => self.pause("record", e, &mut backoff).await?,
+                Err(failed) => self.pause("record", failed.error, &mut budget).await?,
             }
         }
     }
 
     /// Why a guarded write changed nothing.
-    async fn refusal(&self, id: SagaId, guard: Guard) -> Result<Error, PgError> {
+    async fn refusal(
+        &self,
+        budget: &mut Budget,
+        id: SagaId,
+        guard: Guard,
+    ) -> Result<Error, PgError> {
         let uuid = id.as_uuid();
         let rows = self
-            .retrying("lookup_instance", || async {
-                self.query(&self.inner.sql.current, &[&uuid]).await
-            })
+            .query("lookup_instance", budget, &self.inner.sql.current, &[&uuid])
             .await?;
         if rows.is_empty() {
             return Ok(Error::NotFound(id));
@@ -680,6 +962,64 @@ impl PgSagaStore {
             Guard::Lease(_) => Error::LeaseLost(id),
             Guard::Version(_) => Error::Conflict(id),
         })
+    }
+
+    /// Parks a claimed row that cannot be read, under the lease the claim
+    /// just took, so that the rest of the batch goes on. If even that
+    /// fails, the row stays leased until its lease expires.
+    async fn park_malformed(&self, budget: &mut Budget, row: &Row, error: PgError) {
+        let id: Uuid = row.get(0);
+        let token: Uuid = row.get(1);
+        let reason = format!(
+            "the stored row cannot be read: {}",
+            crate::error::chain(&error)
+        );
+        tracing::error!(saga_id = %id, error = %reason,
+            "claimed a malformed saga instance; parking it as stuck");
+        let now = self.now().to_system_time();
+        let tid = TransitionId::new().as_uuid();
+        let (step, direction, attempt, status): (&str, &str, i32, &str) =
+            (row.get(6), row.get(7), row.get(8), row.get(5));
+        let parked = self
+            .query(
+                "park_malformed",
+                budget,
+                &self.inner.sql.park_malformed,
+                &[
+                    &id, &token, &reason, &now, &tid, &step, &direction, &attempt, &status,
+                ],
+            )
+            .await;
+        match parked {
+            Ok(_) => bump(&self.inner.counters.malformed_parked),
+            Err(e) => tracing::error!(saga_id = %id, error = %e,
+                "could not park the malformed instance; it stays leased until its lease expires"),
+        }
+    }
+
+    /// Reads claimed rows one by one: good ones are returned (oldest due
+    /// first), malformed ones parked.
+    async fn read_claimed(&self, budget: &mut Budget, rows: Vec<Row>) -> Vec<ClaimedSaga> {
+        let mut good = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match claimed(row) {
+                Ok(c) => good.push(c),
+                Err(e) => self.park_malformed(budget, row, e).await,
+            }
+        }
+        good.sort_by_key(|(due, c)| (*due, c.lease.saga_id));
+        good.into_iter().map(|(_, c)| c).collect()
+    }
+}
+
+/// `e`, or the deadline error with the budget's last error as its cause.
+fn with_last(e: PgError, budget: &mut Budget) -> PgError {
+    match e {
+        PgError::DeadlineExceeded { after, last: None } => PgError::DeadlineExceeded {
+            after,
+            last: budget.last.take().map(Box::new),
+        },
+        e => e,
     }
 }
 
@@ -857,7 +1197,9 @@ fn snapshot(row: &Row) -> Result<SagaSnapshot, PgError> {
     })
 }
 
-fn claimed(row: &Row) -> Result<(SystemTime, ClaimedSaga), PgError> {
+/// Reads a claimed row ([`CLAIMED_COLUMNS`], then the due time it had,
+/// unknown for rows found again after a lost reply).
+fn claimed(row: &Row) -> Result<(Option<SystemTime>, ClaimedSaga), PgError> {
     let id = SagaId::from_uuid(row.get(0));
     Ok((
         row.get(11),
@@ -1002,11 +1344,15 @@ fn started(new: NewSaga, (existing, digest): (Uuid, Vec<u8>)) -> Result<Started,
     })
 }
 
+/// The kinds as two arrays for `unnest`, without duplicates.
 fn kind_arrays(kinds: &[SagaKind]) -> (Vec<&str>, Vec<i32>) {
-    kinds
+    let mut pairs: Vec<(&str, i32)> = kinds
         .iter()
         .map(|k| (k.name.as_str(), to_i32(k.version)))
-        .unzip()
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs.into_iter().unzip()
 }
 
 impl SagaStore for PgSagaStore {
@@ -1015,21 +1361,28 @@ impl SagaStore for PgSagaStore {
     }
 
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
+        self.check_start(&new)?;
         let now = self.now().to_system_time();
         let p = StartParams::new(&new);
         let sql = &self.inner.sql;
+        let mut budget = self.budget();
+        let deadline = budget.deadline;
         // Safe to repeat: a repeated insert finds the row (ours, if the
         // first attempt committed) by its start key.
         let existing = self
-            .retrying("start", || async {
-                let rows = self.query(&sql.start, &p.params(&now, &new.state)).await?;
+            .retrying("start", &mut budget, || async {
+                let rows = self
+                    .attempt(deadline, &sql.start, &p.params(&now, &new.state))
+                    .await?;
                 if let Some(row) = rows.first() {
                     return Ok((row.get::<_, Uuid>(0), row.get::<_, Vec<u8>>(1)));
                 }
                 // Taken: read the winner (a new statement sees a row that
                 // a concurrent start committed while this one waited).
-                let rows = self.query(&sql.start_existing, &[&p.name, &p.key]).await?;
-                winner(&rows)
+                let rows = self
+                    .attempt(deadline, &sql.start_existing, &[&p.name, &p.key])
+                    .await?;
+                winner(&rows).map_err(Failed::before)
             })
             .await?;
         started(new, existing)
@@ -1042,33 +1395,81 @@ impl SagaStore for PgSagaStore {
         let (names, versions) = kind_arrays(request.kinds);
         let worker = request.worker.as_uuid();
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
-        let rows = self
-            .retrying("claim", || async {
-                let now = self.now();
-                let expires = (now + request.lease_for).to_system_time();
-                let now = now.to_system_time();
-                self.query(
+        // Written into every row this claim leases: if the reply is lost,
+        // the rows are found again by it.
+        let claim_id = Uuid::now_v7();
+        let mut budget = self.budget();
+        // The lease expiries of the attempts whose reply was lost.
+        let mut in_doubt: Vec<SystemTime> = Vec::new();
+        loop {
+            if !in_doubt.is_empty() {
+                let now = self.now().to_system_time();
+                let found = self
+                    .attempt(
+                        budget.deadline,
+                        &self.inner.sql.claimed_by,
+                        &[&names, &versions, &in_doubt, &claim_id, &worker, &now],
+                    )
+                    .await;
+                match found {
+                    Ok(rows) if rows.is_empty() => {
+                        // None of them committed (or leased anything): claim
+                        // again.
+                        tracing::info!(claim = %claim_id,
+                            "a claim whose reply was lost did not commit; claiming again");
+                    }
+                    Ok(rows) => {
+                        bump(&self.inner.counters.claims_recovered);
+                        tracing::info!(claim = %claim_id, rows = rows.len(),
+                            "a claim whose reply was lost had committed; running what it leased");
+                        return Ok(self.read_claimed(&mut budget, rows).await);
+                    }
+                    Err(failed) => {
+                        self.pause("claim", failed.error, &mut budget).await?;
+                        continue;
+                    }
+                }
+            }
+            let now = self.now();
+            let expires = (now + request.lease_for).to_system_time();
+            let now = now.to_system_time();
+            let attempt = self
+                .attempt(
+                    budget.deadline,
                     &self.inner.sql.claim,
-                    &[&now, &worker, &limit, &names, &versions, &expires],
+                    &[
+                        &now, &worker, &limit, &names, &versions, &expires, &claim_id,
+                    ],
                 )
-                .await
-            })
-            .await?;
-        let mut claimed = rows.iter().map(claimed).collect::<Result<Vec<_>, _>>()?;
-        claimed.sort_by_key(|(due, c)| (*due, c.lease.saga_id));
-        Ok(claimed.into_iter().map(|(_, c)| c).collect())
+                .await;
+            match attempt {
+                Ok(rows) => return Ok(self.read_claimed(&mut budget, rows).await),
+                Err(failed) => {
+                    if failed.ambiguous() {
+                        in_doubt.push(expires);
+                    }
+                    self.pause("claim", failed.error, &mut budget).await?;
+                }
+            }
+        }
     }
 
     async fn heartbeat(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, Error> {
         let id = lease.saga_id.as_uuid();
         let token = lease.token.as_uuid();
+        let mut budget = self.budget();
+        let deadline = budget.deadline;
         let rows = self
-            .retrying("heartbeat", || async {
+            .retrying("heartbeat", &mut budget, || async {
                 let now = self.now();
                 let expires = (now + lease_for).to_system_time();
                 let now = now.to_system_time();
-                self.query(&self.inner.sql.heartbeat, &[&id, &token, &expires, &now])
-                    .await
+                self.attempt(
+                    deadline,
+                    &self.inner.sql.heartbeat,
+                    &[&id, &token, &expires, &now],
+                )
+                .await
             })
             .await?;
         match rows.first() {
@@ -1076,31 +1477,38 @@ impl SagaStore for PgSagaStore {
                 expires_at: ts(row.get(0)),
                 ..*lease
             }),
-            None => Err(self.refusal(lease.saga_id, Guard::Lease(token)).await?),
+            None => Err(self
+                .refusal(&mut budget, lease.saga_id, Guard::Lease(token))
+                .await?),
         }
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), Error> {
         let id = lease.saga_id.as_uuid();
         let token = lease.token.as_uuid();
-        let mut backoff = self.backoff();
+        let mut budget = self.budget();
         let mut ambiguous = false;
         loop {
             let now = self.now().to_system_time();
-            let result = async {
-                let client = self.inner.pool.get().await?;
-                let stmt = client.prepare_cached(&self.inner.sql.release).await?;
-                Ok::<u64, PgError>(client.execute(&stmt, &[&id, &token, &now]).await?)
-            }
-            .await;
-            match result {
-                Ok(1) => return Ok(()),
+            match self
+                .attempt(
+                    budget.deadline,
+                    &self.inner.sql.release,
+                    &[&id, &token, &now],
+                )
+                .await
+            {
+                Ok(rows) if rows.len() == 1 => return Ok(()),
                 // Our earlier, ambiguous attempt released it.
                 Ok(_) if ambiguous => return Ok(()),
-                Ok(_) => return Err(self.refusal(lease.saga_id, Guard::Lease(token)).await?),
-                Err(e) => {
-                    ambiguous |= e.is_connection_error();
-                    self.pause("release", e, &mut backoff).await?;
+                Ok(_) => {
+                    return Err(self
+                        .refusal(&mut budget, lease.saga_id, Guard::Lease(token))
+                        .await?);
+                }
+                Err(failed) => {
+                    ambiguous |= failed.ambiguous();
+                    self.pause("release", failed.error, &mut budget).await?;
                 }
             }
         }
@@ -1124,9 +1532,7 @@ impl SagaStore for PgSagaStore {
     async fn load(&self, id: SagaId) -> Result<Option<SagaSnapshot>, Error> {
         let uuid = id.as_uuid();
         let rows = self
-            .retrying("load", || async {
-                self.query(&self.inner.sql.load, &[&uuid]).await
-            })
+            .query("load", &mut self.budget(), &self.inner.sql.load, &[&uuid])
             .await?;
         Ok(rows.first().map(snapshot).transpose()?)
     }
@@ -1134,9 +1540,12 @@ impl SagaStore for PgSagaStore {
     async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, Error> {
         let uuid = id.as_uuid();
         let rows = self
-            .retrying("history", || async {
-                self.query(&self.inner.sql.history, &[&uuid]).await
-            })
+            .query(
+                "history",
+                &mut self.budget(),
+                &self.inner.sql.history,
+                &[&uuid],
+            )
             .await?;
         Ok(rows.iter().map(history_entry).collect::<Result<_, _>>()?)
     }
@@ -1144,20 +1553,29 @@ impl SagaStore for PgSagaStore {
     async fn outbox_for(&self, id: SagaId) -> Result<Vec<OutboxMessage>, Error> {
         let uuid = id.as_uuid();
         let rows = self
-            .retrying("outbox_for", || async {
-                self.query(&self.inner.sql.outbox_for, &[&uuid]).await
-            })
+            .query(
+                "outbox_for",
+                &mut self.budget(),
+                &self.inner.sql.outbox_for,
+                &[&uuid],
+            )
             .await?;
         Ok(rows.iter().map(outbox_message).collect::<Result<_, _>>()?)
     }
 
     async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
         let (names, versions) = kind_arrays(kinds);
+        let mut budget = self.budget();
+        let deadline = budget.deadline;
         let rows = self
-            .retrying("due_unregistered", || async {
+            .retrying("due_unregistered", &mut budget, || async {
                 let now = self.now().to_system_time();
-                self.query(&self.inner.sql.due_unregistered, &[&now, &names, &versions])
-                    .await
+                self.attempt(
+                    deadline,
+                    &self.inner.sql.due_unregistered,
+                    &[&now, &names, &versions],
+                )
+                .await
             })
             .await?;
         let mut out = Vec::with_capacity(rows.len());

@@ -2,9 +2,15 @@
 
 mod common;
 
-use saga_postgres::{MIGRATIONS, Migration, PgError, PgSagaStore, migrate, migrate_with};
+use std::process::Stdio;
+use std::time::Duration;
 
-/// The versions of every embedded migration.
+use saga_postgres::{
+    MIGRATIONS, Migration, PgError, PgSagaStore, SchemaName, migrate, migrate_with,
+    migration_lock_key,
+};
+
+/// Every embedded version, in order.
 fn all_versions() -> Vec<i32> {
     MIGRATIONS.iter().map(|m| m.version).collect()
 }
@@ -20,7 +26,14 @@ async fn migrating_creates_the_schema_once_and_then_does_nothing() {
     let store = PgSagaStore::new(pool.clone(), schema.clone());
     let err = store.check_schema().await.unwrap_err();
     assert!(
-        matches!(err, PgError::NotMigrated { found: 0, .. }),
+        matches!(
+            err,
+            PgError::NotMigrated {
+                found: 0,
+                missing: 1,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(
@@ -57,30 +70,175 @@ async fn migrating_creates_the_schema_once_and_then_does_nothing() {
 }
 
 #[tokio::test]
-async fn concurrent_migrations_serialize_on_the_advisory_lock() {
+async fn a_schema_missing_a_migration_below_the_highest_is_not_migrated() {
     let common::FreshSchema {
         pool,
         schema,
         guard: _guard,
         ..
     } = common::fresh_schema().await;
-    let runs = (0..4).map(|_| {
-        let pool = pool.clone();
-        let schema = schema.clone();
-        tokio::spawn(async move {
-            let mut client = pool.get().await.unwrap();
-            migrate(&mut client, &schema).await
-        })
-    });
-    let mut applied = Vec::new();
-    for run in runs {
-        applied.extend(run.await.unwrap().expect("no migration run fails").applied);
-    }
-    assert_eq!(
-        applied,
-        all_versions(),
-        "exactly one run applied the migrations"
+    let mut client = pool.get().await.unwrap();
+    // 1 and 4, not 2: the highest version is there, one below it is not.
+    let without_2: Vec<Migration> = MIGRATIONS
+        .iter()
+        .copied()
+        .filter(|m| m.version != 2)
+        .collect();
+    migrate_with(&mut client, &schema, &without_2)
+        .await
+        .unwrap();
+    let store = PgSagaStore::new(pool.clone(), schema.clone());
+    let err = store.check_schema().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PgError::NotMigrated {
+                found: 4,
+                missing: 2,
+                needed: 4,
+                ..
+            }
+        ),
+        "{err:?}"
     );
+    assert!(err.to_string().contains("lacks migration 2"), "{err}");
+    // Migrating adds the missing one.
+    let report = migrate(&mut client, &schema).await.unwrap();
+    assert_eq!(report.applied, vec![2]);
+    store.check_schema().await.unwrap();
+}
+
+const MIGRATOR_URL: &str = "SAGA_TEST_MIGRATOR_URL";
+const MIGRATOR_SCHEMA: &str = "SAGA_TEST_MIGRATOR_SCHEMA";
+
+/// A migrating process: started by the test below (this test binary run
+/// again); does nothing otherwise.
+#[tokio::test]
+async fn migrator_process() {
+    let (Ok(url), Ok(schema)) = (std::env::var(MIGRATOR_URL), std::env::var(MIGRATOR_SCHEMA))
+    else {
+        return;
+    };
+    let schema = SchemaName::new(schema).unwrap();
+    let (mut client, connection) = url
+        .parse::<saga_postgres::tokio_postgres::Config>()
+        .unwrap()
+        .connect(saga_postgres::tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let report = migrate(&mut client, &schema).await.expect("migrating");
+    println!("APPLIED {:?}", report.applied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_serialize_on_the_advisory_lock() {
+    if std::env::var(MIGRATOR_URL).is_ok() {
+        return; // A migrator: the parent runs this.
+    }
+    let common::FreshSchema {
+        pool,
+        schema,
+        url,
+        guard: _guard,
+    } = common::fresh_schema().await;
+    // Hold the migration lock, so that both migrators must queue on it.
+    let holder = pool.get().await.unwrap();
+    let key = migration_lock_key(&schema);
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let migrators: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "migrator_process",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env(MIGRATOR_URL, &url)
+                .env(MIGRATOR_SCHEMA, schema.as_str())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+
+    // Both wait for the lock (an advisory lock on a bigint key is recorded
+    // as classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+    let key_bits = key as u64;
+    let (high, low) = (
+        i64::from((key_bits >> 32) as u32),
+        i64::from(key_bits as u32),
+    );
+    let waiting = "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND NOT granted
+           AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1";
+    common::wait_until_count(&holder, waiting, &[&high, &low], 2).await;
+    let granted = "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1";
+    assert_eq!(
+        common::count(&holder, granted, &[&high, &low]).await,
+        1,
+        "only ours"
+    );
+    let before: bool = holder
+        .query_one(
+            "SELECT to_regclass($1) IS NULL",
+            &[&format!("{}.saga_migrations", schema.quoted())],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(before, "nothing was migrated while the lock was held");
+
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .unwrap();
+    let mut reports = Vec::new();
+    for migrator in migrators {
+        let out = tokio::time::timeout(Duration::from_secs(120), migrator.wait_with_output())
+            .await
+            .expect("the migrator exits")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "the migrator failed: {stdout}");
+        let applied = stdout
+            .lines()
+            .find_map(|l| l.split("APPLIED ").nth(1))
+            .unwrap_or_else(|| panic!("the migrator reports: {stdout}"))
+            .trim()
+            .to_owned();
+        reports.push(applied);
+    }
+    reports.sort();
+    assert_eq!(
+        reports,
+        [format!("{:?}", all_versions()), "[]".to_owned()],
+        "one migrator applied every migration, the other found nothing to do"
+    );
+    let recorded: Vec<i32> = holder
+        .query(
+            &format!(
+                "SELECT version FROM {}.saga_migrations ORDER BY version",
+                schema.quoted()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(recorded, all_versions());
 }
 
 const V1: Migration = Migration {

@@ -448,3 +448,131 @@ async fn a_schema_is_dropped_even_if_the_test_left_a_transaction_open() {
         .get(0);
     assert!(!exists, "schema {name} was dropped");
 }
+
+const NO_POSTGRES_ENV: &str = "SAGA_TESTING_NO_POSTGRES_CHILD";
+
+/// The child's part of the test below: with no `DATABASE_URL`, binaries
+/// searched for only in an empty directory and no Docker engine, there is
+/// no server. Does nothing unless run by that test.
+#[tokio::test]
+async fn child_without_postgres() {
+    let Ok(searched_dir) = std::env::var(NO_POSTGRES_ENV) else {
+        return;
+    };
+    let error = test_server().await.unwrap_err();
+    let TestDbError::NoPostgres { searched } = &error else {
+        panic!("expected NoPostgres, got {error:?}");
+    };
+    assert_eq!(
+        searched,
+        &[PathBuf::from(&searched_dir)],
+        "only that directory"
+    );
+    let dedicated = TestCluster::start().await.unwrap_err();
+    assert!(
+        matches!(dedicated, TestDbError::NoPostgres { .. }),
+        "{dedicated:?}"
+    );
+    println!("NO_POSTGRES {error}");
+}
+
+#[tokio::test]
+async fn without_any_postgres_the_error_says_what_to_install() {
+    let empty = tempfile::tempdir().expect("an empty directory");
+    let output = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "child_without_postgres",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(NO_POSTGRES_ENV, empty.path())
+        .env_remove("DATABASE_URL")
+        .env("SAGA_TEST_PG_BIN_DIR", empty.path())
+        .env("SAGA_TEST_PG_BIN_DIR_ONLY", "1")
+        // With the `testcontainers` feature, no Docker engine either.
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .await
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let message = stdout
+        .lines()
+        .find_map(|line| line.split("NO_POSTGRES ").nth(1))
+        .unwrap_or_else(|| panic!("the child reports the error: {stdout}"));
+    assert!(
+        message.starts_with("no PostgreSQL server for the tests: install PostgreSQL"),
+        "{message}"
+    );
+    assert!(message.contains("or set DATABASE_URL"), "{message}");
+}
+
+const FAILING_ENV: &str = "SAGA_TESTING_FAILING_CHILD";
+
+/// A failing test, run as a child by the test below: it makes a database
+/// and a schema, says their names, and panics while holding them.
+#[tokio::test]
+async fn child_fails_holding_a_database_and_a_schema() {
+    if std::env::var(FAILING_ENV).is_err() {
+        return;
+    }
+    let db = fresh_database().await.expect("fresh database");
+    let schema = fresh_schema().await.expect("fresh schema");
+    println!("NAMES {} {} {}", db.name(), schema.name(), schema.url());
+    panic!("a failing test (expected by the test that runs it)");
+}
+
+#[tokio::test]
+async fn a_failed_tests_kept_names_are_printed() {
+    let server = test_server().await.expect("test server");
+    let output = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "child_fails_holding_a_database_and_a_schema",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FAILING_ENV, "1")
+        // The child uses this process's server, where what it keeps stays.
+        .env("DATABASE_URL", server.admin_url())
+        .output()
+        .await
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the child test failed: {stdout}");
+    let names = stdout
+        .lines()
+        .find_map(|line| line.split("NAMES ").nth(1))
+        .unwrap_or_else(|| panic!("the child says its names: {stdout}"));
+    let [database, schema, schema_url] = names.split_whitespace().collect::<Vec<_>>()[..] else {
+        panic!("bad line {names:?}");
+    };
+    assert!(
+        stderr.contains(&format!("keeping database `{database}` for inspection")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("keeping schema `{schema}` for inspection")),
+        "{stderr}"
+    );
+
+    // Kept indeed; clean them up.
+    assert!(database_exists(database).await);
+    admin()
+        .await
+        .batch_execute(&format!("DROP DATABASE \"{database}\""))
+        .await
+        .expect("drop the kept database");
+    let client = connect(&schema_url.parse().expect("url")).await;
+    assert!(schema_exists(&client, schema).await);
+    client
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .expect("drop the kept schema");
+}

@@ -9,7 +9,10 @@
 //! cluster, exits or is killed, the pipe closes, `read` returns end-of-file,
 //! and the supervisor stops the server (`pg_ctl stop -m immediate`) and
 //! deletes the directory. It runs in its own process group, so a Ctrl-C
-//! meant for the tests does not kill it before it has cleaned up.
+//! meant for the tests does not kill it before it has cleaned up. Its
+//! standard error is this process's; nothing else it starts keeps it (the
+//! server and the PostgreSQL tools write to log files), so it is closed for
+//! good once this process and the supervisor have both exited.
 
 use std::{
     env, fs,
@@ -29,6 +32,11 @@ use super::{TestDatabase, TestDbError, server};
 /// Environment variable naming the directory of `initdb`, `pg_ctl` and
 /// `postgres`, searched before `PATH`.
 pub(crate) const PG_BIN_DIR_ENV: &str = "SAGA_TEST_PG_BIN_DIR";
+
+/// Environment variable: when `1`, only `$SAGA_TEST_PG_BIN_DIR` is searched
+/// for the binaries (not `PATH` nor the usual install locations), to pin
+/// one installation, or to see what happens with none.
+pub(crate) const PG_BIN_DIR_ONLY_ENV: &str = "SAGA_TEST_PG_BIN_DIR_ONLY";
 
 /// The OS user that runs the cluster when this process runs as root.
 const CLUSTER_USER: &str = "postgres";
@@ -117,11 +125,15 @@ pub(crate) fn find_pg_bin() -> Result<PgBin, Vec<PathBuf>> {
     }
 }
 
-/// `$SAGA_TEST_PG_BIN_DIR`, `PATH`, then the usual install locations.
+/// `$SAGA_TEST_PG_BIN_DIR`, `PATH`, then the usual install locations; or,
+/// with `SAGA_TEST_PG_BIN_DIR_ONLY=1`, `$SAGA_TEST_PG_BIN_DIR` alone.
 fn candidate_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(dir) = env::var_os(PG_BIN_DIR_ENV) {
         dirs.push(dir.into());
+    }
+    if env::var(PG_BIN_DIR_ONLY_ENV).is_ok_and(|only| only == "1") {
+        return dirs;
     }
     if let Some(path) = env::var_os("PATH") {
         dirs.extend(env::split_paths(&path));
@@ -343,9 +355,6 @@ impl Cluster {
                 )
             })?;
         }
-        let supervisor_log = fs::File::create(root.join("supervisor.log"))
-            .map_err(|source| TestDbError::io("creating the supervisor's log", source))?;
-
         let mut command = Command::new("/bin/sh");
         command
             .arg("-c")
@@ -358,7 +367,11 @@ impl Cluster {
             .current_dir(&root)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(supervisor_log)
+            // This process's: the supervisor's own complaints (and the note
+            // that a cluster was kept) reach the user, and whoever reads
+            // this process's standard error to its end knows that the
+            // supervisor has exited, so the clean-up is done.
+            .stderr(Stdio::inherit())
             // Out of the terminal's process group: a Ctrl-C aimed at the
             // tests must not kill the supervisor before it cleans up.
             .process_group(0);

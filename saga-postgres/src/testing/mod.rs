@@ -12,7 +12,8 @@
 //! 2. A throwaway cluster made with the local `initdb`, `pg_ctl` and
 //!    `postgres`, looked up in `$SAGA_TEST_PG_BIN_DIR`, on `PATH`, then in
 //!    the usual install locations (`/usr/lib/postgresql/*/bin`,
-//!    `/usr/local/pgsql/bin`, `/usr/pgsql-*/bin`, Homebrew's, Postgres.app).
+//!    `/usr/local/pgsql/bin`, `/usr/pgsql-*/bin`, Homebrew's, Postgres.app);
+//!    with `SAGA_TEST_PG_BIN_DIR_ONLY=1`, in `$SAGA_TEST_PG_BIN_DIR` alone.
 //!    It listens on 127.0.0.1 on a free port, trusts local connections
 //!    for the `postgres` superuser, and runs with settings fit for tests
 //!    (`fsync = off`, small shared buffers, 200 connections). When the
@@ -30,7 +31,10 @@
 //! or killed with `SIGKILL` — the pipe closes; the supervisor's `read` then
 //! returns end-of-file, and it stops the server (`pg_ctl stop -m
 //! immediate`) and deletes the directory. It runs in a process group of
-//! its own, so a Ctrl-C aimed at the tests does not interrupt it.
+//! its own, so a Ctrl-C aimed at the tests does not interrupt it. It
+//! shares the test process's standard error, and holds it until it has
+//! cleaned up: a parent that reads the test process's standard error to
+//! its end has waited for the clean-up too.
 //! A [`TestCluster`] is removed the same way, or earlier when dropped.
 //!
 //! [`TestDatabase`] and [`TestSchema`] are dropped with the value, unless

@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Error, HistoryEntry, Lease, NewSaga, OutboxMessage, Record,
-    SagaId, SagaKind, SagaSnapshot, SagaStore, Started,
+    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, Message, MessageId,
+    NewSaga, OutboxMessage, Outcome, Record, SagaId, SagaKind, SagaSnapshot, SagaStore, Started,
+    Status, StepName, Timestamp, TransitionId,
 };
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::testing::TestSchema;
+use saga_postgres::tokio_postgres::Client;
+use saga_postgres::tokio_postgres::types::ToSql;
 use saga_postgres::{PgSagaStore, SchemaName, pool_from_config};
 
 /// A pool on a fresh schema (not migrated yet), and its guard.
@@ -40,6 +43,16 @@ pub struct TestStore {
     pub store: PgSagaStore,
     pub url: String,
     _guard: TestSchema,
+}
+
+impl TestStore {
+    /// The same schema, with the store changed by `f`.
+    pub fn map(self, f: impl FnOnce(PgSagaStore) -> PgSagaStore) -> Self {
+        TestStore {
+            store: f(self.store),
+            ..self
+        }
+    }
 }
 
 impl std::ops::Deref for TestStore {
@@ -104,3 +117,71 @@ impl SagaStore for TestStore {
         self.store.due_unregistered(kinds).await
     }
 }
+
+/// A record moving a scripted instance from `validate` to `charge`, with
+/// one outbox message, as the executor would write it.
+pub fn advance(id: SagaId, now: Timestamp) -> Record {
+    let tid = TransitionId::new();
+    let validate = StepName::new("validate").unwrap();
+    let message = Message::json("order.validated", &serde_json::json!({ "ok": true }))
+        .unwrap()
+        .into_outbox(MessageId::derive(id, &validate, Direction::Forward, 0), now);
+    Record {
+        transition_id: tid,
+        status: Status::Running,
+        step: StepName::new("charge").unwrap(),
+        direction: Direction::Forward,
+        attempt: 0,
+        first_attempt_at: None,
+        next_run_at: Some(now),
+        state: Some(serde_json::json!({ "order": 1, "done": ["validate:forward"] })),
+        stuck_reason: None,
+        outbox: vec![message],
+        history: HistoryEntry {
+            transition_id: tid,
+            step: validate,
+            direction: Direction::Forward,
+            attempt: 1,
+            outcome: Outcome::Succeeded,
+            error: None,
+            from_status: Some(Status::Running),
+            to_status: Status::Running,
+            started_at: now,
+            finished_at: now,
+        },
+    }
+}
+
+/// One `bigint` from `sql`.
+pub async fn count(db: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> i64 {
+    db.query_one(sql, params).await.unwrap().get(0)
+}
+
+/// Waits until `sql` (one `bigint`) returns `want`: for what only the
+/// server can tell, such as which backends wait on a lock
+/// (`pg_locks`, `pg_blocking_pids`). The server has no way to announce
+/// it, so this asks again every few milliseconds, for at most a minute.
+pub async fn wait_until_count(db: &Client, sql: &str, params: &[&(dyn ToSql + Sync)], want: i64) {
+    let asked = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let got = count(db, sql, params).await;
+            if got == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let last = count(db, sql, params).await;
+    assert!(
+        asked.is_ok(),
+        "still {last}, not {want}, after a minute: {sql}"
+    );
+}
+
+/// Backends of the database (other than `db`'s) waiting on a lock while
+/// running a statement that mentions `text`.
+pub const LOCK_WAITERS: &str = "SELECT count(*) FROM pg_stat_activity
+     WHERE datname = current_database() AND pid <> pg_backend_pid()
+       AND cardinality(pg_blocking_pids(pid)) > 0
+       AND strpos(query, $1) > 0";
