@@ -657,13 +657,30 @@ impl<St: SagaStore> Executor<St> {
     /// attempt of it was claimed, including one that snoozed.
     pub async fn cancel(&self, id: SagaId, reason: impl Into<String>) -> Result<(), Error> {
         let reason = reason.into();
+        // Read before the instance: the history only grows, and anything a
+        // worker records after this read moves the instance's version,
+        // which guards the write.
+        let history = self.shared.store.history(id).await?;
         self.operator(id, "cancel", Outcome::Cancelled, |snapshot| {
+            // Claimed attempts count; so does one that snoozed (the snooze
+            // gave its attempt back but kept the time the step first
+            // started), and so does any attempt the history shows before a
+            // resume reset the budget. Compensating a step that never ran
+            // is harmless (compensations tolerate "nothing to undo"); not
+            // compensating one that did is not.
+            let ran_before_a_resume = history.iter().any(|h| {
+                h.step == snapshot.step
+                    && h.direction == Direction::Forward
+                    && !matches!(
+                        h.outcome,
+                        Outcome::Created | Outcome::Resumed | Outcome::Cancelled
+                    )
+            });
             Event::Cancel {
                 reason,
-                // Claimed attempts count; so does one that snoozed: the
-                // snooze gave its attempt back but kept the time the step
-                // first started.
-                current_step_started: snapshot.attempt > 0 || snapshot.first_attempt_at.is_some(),
+                current_step_started: snapshot.attempt > 0
+                    || snapshot.first_attempt_at.is_some()
+                    || ran_before_a_resume,
             }
         })
         .await

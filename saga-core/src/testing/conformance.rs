@@ -1031,6 +1031,69 @@ pub async fn a_cancel_while_a_step_is_snoozed_compensates_it<Fa: StoreFactory>(f
     );
 }
 
+/// A resume gives the step a fresh budget, which forgets that it had
+/// started; the history does not. Cancelling the resumed saga before the
+/// step runs again still compensates it: its first attempt may have
+/// charged the card.
+pub async fn a_cancel_after_a_resume_compensates_a_step_that_had_started<Fa: StoreFactory>(f: &Fa) {
+    #[derive(Serialize, Deserialize)]
+    struct Incompatible {
+        order: String,
+    }
+    async fn never(_: &mut crate::StepContext, _: &mut Incompatible) -> Result<(), StepError> {
+        panic!("must not run with an unreadable state");
+    }
+    let h = Harness::new(f).await;
+    h.script.on(1, "charge", F, [Behavior::Retryable]);
+    let id = h.start(1).await;
+    h.drain().await;
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.attempt),
+        (Status::Running, "charge", 1)
+    );
+    // A worker whose definition cannot read the state parks the saga.
+    let changed = SagaDefinition::<Incompatible>::builder("scripted", 1)
+        .step(Step::new("validate", never).no_compensation())
+        .step(Step::new("charge", never).compensate_with(never))
+        .build()
+        .unwrap();
+    h.clock.advance(Duration::from_secs(3600));
+    Executor::builder_from_arc(h.store.clone())
+        .register(changed)
+        .lease_duration(LEASE)
+        .heartbeat_interval(LEASE - Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .run_until_idle()
+        .await
+        .unwrap();
+    assert_eq!(h.status(id).await, Status::Stuck);
+    h.executor().resume(id).await.unwrap();
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.attempt, s.first_attempt_at),
+        (Status::Running, "charge", 0, None),
+        "a fresh budget"
+    );
+    h.executor()
+        .cancel(id, "the customer gave up")
+        .await
+        .unwrap();
+    let s = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status, s.step.as_str(), s.direction),
+        (Status::Compensating, "charge", C),
+        "the step that had started is compensated"
+    );
+    h.drain().await;
+    assert_eq!(h.status(id).await, Status::Compensated);
+    assert_eq!(
+        h.script.trace(1),
+        ["validate:forward", "charge:forward", "charge:compensate"]
+    );
+}
+
 /// Time spent snoozed does not use up a step's elapsed-time budget: a step
 /// that failed, then snoozed for longer than `max_elapsed`, is still
 /// retried when it fails again.
@@ -1292,6 +1355,7 @@ macro_rules! store_conformance_tests {
             the_idempotency_key_is_stable_across_retries_and_workers,
             a_snooze_does_not_spend_an_attempt,
             a_cancel_while_a_step_is_snoozed_compensates_it,
+            a_cancel_after_a_resume_compensates_a_step_that_had_started,
             time_spent_snoozed_does_not_count_toward_max_elapsed,
             only_successful_attempts_change_the_state,
             crashed_attempts_spend_the_budget,
