@@ -1,42 +1,4 @@
 //! Typed saga definitions.
-//!
-//! A definition is a named, versioned list of steps over a state type `S`.
-//! The builder is a typestate: before the pivot, a step cannot be added
-//! until it has a compensation or is declared to need none; after the
-//! pivot, a step cannot be given one. Both mistakes are compile errors.
-//!
-//! ```
-//! use saga_core::{SagaDefinition, Step, StepContext, StepError};
-//! use serde::{Deserialize, Serialize};
-//!
-//! #[derive(Serialize, Deserialize)]
-//! struct Order { id: u64, charged: bool }
-//!
-//! async fn validate(_: &mut StepContext, order: &mut Order) -> Result<(), StepError> {
-//!     if order.id == 0 { return Err(StepError::permanent("no such order")); }
-//!     Ok(())
-//! }
-//! async fn charge(_: &mut StepContext, order: &mut Order) -> Result<(), StepError> {
-//!     order.charged = true;
-//!     Ok(())
-//! }
-//! async fn refund(_: &mut StepContext, order: &mut Order) -> Result<(), StepError> {
-//!     order.charged = false;
-//!     Ok(())
-//! }
-//! async fn confirm(_: &mut StepContext, _: &mut Order) -> Result<(), StepError> { Ok(()) }
-//! async fn notify(_: &mut StepContext, _: &mut Order) -> Result<(), StepError> { Ok(()) }
-//!
-//! let checkout = SagaDefinition::<Order>::builder("checkout", 1)
-//!     .step(Step::new("validate_order", validate).no_compensation())
-//!     .step(Step::new("charge_payment", charge).compensate_with(refund))
-//!     .pivot(Step::new("confirm_order", confirm))
-//!     .step(Step::new("send_confirmation", notify))
-//!     .build()?;
-//! assert_eq!(checkout.step_names().collect::<Vec<_>>(),
-//!            ["validate_order", "charge_payment", "confirm_order", "send_confirmation"]);
-//! # Ok::<(), saga_core::Error>(())
-//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -360,7 +322,45 @@ pub enum BeforePivotPhase {}
 #[derive(Debug)]
 pub enum AfterPivotPhase {}
 
-/// Builds a [`SagaDefinition`]; see the [module docs](self).
+/// Builds a [`SagaDefinition`].
+///
+/// A definition is a named, versioned list of steps over a state type `S`.
+/// The builder is a typestate: before the pivot, a step cannot be added
+/// until it has a compensation or is declared to need none; after the
+/// pivot, a step cannot be given one. Both mistakes are compile errors.
+///
+/// ```
+/// use saga_core::{SagaDefinition, Step, StepContext, StepError};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Order { id: u64, charged: bool }
+///
+/// async fn validate(_: &mut StepContext, order: &mut Order) -> Result<(), StepError> {
+///     if order.id == 0 { return Err(StepError::permanent("no such order")); }
+///     Ok(())
+/// }
+/// async fn charge(_: &mut StepContext, order: &mut Order) -> Result<(), StepError> {
+///     order.charged = true;
+///     Ok(())
+/// }
+/// async fn refund(_: &mut StepContext, order: &mut Order) -> Result<(), StepError> {
+///     order.charged = false;
+///     Ok(())
+/// }
+/// async fn confirm(_: &mut StepContext, _: &mut Order) -> Result<(), StepError> { Ok(()) }
+/// async fn notify(_: &mut StepContext, _: &mut Order) -> Result<(), StepError> { Ok(()) }
+///
+/// let checkout = SagaDefinition::<Order>::builder("checkout", 1)
+///     .step(Step::new("validate_order", validate).no_compensation())
+///     .step(Step::new("charge_payment", charge).compensate_with(refund))
+///     .pivot(Step::new("confirm_order", confirm))
+///     .step(Step::new("send_confirmation", notify))
+///     .build()?;
+/// assert_eq!(checkout.step_names().collect::<Vec<_>>(),
+///            ["validate_order", "charge_payment", "confirm_order", "send_confirmation"]);
+/// # Ok::<(), saga_core::Error>(())
+/// ```
 #[must_use = "call .build() to get the definition"]
 pub struct SagaBuilder<S, P = BeforePivotPhase> {
     name: Result<SagaName, InvalidName>,

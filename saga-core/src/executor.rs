@@ -1,16 +1,6 @@
 //! The executor: claims due instances, runs one step each with no store
 //! transaction open, and records the outcome in one write guarded by the
 //! lease.
-//!
-//! ```text
-//!   claim (short write: lease + attempt)      record (short write, fenced)
-//!        │                                         ▲
-//!        ▼                                         │
-//!   run the step ── timeout, heartbeat ──► outcome ─► retry policy ─► status machine
-//! ```
-//!
-//! Retries are never slept on: the next attempt time is persisted and the
-//! instance is claimed again when it is due, by whichever worker is free.
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -414,7 +404,17 @@ pub struct ExecutorStats {
     pub store_errors: u64,
 }
 
-/// Claims and runs due saga instances; see the [module docs](self).
+/// Claims and runs due saga instances.
+///
+/// ```text
+///   claim (short write: lease + attempt)      record (short write, fenced)
+///        │                                         ▲
+///        ▼                                         │
+///   run the step ── timeout, heartbeat ──► outcome ─► retry policy ─► status machine
+/// ```
+///
+/// Retries are never slept on: the next attempt time is persisted and the
+/// instance is claimed again when it is due, by whichever worker is free.
 ///
 /// Cheap to clone; clones share configuration and registry.
 pub struct Executor<St> {
