@@ -23,12 +23,25 @@ use crate::services::{self, Service, email::HttpPublisher};
 use crate::shop::Shop;
 
 /// Where the database is.
-#[derive(Debug)]
 pub enum Database {
     /// A server given by URL; the deployment's schemas are created there.
     Url(String),
     /// A throwaway local cluster, removed when the process ends.
     Throwaway,
+}
+
+/// Never shows the URL's password: as tokio-postgres's parsed
+/// configuration, which redacts it, or not at all if it does not parse.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Url(url) => match tokio_postgres::Config::from_str(url) {
+                Ok(config) => f.debug_tuple("Url").field(&config).finish(),
+                Err(_) => f.write_str("Url(<not a PostgreSQL URL>)"),
+            },
+            Database::Throwaway => f.write_str("Throwaway"),
+        }
+    }
 }
 
 /// How workers behave. Serializable, so that a worker in another process
@@ -404,5 +417,24 @@ impl Worker {
         let (executed, (), ()) = tokio::join!(executor, dispatcher, trigger);
         executed?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Database;
+
+    #[test]
+    fn a_database_url_is_debugged_without_its_password() {
+        for url in [
+            "postgres://shop:s3cret-pw@db.internal:5433/orders",
+            "host=db.internal user=shop password=s3cret-pw dbname=orders",
+        ] {
+            let shown = format!("{:?}", Database::Url(url.to_owned()));
+            assert!(!shown.contains("s3cret-pw"), "{shown}");
+            assert!(shown.contains("db.internal"), "{shown}");
+        }
+        let shown = format!("{:?}", Database::Url("s3cret-pw not a url".to_owned()));
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
     }
 }
