@@ -304,41 +304,24 @@ pub struct Plan {
     pub rate: f64,
 }
 
-/// Alternations that make sure a run with two or more of a kind sees
-/// both of its variants.
-#[derive(Debug, Default)]
-struct Turns {
-    zombies: u64,
-    cuts: u64,
-}
-
-fn draw(kind: FaultKind, rng: &mut SplitMix64, workers: usize, turns: &mut Turns) -> Fault {
+/// One event of `kind`. The variant of a cut (after or before sending) and
+/// of a zombie (frozen in its step or before its result lands) is set
+/// later, in time order, by [`schedule`].
+fn draw(kind: FaultKind, rng: &mut SplitMix64, workers: usize) -> Fault {
     let worker = rng.below(workers.max(1) as u64) as usize;
     let service = [Service::Payment, Service::Inventory, Service::Email][rng.below(3) as usize];
     let window = rng.millis(500, 3_000);
     match kind {
         FaultKind::WorkerKill => Fault::WorkerKill { worker },
         FaultKind::CrashAfterEffect => Fault::CrashAfterEffect { worker },
-        FaultKind::ZombieWorker => {
-            turns.zombies += 1;
-            Fault::ZombieWorker {
-                worker,
-                at: if turns.zombies % 2 == 1 {
-                    ZombieAt::Record
-                } else {
-                    ZombieAt::Step
-                },
-            }
-        }
+        FaultKind::ZombieWorker => Fault::ZombieWorker {
+            worker,
+            at: ZombieAt::Record,
+        },
         FaultKind::PostgresRestart => Fault::PostgresRestart {
             down_for: rng.millis(500, 2_500),
         },
-        FaultKind::CommitCut => {
-            turns.cuts += 1;
-            Fault::CommitCut {
-                reply_lost: turns.cuts % 2 == 1,
-            }
-        }
+        FaultKind::CommitCut => Fault::CommitCut { reply_lost: true },
         FaultKind::ConnectionReset => Fault::ConnectionReset,
         FaultKind::NetworkLatency => Fault::NetworkLatency {
             latency: rng.millis(5, 60),
@@ -389,7 +372,6 @@ fn draw(kind: FaultKind, rng: &mut SplitMix64, workers: usize, turns: &mut Turns
 #[must_use]
 pub fn schedule(plan: &Plan) -> Vec<Event> {
     let mut rng = SplitMix64::new(plan.seed);
-    let mut turns = Turns::default();
     let mut kinds = plan.kinds.clone();
     kinds.sort();
     kinds.dedup();
@@ -411,7 +393,7 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
         .enumerate()
         .map(|(i, kind)| Event {
             at: begin + span.mul_f64((i as f64 + 0.5) / first.len().max(1) as f64),
-            fault: draw(*kind, &mut rng, plan.workers, &mut turns),
+            fault: draw(*kind, &mut rng, plan.workers),
         })
         .collect();
     let total_weight: u32 = kinds.iter().map(|k| k.weight()).sum();
@@ -435,7 +417,7 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
         let at = plan.duration.mul_f64(rng.unit());
         events.push(Event {
             at,
-            fault: draw(kind, &mut rng, plan.workers, &mut turns),
+            fault: draw(kind, &mut rng, plan.workers),
         });
     }
     // At most one database restart every ten seconds: each costs the
@@ -452,6 +434,29 @@ pub fn schedule(plan: &Plan) -> Vec<Event> {
         last_restart = Some(e.at);
         true
     });
+    // The variants alternate in time: a cut after sending, then one before,
+    // and so on; a zombie frozen before its result lands, then one frozen
+    // in its step. Cuts and zombies go one at a time and the last ones may
+    // not fire before the fault phase ends, so a short run still sees both
+    // variants of each.
+    let (mut cuts, mut zombies) = (0_u64, 0_u64);
+    for e in &mut events {
+        match &mut e.fault {
+            Fault::CommitCut { reply_lost } => {
+                *reply_lost = cuts % 2 == 0;
+                cuts += 1;
+            }
+            Fault::ZombieWorker { at, .. } => {
+                *at = if zombies % 2 == 0 {
+                    ZombieAt::Record
+                } else {
+                    ZombieAt::Step
+                };
+                zombies += 1;
+            }
+            _ => {}
+        }
+    }
     events
 }
 
@@ -528,30 +533,43 @@ mod tests {
     }
 
     #[test]
-    fn zombies_and_cuts_come_in_both_variants() {
-        let mut p = plan(5);
-        p.rate = 0.0;
-        let events = schedule(&p);
-        let zombies: Vec<ZombieAt> = events
-            .iter()
-            .filter_map(|e| match e.fault {
-                Fault::ZombieWorker { at, .. } => Some(at),
-                _ => None,
-            })
-            .collect();
-        let cuts: Vec<bool> = events
-            .iter()
-            .filter_map(|e| match e.fault {
-                Fault::CommitCut { reply_lost } => Some(reply_lost),
-                _ => None,
-            })
-            .collect();
-        assert!(
-            zombies.len() >= 2 && cuts.len() >= 2,
-            "{zombies:?} {cuts:?}"
-        );
-        assert!(zombies.contains(&ZombieAt::Record) && zombies.contains(&ZombieAt::Step));
-        assert!(cuts.contains(&true) && cuts.contains(&false));
+    fn zombies_and_cuts_alternate_their_variants_in_time_order() {
+        // The earliest fire first (one at a time): a short run in which only
+        // the first two fire still sees both variants.
+        for (seed, rate) in [(5, 0.0), (1, 1.0), (2026, 2.0)] {
+            let mut p = plan(seed);
+            p.rate = rate;
+            let events = schedule(&p);
+            let zombies: Vec<ZombieAt> = events
+                .iter()
+                .filter_map(|e| match e.fault {
+                    Fault::ZombieWorker { at, .. } => Some(at),
+                    _ => None,
+                })
+                .collect();
+            let cuts: Vec<bool> = events
+                .iter()
+                .filter_map(|e| match e.fault {
+                    Fault::CommitCut { reply_lost } => Some(reply_lost),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                zombies.len() >= 2 && cuts.len() >= 2,
+                "{zombies:?} {cuts:?}"
+            );
+            for (i, at) in zombies.iter().enumerate() {
+                let want = if i % 2 == 0 {
+                    ZombieAt::Record
+                } else {
+                    ZombieAt::Step
+                };
+                assert_eq!(*at, want, "seed {seed}: {zombies:?}");
+            }
+            for (i, reply_lost) in cuts.iter().enumerate() {
+                assert_eq!(*reply_lost, i % 2 == 0, "seed {seed}: {cuts:?}");
+            }
+        }
     }
 
     #[test]
