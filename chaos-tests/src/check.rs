@@ -188,7 +188,12 @@ pub struct ZombieFact {
     pub takeover: bool,
     /// It sent its step's result after the takeover: the transition id.
     pub record_sent: Option<Option<Uuid>>,
-    /// That result's history row exists: the stale write was accepted.
+    /// The port the server saw that result's session on.
+    pub record_port: Option<u16>,
+    /// That result was written by its own session (a history row for its
+    /// transition, inserted on that port): the stale write was accepted.
+    /// A row for the same transition written earlier on another session
+    /// (its first send, committed while its reply was lost) is not.
     pub record_committed: bool,
     /// The worker reported that the engine refused its write for this saga.
     pub refusal_reported: bool,
@@ -209,6 +214,18 @@ impl ZombieFact {
             RefusedAt::Heartbeat
         })
     }
+}
+
+/// Whether the zombie's result, as sent, was written: a history row for
+/// its transition inserted on the session that sent it. `writes` maps each
+/// transition to the ports of the sessions that inserted its history row.
+fn written_by_its_session(z: &ZombieFact, writes: &HashMap<Uuid, Vec<Option<i32>>>) -> bool {
+    let (Some(Some(transition)), Some(port)) = (z.record_sent, z.record_port) else {
+        return false;
+    };
+    writes
+        .get(&transition)
+        .is_some_and(|ports| ports.contains(&Some(i32::from(port))))
 }
 
 /// Which of a zombie's writes was refused.
@@ -912,10 +929,7 @@ pub async fn gather(
         .zombies
         .iter()
         .map(|z| ZombieFact {
-            record_committed: z
-                .record_sent
-                .flatten()
-                .is_some_and(|t| writes.contains_key(&t)),
+            record_committed: written_by_its_session(z, &writes),
             ..z.clone()
         })
         .collect();
@@ -1215,9 +1229,29 @@ mod tests {
             frozen: true,
             takeover: true,
             record_sent: Some(Some(Uuid::from_u128(3))),
+            record_port: Some(40_000),
             record_committed: false,
             refusal_reported: true,
         }
+    }
+
+    #[test]
+    fn a_zombie_result_counts_as_written_only_if_its_own_session_wrote_it() {
+        let z = zombie();
+        let transition = Uuid::from_u128(3);
+        let mut writes: HashMap<Uuid, Vec<Option<i32>>> = HashMap::new();
+        assert!(!written_by_its_session(&z, &writes), "no row");
+        // Its first send committed on another session (the reply was
+        // lost); the copy held back and sent later was refused.
+        writes.insert(transition, vec![Some(41_000)]);
+        assert!(!written_by_its_session(&z, &writes));
+        writes.insert(transition, vec![Some(41_000), Some(40_000)]);
+        assert!(written_by_its_session(&z, &writes));
+        let unknown_port = ZombieFact {
+            record_port: None,
+            ..zombie()
+        };
+        assert!(!written_by_its_session(&unknown_port, &writes));
     }
 
     #[test]

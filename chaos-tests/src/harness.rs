@@ -347,6 +347,8 @@ struct Workers {
     /// saga id).
     leases_lost: std::sync::Mutex<Vec<(usize, u64, String)>>,
     lease_lost: Notify,
+    /// Each incarnation's executor id: the `lease_owner` of what it claims.
+    worker_ids: std::sync::Mutex<BTreeMap<(usize, u64), Uuid>>,
     incarnations: AtomicU64,
 }
 
@@ -676,6 +678,7 @@ pub async fn run(config: Config) -> Result<Report, Error> {
         stopped: std::sync::Mutex::default(),
         leases_lost: std::sync::Mutex::default(),
         lease_lost: Notify::new(),
+        worker_ids: std::sync::Mutex::default(),
         incarnations: AtomicU64::new(0),
     });
     for i in 0..config.workers {
@@ -1212,43 +1215,69 @@ async fn handle_event(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert((i, incarnation));
         }
-        WorkerEvent::Ready => {}
+        WorkerEvent::Ready { worker_id } => {
+            if let Ok(id) = worker_id.parse::<Uuid>() {
+                workers
+                    .worker_ids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((i, incarnation), id);
+            }
+        }
     }
 }
 
-/// The saga of `order`: its id, lease token and version.
+/// The lease on a saga, as its row says.
+#[derive(Debug, Clone, Copy)]
+struct LeaseRow {
+    saga: Uuid,
+    token: Option<Uuid>,
+    owner: Option<Uuid>,
+    version: i64,
+}
+
+/// The saga of `order`: its id, lease token and owner, and version.
 async fn lease_of(
     deployment: &Deployment,
     order: &str,
-) -> Result<Option<(Uuid, Option<Uuid>, i64)>, checkout::Error> {
+) -> Result<Option<LeaseRow>, checkout::Error> {
     let db = deployment.pool.get().await?;
     let row = db
         .query_opt(
             &format!(
-                "SELECT id, lease_token, version FROM {}.saga_instances WHERE start_key = $1",
+                "SELECT id, lease_token, lease_owner, version FROM {}.saga_instances
+                 WHERE start_key = $1",
                 deployment.schemas.saga.quoted()
             ),
             &[&order],
         )
         .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    Ok(row.map(|r| LeaseRow {
+        saga: r.get(0),
+        token: r.get(1),
+        owner: r.get(2),
+        version: r.get(3),
+    }))
 }
 
-/// Waits (up to `bound`) until someone other than the holder of `token`
-/// has written to the saga (a new version) under a new lease: another
-/// worker claimed it.
+/// Waits (up to `bound`) until another worker than `zombie` has claimed
+/// the saga: a new version under a live lease with another token and
+/// another owner. (A new version with no lease is not one: it is the
+/// zombie's own result, committed before it froze.)
 async fn wait_for_takeover(
     deployment: &Deployment,
     order: &str,
-    token: Uuid,
-    version: i64,
+    zombie: Uuid,
+    before: LeaseRow,
     bound: Duration,
 ) -> bool {
     let start = Instant::now();
     while start.elapsed() < bound {
-        if let Ok(Some((_, now_token, now_version))) = lease_of(deployment, order).await
-            && now_version > version
-            && now_token != Some(token)
+        if let Ok(Some(now)) = lease_of(deployment, order).await
+            && now.version > before.version
+            && now.token.is_some()
+            && now.token != before.token
+            && now.owner.is_some_and(|owner| owner != zombie)
         {
             return true;
         }
@@ -1277,6 +1306,7 @@ async fn zombie(
         frozen: false,
         takeover: false,
         record_sent: None,
+        record_port: None,
         record_committed: false,
         refusal_reported: false,
     };
@@ -1292,13 +1322,28 @@ async fn zombie(
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
-    let Some((saga, Some(token), version)) = lease_now else {
+    // A zombie only if the lease is this worker's: faults (a restart, lost
+    // heartbeats) may have let it lapse and another worker claim the saga
+    // while this one was on its way to the effect point.
+    let me = workers
+        .worker_ids
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&(i, incarnation))
+        .copied();
+    let (Some(me), Some(before)) = (me, lease_now) else {
         workers.send(i, "resume").await;
         workers.set_paused(i, false);
         workers.zombie_done().await;
         return;
     };
-    let saga_id = saga.to_string();
+    let (Some(token), true) = (before.token, before.owner == Some(me)) else {
+        workers.send(i, "resume").await;
+        workers.set_paused(i, false);
+        workers.zombie_done().await;
+        return;
+    };
+    let saga_id = before.saga.to_string();
     // Its result, if it ever sends one, is held back until released.
     let mut hold = Some(run.proxy.hold(TRANSITION_SQL, token.as_bytes()));
     let takeover_bound = lease * 8;
@@ -1308,7 +1353,7 @@ async fn zombie(
                 fact.frozen = true;
                 run.tally.fired(FaultKind::ZombieWorker);
                 fact.takeover =
-                    wait_for_takeover(deployment, &order, token, version, takeover_bound).await;
+                    wait_for_takeover(deployment, &order, me, before, takeover_bound).await;
                 workers.signal(i, incarnation, "CONT").await;
             }
             workers.send(i, "resume").await;
@@ -1321,11 +1366,12 @@ async fn zombie(
             };
             if let Some(statement) = reached {
                 fact.record_sent = Some(transition_ids(&statement).1);
+                fact.record_port = statement.upstream_port;
                 if workers.signal(i, incarnation, "STOP").await {
                     fact.frozen = true;
                     run.tally.fired(FaultKind::ZombieWorker);
                     fact.takeover =
-                        wait_for_takeover(deployment, &order, token, version, takeover_bound).await;
+                        wait_for_takeover(deployment, &order, me, before, takeover_bound).await;
                 }
                 // The result reaches the database now, after the takeover.
                 hold = None;
@@ -1343,6 +1389,7 @@ async fn zombie(
             Some(h) => tokio::select! {
                 statement = h.reached() => {
                     fact.record_sent = Some(transition_ids(&statement).1);
+                    fact.record_port = statement.upstream_port;
                     hold = None;
                 }
                 () = notified => {}

@@ -83,8 +83,12 @@ impl std::ops::AddAssign for Counts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WorkerEvent {
-    /// Started.
-    Ready,
+    /// Started; `worker_id` is its executor's id, the `lease_owner` of
+    /// the sagas it claims.
+    Ready {
+        /// The executor's worker id.
+        worker_id: String,
+    },
     /// Its counters so far.
     Stats {
         /// The counters.
@@ -295,7 +299,9 @@ pub async fn main(spec: WorkerSpec) -> Result<(), checkout::Error> {
         },
         Arc::new(SystemClock),
     )?;
-    emit(&WorkerEvent::Ready);
+    emit(&WorkerEvent::Ready {
+        worker_id: worker.executor.worker_id().to_string(),
+    });
 
     let (stop, stopped) = watch::channel(false);
     let commands = {
