@@ -87,8 +87,31 @@ async fn the_demo_ends_every_order_as_its_scenario_says_and_the_ledgers_balance(
                     .iter()
                     .filter(|(s, _)| s == "charge_payment")
                     .collect();
-                assert_eq!(charges.len(), 4, "retried up to the budget: {forward:?}");
-                assert_eq!(charges[3].1, Outcome::FailedForGood);
+                let attempts: Vec<u32> = o
+                    .history
+                    .iter()
+                    .filter(|h| h.step.as_str() == "charge_payment")
+                    .map(|h| h.attempt)
+                    .collect();
+                // The killed worker may have had one of these attempts in
+                // flight: claimed, never recorded, so its number is missing.
+                let interrupted = attempts.iter().zip(1..).any(|(a, n)| *a != n);
+                if interrupted {
+                    assert!(
+                        attempts.windows(2).all(|w| w[0] < w[1])
+                            && attempts.last().is_some_and(|a| *a >= 4),
+                        "retried up to the budget, one attempt lost: {attempts:?}"
+                    );
+                } else {
+                    assert_eq!(charges.len(), 4, "retried up to the budget: {forward:?}");
+                }
+                assert_eq!(charges.last().unwrap().1, Outcome::FailedForGood);
+                assert!(
+                    charges[..charges.len() - 1]
+                        .iter()
+                        .all(|(_, o)| *o == Outcome::RetryScheduled),
+                    "{forward:?}"
+                );
                 assert_eq!(ledger.charges, 0);
             }
         }
@@ -162,6 +185,15 @@ fn normalised(line: &str, crashed: &str) -> String {
     line.to_owned()
 }
 
+/// Where the steps column starts in `line`, if it is the row of an order
+/// other than `crashed` with an attempt a worker died in (`…`).
+fn interrupted_at(line: &str, crashed: &str) -> Option<usize> {
+    // The columns: order (11), scenario (15), outcome (12), steps.
+    const STEPS_AT: usize = 11 + 1 + 15 + 1 + 12 + 1;
+    (line.starts_with("order-") && !line.starts_with(crashed) && line.contains(" … "))
+        .then_some(STEPS_AT)
+}
+
 /// `printed` is the README's sample, but for what [`normalised`] evens
 /// out and the sample's `[... N more orders ...]` lines, each standing for
 /// N order rows.
@@ -188,6 +220,19 @@ fn assert_matches_readme_sample(printed: &str, crashed: &str) {
             continue;
         }
         let got = actual.next().unwrap_or_default();
+        // An order the kill interrupted (an attempt of it was in flight on
+        // the killed worker) has one attempt fewer recorded: its timeline
+        // differs from the sample's; its order, scenario and outcome do not.
+        if let Some(steps_at) = interrupted_at(got, crashed) {
+            assert_eq!(
+                want.get(..steps_at).map(str::trim_end),
+                got.get(..steps_at).map(str::trim_end),
+                "README.md's sample output (line {} of its ```text block) is not what \
+                 `cargo run -p checkout` prints; update the README from:\n{printed}",
+                n + 1
+            );
+            continue;
+        }
         assert_eq!(
             normalised(want, crashed),
             normalised(got, crashed),
