@@ -1260,15 +1260,41 @@ async fn lease_of(
     }))
 }
 
-/// Waits (up to `bound`) until another worker than `zombie` has claimed
-/// the saga: a new version under a live lease with another token and
-/// another owner. (A new version with no lease is not one: it is the
-/// zombie's own result, committed before it froze.)
+/// Results written for `saga` by sessions other than `zombie`'s (the
+/// harness's copy of every history insert keeps the session's
+/// `application_name`).
+async fn written_by_others(
+    deployment: &Deployment,
+    saga: Uuid,
+    zombie: &str,
+) -> Result<i64, checkout::Error> {
+    let db = deployment.pool.get().await?;
+    Ok(db
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.history_inserts
+                 WHERE saga_id = $1 AND application IS DISTINCT FROM $2",
+                crate::check::HARNESS_SCHEMA
+            ),
+            &[&saga, &zombie],
+        )
+        .await?
+        .get(0))
+}
+
+/// Waits (up to `bound`) until another worker than the zombie (`me`,
+/// whose sessions are named `name`) has claimed the saga: seen either as
+/// a new version under a live lease with another token and another owner,
+/// or as a result another worker wrote for it since the freeze (its claim
+/// and its result may both fall between two looks at the row). A new
+/// version with no lease alone is not one: it may be the zombie's own
+/// result, committed before it froze.
 async fn wait_for_takeover(
     deployment: &Deployment,
     order: &str,
-    zombie: Uuid,
+    (me, name): (Uuid, &str),
     before: LeaseRow,
+    mut others_before: Option<i64>,
     bound: Duration,
 ) -> bool {
     let start = Instant::now();
@@ -1277,9 +1303,16 @@ async fn wait_for_takeover(
             && now.version > before.version
             && now.token.is_some()
             && now.token != before.token
-            && now.owner.is_some_and(|owner| owner != zombie)
+            && now.owner.is_some_and(|owner| owner != me)
         {
             return true;
+        }
+        if let Ok(others) = written_by_others(deployment, before.saga, name).await {
+            match others_before {
+                None => others_before = Some(others),
+                Some(n) if others > n => return true,
+                Some(_) => {}
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1344,6 +1377,10 @@ async fn zombie(
         return;
     };
     let saga_id = before.saga.to_string();
+    let name = incarnation_name(i, incarnation);
+    // Results others wrote for the saga so far (none should come while the
+    // worker holds the lease; one that does is a takeover).
+    let others_before = written_by_others(deployment, before.saga, &name).await.ok();
     // Its result, if it ever sends one, is held back until released.
     let mut hold = Some(run.proxy.hold(TRANSITION_SQL, token.as_bytes()));
     let takeover_bound = lease * 8;
@@ -1352,8 +1389,15 @@ async fn zombie(
             if workers.signal(i, incarnation, "STOP").await {
                 fact.frozen = true;
                 run.tally.fired(FaultKind::ZombieWorker);
-                fact.takeover =
-                    wait_for_takeover(deployment, &order, me, before, takeover_bound).await;
+                fact.takeover = wait_for_takeover(
+                    deployment,
+                    &order,
+                    (me, &name),
+                    before,
+                    others_before,
+                    takeover_bound,
+                )
+                .await;
                 workers.signal(i, incarnation, "CONT").await;
             }
             workers.send(i, "resume").await;
@@ -1370,8 +1414,15 @@ async fn zombie(
                 if workers.signal(i, incarnation, "STOP").await {
                     fact.frozen = true;
                     run.tally.fired(FaultKind::ZombieWorker);
-                    fact.takeover =
-                        wait_for_takeover(deployment, &order, me, before, takeover_bound).await;
+                    fact.takeover = wait_for_takeover(
+                        deployment,
+                        &order,
+                        (me, &name),
+                        before,
+                        others_before,
+                        takeover_bound,
+                    )
+                    .await;
                 }
                 // The result reaches the database now, after the takeover.
                 hold = None;
