@@ -90,7 +90,11 @@ async fn the_demo_ends_every_order_as_its_scenario_says_and_the_ledgers_balance(
                 let attempts: Vec<u32> = o
                     .history
                     .iter()
-                    .filter(|h| h.step.as_str() == "charge_payment")
+                    .filter(|h| {
+                        h.step.as_str() == "charge_payment"
+                            && h.direction == Direction::Forward
+                            && h.outcome != Outcome::Created
+                    })
                     .map(|h| h.attempt)
                     .collect();
                 // The killed worker may have had one of these attempts in
