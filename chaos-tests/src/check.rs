@@ -27,8 +27,9 @@
 //!   was cut is resolved from the database (committed at the cut or not;
 //!   a transition cut before it was sent never committed at the cut), its
 //!   saga moved on to the end, and each worker that lived to the end
-//!   counted at least as many ambiguous commits, each way, as it had
-//!   transitions cut, and left none unresolved.
+//!   resolved at least as many ambiguous commits as it had transitions
+//!   cut, counted at least as many as committed as it had transitions
+//!   committed at a cut, and left none unresolved.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::SystemTime;
@@ -573,9 +574,19 @@ fn zombies(facts: &Facts, v: &mut Vec<Violation>) {
 }
 
 /// I7: every cut transition resolved, and counted by its worker.
+///
+/// A worker counts an ambiguity once per write of a transition, not once
+/// per cut: when the same write is cut again before it gets through (cuts
+/// queued during an outage fire back to back on whatever transition comes
+/// next), the later cuts find it already "not committed" and add nothing.
+/// And a write first found not committed that then turns out to have
+/// committed late moves from one count to the other. So each worker is
+/// held to two lower bounds over its distinct cut transitions: as many
+/// "committed" as transitions committed at one of their cuts, and as many
+/// resolved either way as transitions cut.
 fn ambiguous_commits(facts: &Facts, v: &mut Vec<Violation>) {
-    // Per worker: (committed at the cut, not committed).
-    let mut per_worker: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    // Per worker, per cut transition: whether one of its cuts committed.
+    let mut per_worker: BTreeMap<&str, BTreeMap<Uuid, bool>> = BTreeMap::new();
     for c in &facts.cuts {
         let order = c.order.as_deref();
         let Some(transition) = c.transition else {
@@ -610,12 +621,11 @@ fn ambiguous_commits(facts: &Facts, v: &mut Vec<Violation>) {
             Some(_) => {}
         }
         if let Some(worker) = &c.worker {
-            let entry = per_worker.entry(worker.as_str()).or_default();
-            if c.committed_at_cut {
-                entry.0 += 1;
-            } else {
-                entry.1 += 1;
-            }
+            *per_worker
+                .entry(worker.as_str())
+                .or_default()
+                .entry(transition)
+                .or_default() |= c.committed_at_cut;
         }
     }
     for w in facts.workers.iter().filter(|w| w.survived) {
@@ -630,14 +640,17 @@ fn ambiguous_commits(facts: &Facts, v: &mut Vec<Violation>) {
                 ),
             ));
         }
-        let (committed, not_committed) = per_worker.get(w.name.as_str()).copied().unwrap_or((0, 0));
-        if c.ambiguous_committed < committed || c.ambiguous_not_committed < not_committed {
+        let (cut, committed) = per_worker.get(w.name.as_str()).map_or((0, 0), |t| {
+            (t.len() as u64, t.values().filter(|c| **c).count() as u64)
+        });
+        let resolved = c.ambiguous_committed + c.ambiguous_not_committed;
+        if c.ambiguous_committed < committed || resolved < cut {
             v.push(violation(
                 "I7",
                 None,
                 format!(
                     "worker {} resolved {} ambiguous commits as committed and {} as not, \
-                     but {committed} of its cut transitions committed and {not_committed} did not",
+                     but {cut} of its transitions were cut and {committed} of them committed at a cut",
                     w.name, c.ambiguous_committed, c.ambiguous_not_committed
                 ),
             ));
@@ -1297,10 +1310,14 @@ mod tests {
     }
 
     fn cut(after: bool, committed_at_cut: bool) -> CutFact {
+        cut_of(11, after, committed_at_cut)
+    }
+
+    fn cut_of(transition: u128, after: bool, committed_at_cut: bool) -> CutFact {
         CutFact {
             after,
             order: Some(ORDER.into()),
-            transition: Some(Uuid::from_u128(11)),
+            transition: Some(Uuid::from_u128(transition)),
             worker: Some("w0".into()),
             committed_at_cut,
             in_history: true,
@@ -1344,8 +1361,22 @@ mod tests {
     #[test]
     fn i7_holds_for_resolved_cuts_counted_by_their_worker() {
         let mut f = clean();
-        f.cuts = vec![cut(true, true), cut(false, false)];
+        f.cuts = vec![cut_of(11, true, true), cut_of(12, false, false)];
         f.workers = vec![survivor(1, 1)];
+        assert_eq!(fired(&f), vec![]);
+        // One write cut three times before it got through: the worker
+        // found it not committed once, and wrote it again.
+        f.cuts = vec![
+            cut_of(12, false, false),
+            cut_of(12, true, false),
+            cut_of(12, false, false),
+        ];
+        f.workers = vec![survivor(0, 1)];
+        assert_eq!(fired(&f), vec![]);
+        // Cut twice, and the second cut's statement committed late: the
+        // worker's "not committed" became "committed".
+        f.cuts = vec![cut_of(12, true, false), cut_of(12, true, true)];
+        f.workers = vec![survivor(1, 0)];
         assert_eq!(fired(&f), vec![]);
         // A worker that did not survive is not held to its counters.
         f.workers = vec![WorkerFact {
@@ -1387,11 +1418,23 @@ mod tests {
     #[test]
     fn i7_fires_when_a_surviving_worker_miscounts_or_leaves_one_unresolved() {
         let mut f = clean();
-        f.cuts = vec![cut(true, true), cut(false, false)];
-        f.workers = vec![survivor(0, 1)];
+        f.cuts = vec![cut_of(11, true, true), cut_of(12, false, false)];
+        f.workers = vec![survivor(0, 2)];
         assert_fires(&f, "I7", "resolved 0 ambiguous commits as committed");
         f.workers = vec![survivor(1, 0)];
-        assert_fires(&f, "I7", "1 of its cut transitions committed and 1 did not");
+        assert_fires(
+            &f,
+            "I7",
+            "2 of its transitions were cut and 1 of them committed at a cut",
+        );
+        // Three transitions, each cut once, counted as one.
+        f.cuts = vec![
+            cut_of(12, false, false),
+            cut_of(13, true, false),
+            cut_of(14, false, false),
+        ];
+        f.workers = vec![survivor(0, 1)];
+        assert_fires(&f, "I7", "3 of its transitions were cut");
         f.workers = vec![WorkerFact {
             counts: Counts {
                 ambiguous_unresolved: 2,

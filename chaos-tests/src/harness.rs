@@ -543,9 +543,12 @@ impl Workers {
             _ => None,
         };
         let Some(pid) = pid else { return false };
+        // A worker that died meanwhile is no error here: the caller
+        // learns it from the status.
         Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(pid.to_string())
+            .stderr(Stdio::null())
             .status()
             .await
             .is_ok_and(|s| s.success())
