@@ -267,6 +267,9 @@ pub struct Facts {
 /// What the cut transitions turned out to be.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CutSummary {
+    /// Distinct transitions cut (a write retried after a cut may be cut
+    /// again).
+    pub transitions: u64,
     /// Cut after the statement was sent.
     pub after: u64,
     /// Cut before it was sent.
@@ -284,7 +287,14 @@ pub struct CutSummary {
 
 impl CutSummary {
     fn of(cuts: &[CutFact]) -> Self {
-        let mut s = CutSummary::default();
+        let mut s = CutSummary {
+            transitions: cuts
+                .iter()
+                .filter_map(|c| c.transition)
+                .collect::<HashSet<_>>()
+                .len() as u64,
+            ..CutSummary::default()
+        };
         for c in cuts {
             if c.after {
                 s.after += 1;
@@ -1341,13 +1351,14 @@ mod tests {
         let mut dropped = cut(true, false);
         dropped.in_history = false;
         let f = Facts {
-            cuts: vec![cut(true, true), cut(false, false), dropped],
+            cuts: vec![cut(true, true), cut_of(12, false, false), dropped],
             ..clean()
         };
         let s = check(&f).cuts;
         assert_eq!(
             s,
             CutSummary {
+                transitions: 2,
                 after: 2,
                 before: 1,
                 committed: 1,

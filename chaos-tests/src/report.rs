@@ -47,9 +47,10 @@ pub fn table(r: &Report) -> String {
     let c = &r.cuts;
     let _ = writeln!(
         w,
-        "  transitions cut            {} ({} after sending, {} before): {} committed at the cut, \
-         {} not ({} written again, {} refused and redone)",
+        "  transitions cut            {} cuts on {} transitions ({} after sending, {} before): \
+         {} committed at the cut, {} not ({} written again, {} refused and redone)",
         c.after + c.before,
+        c.transitions,
         c.after,
         c.before,
         c.committed,
