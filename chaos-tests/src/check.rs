@@ -28,7 +28,7 @@
 //!   a transition cut before it was sent never committed at the cut), its
 //!   saga moved on to the end, and each worker that lived to the end
 //!   resolved at least as many ambiguous commits as it had transitions
-//!   cut, counted at least as many as committed as it had transitions
+//!   cut, counted at least as many "committed" as it had transitions
 //!   committed at a cut, and left none unresolved.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
