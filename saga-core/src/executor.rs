@@ -391,6 +391,14 @@ struct Counters {
     store_errors: AtomicU64,
 }
 
+impl Counters {
+    /// Counts a failed store operation, in the stats and the metric.
+    fn store_failed(&self, operation: &'static str) {
+        self.store_errors.fetch_add(1, Ordering::Relaxed);
+        store_error(operation);
+    }
+}
+
 /// What an executor has done since it was built (all its clones together).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExecutorStats {
@@ -770,10 +778,7 @@ impl<St: SagaStore> Executor<St> {
                 lease_for: cfg.lease_duration,
             })
             .await
-            .inspect_err(|_| {
-                counters.store_errors.fetch_add(1, Ordering::Relaxed);
-                store_error("claim");
-            })?;
+            .inspect_err(|_| counters.store_failed("claim"))?;
         counters
             .claimed
             .fetch_add(claimed.len() as u64, Ordering::Relaxed);
@@ -788,13 +793,7 @@ impl<St: SagaStore> Executor<St> {
             .store
             .due_unregistered(&self.shared.registry.kinds)
             .await
-            .inspect_err(|_| {
-                self.shared
-                    .counters
-                    .store_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                store_error("due_unregistered");
-            })?;
+            .inspect_err(|_| self.shared.counters.store_failed("due_unregistered"))?;
         let gauge = |kind: &SagaKind| {
             metrics::gauge!(m::UNREGISTERED_DUE,
                 "saga" => kind.name.to_string(), "version" => kind.version.to_string())
@@ -1152,8 +1151,7 @@ async fn record<St: SagaStore>(
         }
         Err(Error::LeaseLost(_)) => lease_lost(shared, claimed),
         Err(e) => {
-            shared.counters.store_errors.fetch_add(1, Ordering::Relaxed);
-            store_error("record");
+            shared.counters.store_failed("record");
             tracing::error!(error = %e, "recording the step's outcome failed; the step will run again when the lease expires");
             Processed::StoreError
         }
