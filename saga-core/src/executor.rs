@@ -1094,7 +1094,7 @@ async fn run_with_heartbeat<St: SagaStore>(
                     Err(Error::LeaseLost(_)) => return None,
                     Err(e) => {
                         store_error("heartbeat");
-                        tracing::warn!(error = %e, "lease heartbeat failed; will retry");
+                        tracing::warn!(error = %Chain(&e), "lease heartbeat failed; will retry");
                     }
                 }
             }
@@ -1152,7 +1152,7 @@ async fn record<St: SagaStore>(
         Err(Error::LeaseLost(_)) => lease_lost(shared, claimed),
         Err(e) => {
             shared.counters.store_failed("record");
-            tracing::error!(error = %e, "recording the step's outcome failed; the step will run again when the lease expires");
+            tracing::error!(error = %Chain(&e), "recording the step's outcome failed; the step will run again when the lease expires");
             Processed::StoreError
         }
     }
