@@ -66,6 +66,25 @@ fn key(order: u32) -> StartKey {
     StartKey::new(format!("order-{order}")).unwrap()
 }
 
+/// Runs `exec` in a task until `stop` is sent (or dropped); the task
+/// returns what [`Executor::run`] returned.
+fn spawn_run<St: SagaStore>(
+    exec: &Executor<St>,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), Error>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let exec = exec.clone();
+    let running = tokio::spawn(async move {
+        exec.run(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (stop, running)
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_attempt_that_outlives_its_timeout_is_a_retryable_failure() {
     let s = setup();
@@ -242,16 +261,7 @@ async fn run_stops_claiming_on_shutdown_and_lets_the_step_in_flight_finish() {
         .poll_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let exec = exec.clone();
-        async move {
-            exec.run(async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
+    let (stop, running) = spawn_run(&exec);
     // The long poll interval means only the start's wake-up gets it going.
     let id = exec
         .client()
@@ -296,16 +306,7 @@ async fn steps_still_running_after_the_grace_period_are_abandoned_and_resumed_el
         .await
         .unwrap()
         .id;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let exec = exec.clone();
-        async move {
-            exec.run(async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
+    let (stop, running) = spawn_run(&exec);
     never_opened.entered().await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
@@ -979,16 +980,7 @@ async fn a_step_abandoned_at_shutdown_is_stopped() {
         .start(&saga, key(1), &Vec::new())
         .await
         .unwrap();
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let exec = exec.clone();
-        async move {
-            exec.run(async {
-                let _ = stop_rx.await;
-            })
-            .await
-        }
-    });
+    let (stop, running) = spawn_run(&exec);
     entered.notified().await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
@@ -1028,16 +1020,7 @@ async fn a_shutdown_that_arrives_with_a_wake_up_claims_nothing() {
         .poll_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let exec = exec.clone();
-        async move {
-            exec.run(async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
+    let (stop, running) = spawn_run(&exec);
     // The executor has looked for work, found none, and waits.
     store.claims.notified().await;
     // A start wakes it just as shutdown is asked for.
@@ -1122,16 +1105,7 @@ async fn run_keeps_at_most_concurrency_steps_in_flight_and_refills_freed_slots()
         let started = exec.client().start(&saga, key(order), &order).await;
         ids.push(started.unwrap().id);
     }
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let exec = exec.clone();
-        async move {
-            exec.run(async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
+    let (stop, running) = spawn_run(&exec);
     let next_entered = async |entered: &mut mpsc::UnboundedReceiver<u32>| {
         tokio::time::timeout(Duration::from_secs(30), entered.recv())
             .await
@@ -1354,16 +1328,7 @@ fn a_busy_executor_checks_for_unregistered_kinds_on_its_timer_and_zeroes_those_g
                 .start(&v2, key(1), &TestState::order(1))
                 .await
                 .unwrap();
-            let (stop, stopped) = oneshot::channel::<()>();
-            let running = tokio::spawn({
-                let exec = exec.clone();
-                async move {
-                    exec.run(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                }
-            });
+            let (stop, running) = spawn_run(&exec);
             let next_check = async |checked: &mut mpsc::UnboundedReceiver<_>| {
                 tokio::time::timeout(Duration::from_secs(600), checked.recv())
                     .await
