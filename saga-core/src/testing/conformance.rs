@@ -273,6 +273,17 @@ async fn noop(_: &mut crate::StepContext, _: &mut TestState) -> Result<(), StepE
     Ok(())
 }
 
+/// A state type the scripted saga's state does not deserialize as (its
+/// `order` is a number): "scripted" version 1 changed without a bump.
+#[derive(Serialize, Deserialize)]
+struct Incompatible {
+    order: String,
+}
+
+async fn never(_: &mut crate::StepContext, _: &mut Incompatible) -> Result<(), StepError> {
+    panic!("must not run with an unreadable state");
+}
+
 // ---------------------------------------------------------------------------
 // Claims, leases, fencing
 // ---------------------------------------------------------------------------
@@ -1036,13 +1047,6 @@ pub async fn a_cancel_while_a_step_is_snoozed_compensates_it<Fa: StoreFactory>(f
 /// step runs again still compensates it: its first attempt may have
 /// charged the card.
 pub async fn a_cancel_after_a_resume_compensates_a_step_that_had_started<Fa: StoreFactory>(f: &Fa) {
-    #[derive(Serialize, Deserialize)]
-    struct Incompatible {
-        order: String,
-    }
-    async fn never(_: &mut crate::StepContext, _: &mut Incompatible) -> Result<(), StepError> {
-        panic!("must not run with an unreadable state");
-    }
     let h = Harness::new(f).await;
     h.script.on(1, "charge", F, [Behavior::Retryable]);
     let id = h.start(1).await;
@@ -1268,13 +1272,6 @@ pub async fn unregistered_sagas_are_left_untouched<Fa: StoreFactory>(f: &Fa) {
 /// A stored state that no longer deserializes parks that instance with a
 /// reason; the worker keeps serving the others.
 pub async fn an_unreadable_state_parks_only_that_instance<Fa: StoreFactory>(f: &Fa) {
-    #[derive(Serialize, Deserialize)]
-    struct Incompatible {
-        order: String,
-    }
-    async fn never(_: &mut crate::StepContext, _: &mut Incompatible) -> Result<(), StepError> {
-        panic!("must not run with an unreadable state");
-    }
     let h = Harness::new(f).await;
     // Version 1 of "scripted" changed its state type without a version bump.
     let changed = SagaDefinition::<Incompatible>::builder("scripted", 1)
