@@ -356,20 +356,14 @@ impl StepError {
     /// The error and its chain of causes, `: `-separated, for the history.
     #[must_use]
     pub fn describe(&self) -> String {
-        let mut out = match self.kind {
+        let kind = match self.kind {
             StepErrorKind::Snooze(d) => format!("snoozed for {d:?}"),
             kind => kind.as_str().to_owned(),
         };
-        let mut next: Option<&(dyn StdError + 'static)> = match &self.source {
-            Some(e) => Some(e.as_ref()),
-            None => None,
-        };
-        while let Some(e) = next {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            next = e.source();
+        match &self.source {
+            Some(e) => format!("{kind}: {}", Chain(e.as_ref())),
+            None => kind,
         }
-        out
     }
 }
 
