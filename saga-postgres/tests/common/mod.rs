@@ -15,7 +15,7 @@ use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::testing::TestSchema;
 use saga_postgres::tokio_postgres::Client;
 use saga_postgres::tokio_postgres::types::ToSql;
-use saga_postgres::{PgSagaStore, SchemaName, pool_from_config};
+use saga_postgres::{PgError, PgSagaStore, SchemaName, pool_from_config};
 
 /// A pool on a fresh schema (not migrated yet), and its guard.
 pub struct FreshSchema {
@@ -116,6 +116,16 @@ impl SagaStore for TestStore {
     async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
         self.store.due_unregistered(kinds).await
     }
+}
+
+/// The `PgError` inside a store error.
+pub fn pg(err: &Error) -> &PgError {
+    let Error::Store(source) = err else {
+        panic!("expected a store error, got {err:?}");
+    };
+    source
+        .downcast_ref::<PgError>()
+        .unwrap_or_else(|| panic!("the source is a PgError: {err:?}"))
 }
 
 /// A record moving a scripted instance from `validate` to `charge`, with
