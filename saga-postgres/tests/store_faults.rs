@@ -494,17 +494,7 @@ async fn a_worker_survives_a_postgres_crash_and_restart() {
         .build()
         .unwrap();
     let client = exec.client();
-    let mut ids = Vec::new();
-    for n in 1..=8 {
-        let key = StartKey::new(format!("order-{n}")).unwrap();
-        ids.push(
-            client
-                .start(&saga, key, &TestState::order(n))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = common::start_orders(&client, &saga, 1..=8).await;
     let worker = tokio::spawn({
         let exec = exec.clone();
         async move { exec.run_until_idle().await }

@@ -543,17 +543,7 @@ async fn a_claim_walks_only_the_due_rows_of_the_kinds_it_asks_for() {
     .await
     .unwrap();
     let client = SagaClient::new(store.store.clone());
-    let mut ids = Vec::new();
-    for n in 1..=2 {
-        let key = StartKey::new(format!("order-{n}")).unwrap();
-        ids.push(
-            client
-                .start(&saga, key, &TestState::order(n))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let mut ids = common::start_orders(&client, &saga, 1..=2).await;
     let kinds = [saga.kind().clone()];
     let plan = store.explain_claim(&kinds, 16).await.unwrap();
     assert!(plan.contains("saga_instances_due"), "{plan}");
@@ -588,17 +578,7 @@ async fn a_malformed_row_is_parked_and_the_rest_of_its_batch_is_claimed() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
     let saga: SagaDefinition<TestState> = scripted_saga(&Script::new(), 1);
     let client = SagaClient::new(store.store.clone());
-    let mut ids = Vec::new();
-    for n in 1..=3 {
-        let key = StartKey::new(format!("order-{n}")).unwrap();
-        ids.push(
-            client
-                .start(&saga, key, &TestState::order(n))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = common::start_orders(&client, &saga, 1..=3).await;
     let bad = ids[1];
     let db = store.pool().get().await.unwrap();
     db.execute(

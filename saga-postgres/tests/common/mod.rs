@@ -3,13 +3,15 @@
 //! the test passes and kept (its name printed) when it fails.
 #![allow(dead_code, unreachable_pub)]
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
+use saga_core::testing::TestState;
 use saga_core::{
     ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, Message, MessageId,
-    NewSaga, OutboxMessage, Outcome, Record, SagaId, SagaKind, SagaSnapshot, SagaStore, Started,
-    Status, StepName, Timestamp, TransitionId,
+    NewSaga, OutboxMessage, Outcome, Record, SagaClient, SagaDefinition, SagaId, SagaKind,
+    SagaSnapshot, SagaStore, StartKey, Started, Status, StepName, Timestamp, TransitionId,
 };
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::testing::TestSchema;
@@ -126,6 +128,27 @@ pub fn pg(err: &Error) -> &PgError {
     source
         .downcast_ref::<PgError>()
         .unwrap_or_else(|| panic!("the source is a PgError: {err:?}"))
+}
+
+/// Starts orders `orders` of `saga` (keys `order-{n}`) through `client`;
+/// their ids, in that order.
+pub async fn start_orders<St: SagaStore>(
+    client: &SagaClient<St>,
+    saga: &SagaDefinition<TestState>,
+    orders: RangeInclusive<u32>,
+) -> Vec<SagaId> {
+    let mut ids = Vec::new();
+    for n in orders {
+        let key = StartKey::new(format!("order-{n}")).unwrap();
+        ids.push(
+            client
+                .start(saga, key, &TestState::order(n))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    ids
 }
 
 /// A record moving a scripted instance from `validate` to `charge`, with
