@@ -151,6 +151,14 @@ pub async fn start_orders<St: SagaStore>(
     ids
 }
 
+/// This test binary run again, for the test `name` alone (a child
+/// process's part of a test).
+pub fn this_test(name: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+    command.args(["--exact", name, "--nocapture", "--test-threads", "1"]);
+    command
+}
+
 /// A record moving a scripted instance from `validate` to `charge`, with
 /// one outbox message, as the executor would write it.
 pub fn advance(id: SagaId, now: Timestamp) -> Record {
