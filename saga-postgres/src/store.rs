@@ -422,7 +422,6 @@ enum Guard {
 /// (attempts, waits between them, lookups), and the backoff between
 /// attempts.
 struct Budget {
-    reconnect_for: Duration,
     deadline: Instant,
     backoff: backon::ExponentialBackoff,
     /// The last error an attempt failed with, kept as the cause of
@@ -433,7 +432,6 @@ struct Budget {
 impl Budget {
     fn new(reconnect_for: Duration) -> Self {
         Budget {
-            reconnect_for,
             deadline: Instant::now() + reconnect_for,
             backoff: backon::ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(20))
@@ -756,7 +754,7 @@ impl PgSagaStore {
         }
         let delay = budget.backoff.next().unwrap_or(Duration::from_secs(2));
         if Instant::now() + delay >= budget.deadline {
-            tracing::error!(op, error = %e, code = ?e.code(), budget = ?budget.reconnect_for,
+            tracing::error!(op, error = %e, code = ?e.code(), budget = ?self.inner.reconnect_for,
                 "database still failing at the operation's deadline; giving up");
             return Err(with_last(e, budget));
         }
@@ -805,7 +803,7 @@ impl PgSagaStore {
         let (client, stmt) = match prepared {
             Ok(Ok(ready)) => ready,
             Ok(Err(e)) => return Err(Failed::before(e)),
-            Err(_) => return Err(Failed::before(self.deadline_error(None))),
+            Err(_) => return Err(Failed::before(self.deadline_error())),
         };
         match tokio::time::timeout_at(deadline, client.query(&stmt, params)).await {
             Ok(Ok(rows)) => Ok(rows),
@@ -816,17 +814,19 @@ impl PgSagaStore {
             Err(_) => {
                 abandon(client);
                 Err(Failed {
-                    error: self.deadline_error(None),
+                    error: self.deadline_error(),
                     in_flight: true,
                 })
             }
         }
     }
 
-    fn deadline_error(&self, last: Option<PgError>) -> PgError {
+    /// An attempt cut off at the deadline; [`pause`](Self::pause) adds
+    /// the budget's last error as its cause.
+    fn deadline_error(&self) -> PgError {
         PgError::DeadlineExceeded {
             after: self.inner.reconnect_for,
-            last: last.map(Box::new),
+            last: None,
         }
     }
 

@@ -150,17 +150,9 @@ async fn concurrent_migrations_serialize_on_the_advisory_lock() {
         .await
         .unwrap();
 
-    let exe = std::env::current_exe().unwrap();
     let migrators: Vec<_> = (0..2)
         .map(|_| {
-            tokio::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "migrator_process",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
+            common::this_test("migrator_process")
                 .env(MIGRATOR_URL, &url)
                 .env(MIGRATOR_SCHEMA, schema.as_str())
                 .stdout(Stdio::piped())

@@ -246,17 +246,9 @@ async fn two_worker_processes_finish_every_instance_and_apply_each_effect_once()
         );
     }
 
-    let exe = std::env::current_exe().unwrap();
     let workers: Vec<_> = (0..2)
         .map(|_| {
-            tokio::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "worker_process",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
+            common::this_test("worker_process")
                 .env("SAGA_MW_URL", &url)
                 .env("SAGA_MW_SCHEMA", schema.as_str())
                 .stdout(Stdio::piped())

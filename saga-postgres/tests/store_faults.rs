@@ -348,16 +348,6 @@ async fn a_claim_that_never_reached_the_server_claims_again() {
     assert_eq!(stats.retries, 1, "{stats:?}");
 }
 
-/// The `PgError` inside a store error.
-fn pg(err: &Error) -> &PgError {
-    let Error::Store(source) = err else {
-        panic!("expected a store error, got {err:?}");
-    };
-    source
-        .downcast_ref::<PgError>()
-        .unwrap_or_else(|| panic!("the source is a PgError: {err:?}"))
-}
-
 /// Whether the driver's error for a lost or refused connection is in the
 /// chain: the cause was kept, not flattened.
 fn keeps_the_closed_connection(err: &dyn std::error::Error) -> bool {
@@ -396,7 +386,7 @@ async fn an_operation_stuck_on_an_unanswered_statement_gives_up_at_its_deadline(
     let took = started.elapsed();
     assert!(took >= reconnect_for, "{took:?}");
     assert!(took < reconnect_for + SLACK, "{took:?}");
-    let pg = pg(&err);
+    let pg = common::pg(&err);
     assert!(
         matches!(pg, PgError::DeadlineExceeded { after, .. } if *after == reconnect_for),
         "{pg:?}"
@@ -422,7 +412,7 @@ async fn an_outage_longer_than_the_deadline_fails_with_the_connection_error() {
         .unwrap_err();
     let took = started.elapsed();
     assert!(took < reconnect_for + SLACK, "{took:?}");
-    let pg = pg(&err);
+    let pg = common::pg(&err);
     assert!(pg.is_connection_error(), "{pg:?}");
     assert!(
         !matches!(pg, PgError::DeadlineExceeded { .. }),
@@ -457,7 +447,7 @@ async fn an_ambiguous_commit_that_cannot_be_looked_up_in_time_is_counted_unresol
         .unwrap_err();
     let took = started.elapsed();
     assert!(took < reconnect_for + SLACK, "{took:?}");
-    let pg = pg(&err);
+    let pg = common::pg(&err);
     assert!(pg.is_connection_error(), "{pg:?}");
     assert!(keeps_the_closed_connection(pg), "the cause is kept: {pg:?}");
     let stats = store.stats();
@@ -504,17 +494,7 @@ async fn a_worker_survives_a_postgres_crash_and_restart() {
         .build()
         .unwrap();
     let client = exec.client();
-    let mut ids = Vec::new();
-    for n in 1..=8 {
-        let key = StartKey::new(format!("order-{n}")).unwrap();
-        ids.push(
-            client
-                .start(&saga, key, &TestState::order(n))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = common::start_orders(&client, &saga, 1..=8).await;
     let worker = tokio::spawn({
         let exec = exec.clone();
         async move { exec.run_until_idle().await }

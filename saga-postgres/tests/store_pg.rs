@@ -15,16 +15,6 @@ use saga_postgres::{PgError, PgSagaStore};
 
 const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The `PgError` inside a store error.
-fn pg(err: &Error) -> &PgError {
-    let Error::Store(source) = err else {
-        panic!("expected a store error, got {err:?}");
-    };
-    source
-        .downcast_ref::<PgError>()
-        .unwrap_or_else(|| panic!("the source is a PgError: {err:?}"))
-}
-
 async fn claim(store: &PgSagaStore, kinds: &[SagaKind], limit: usize) -> Vec<ClaimedSaga> {
     store
         .claim(ClaimRequest {
@@ -40,16 +30,13 @@ async fn claim(store: &PgSagaStore, kinds: &[SagaKind], limit: usize) -> Vec<Cla
 /// `count(*)` of a table of the store's schema, with an optional condition.
 async fn rows(store: &PgSagaStore, table: &str, condition: &str) -> i64 {
     let db = store.pool().get().await.unwrap();
-    db.query_one(
-        &format!(
-            "SELECT count(*) FROM {}.{table} {condition}",
-            store.schema().quoted()
-        ),
+    let s = store.schema().quoted();
+    common::count(
+        &db,
+        &format!("SELECT count(*) FROM {s}.{table} {condition}"),
         &[],
     )
     .await
-    .unwrap()
-    .get(0)
 }
 
 /// An instance of the scripted saga, claimed: its lease, ready for a
@@ -96,16 +83,9 @@ async fn fail_next_history_insert_once(store: &PgSagaStore, sqlstate: &str) {
 /// How many times the trigger of [`fail_next_history_insert_once`] ran.
 async fn trigger_runs(store: &PgSagaStore) -> i64 {
     let db = store.pool().get().await.unwrap();
-    db.query_one(
-        &format!(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {}.fail_once",
-            store.schema().quoted()
-        ),
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    let s = store.schema().quoted();
+    let sql = format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {s}.fail_once");
+    common::count(&db, &sql, &[]).await
 }
 
 /// A transition whose first attempt fails with `sqlstate` (40001 or
@@ -158,7 +138,7 @@ async fn a_unique_violation_is_returned_at_once_with_its_sqlstate() {
     let record = common::advance(id, store.clock().now());
     let tid = record.transition_id;
     let err = store.record(&claimed.lease, record).await.unwrap_err();
-    let pg = pg(&err);
+    let pg = common::pg(&err);
     assert_eq!(pg.code(), Some(&SqlState::UNIQUE_VIOLATION), "{pg:?}");
     assert!(!pg.is_retryable());
 
@@ -369,17 +349,8 @@ async fn an_oversized_input_is_refused_and_nothing_is_written() {
         matches!(err, Error::TooLarge { size, limit: 1024, .. } if size > 2000),
         "{err:?}"
     );
-    let db = store.pool().get().await.unwrap();
     for table in ["saga_instances", "saga_history", "outbox"] {
-        let n: i64 = db
-            .query_one(
-                &format!("SELECT count(*) FROM {}.{table}", store.schema().quoted()),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 0, "{table}");
+        assert_eq!(rows(&store, table, "").await, 0, "{table}");
     }
 }
 
@@ -394,12 +365,7 @@ async fn database_errors_keep_their_sqlstate() {
     } = common::fresh_schema().await;
     let store = PgSagaStore::new(pool, schema);
     let err = store.load(saga_core::SagaId::new()).await.unwrap_err();
-    let Error::Store(source) = &err else {
-        panic!("expected a store error, got {err:?}");
-    };
-    let pg = source
-        .downcast_ref::<PgError>()
-        .expect("the source is a PgError");
+    let pg = common::pg(&err);
     assert_eq!(pg.code(), Some(&SqlState::UNDEFINED_TABLE));
     assert!(!pg.is_retryable());
     let db = std::error::Error::source(pg).expect("PgError keeps the driver's error");
@@ -577,17 +543,7 @@ async fn a_claim_walks_only_the_due_rows_of_the_kinds_it_asks_for() {
     .await
     .unwrap();
     let client = SagaClient::new(store.store.clone());
-    let mut ids = Vec::new();
-    for n in 1..=2 {
-        let key = StartKey::new(format!("order-{n}")).unwrap();
-        ids.push(
-            client
-                .start(&saga, key, &TestState::order(n))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let mut ids = common::start_orders(&client, &saga, 1..=2).await;
     let kinds = [saga.kind().clone()];
     let plan = store.explain_claim(&kinds, 16).await.unwrap();
     assert!(plan.contains("saga_instances_due"), "{plan}");
@@ -622,17 +578,7 @@ async fn a_malformed_row_is_parked_and_the_rest_of_its_batch_is_claimed() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
     let saga: SagaDefinition<TestState> = scripted_saga(&Script::new(), 1);
     let client = SagaClient::new(store.store.clone());
-    let mut ids = Vec::new();
-    for n in 1..=3 {
-        let key = StartKey::new(format!("order-{n}")).unwrap();
-        ids.push(
-            client
-                .start(&saga, key, &TestState::order(n))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = common::start_orders(&client, &saga, 1..=3).await;
     let bad = ids[1];
     let db = store.pool().get().await.unwrap();
     db.execute(

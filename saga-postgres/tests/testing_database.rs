@@ -9,6 +9,13 @@ use saga_postgres::testing::{
 };
 use tokio_postgres::{Client, Config, NoTls};
 
+/// This test binary run again, for the child test `name` alone.
+fn child(name: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(std::env::current_exe().expect("test binary"));
+    command.args([name, "--exact", "--nocapture", "--test-threads=1"]);
+    command
+}
+
 async fn connect(config: &Config) -> Client {
     let (client, connection) = config.connect(NoTls).await.expect("connect");
     tokio::spawn(connection);
@@ -360,13 +367,7 @@ async fn child_uses_database_url() {
 }
 
 async fn run_child(database_url: &str, expected: &str) -> String {
-    let output = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_uses_database_url",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let output = child("child_uses_database_url")
         .env(CHILD_ENV, expected)
         .env("DATABASE_URL", database_url)
         .output()
@@ -479,13 +480,7 @@ async fn child_without_postgres() {
 #[tokio::test]
 async fn without_any_postgres_the_error_says_what_to_install() {
     let empty = tempfile::tempdir().expect("an empty directory");
-    let output = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_without_postgres",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let output = child("child_without_postgres")
         .env(NO_POSTGRES_ENV, empty.path())
         .env_remove("DATABASE_URL")
         .env("SAGA_TEST_PG_BIN_DIR", empty.path())
@@ -530,13 +525,7 @@ async fn child_fails_holding_a_database_and_a_schema() {
 #[tokio::test]
 async fn a_failed_tests_kept_names_are_printed() {
     let server = test_server().await.expect("test server");
-    let output = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_fails_holding_a_database_and_a_schema",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let output = child("child_fails_holding_a_database_and_a_schema")
         .env(FAILING_ENV, "1")
         // The child uses this process's server, where what it keeps stays.
         .env("DATABASE_URL", server.admin_url())

@@ -15,6 +15,7 @@ use super::{
     TestDbError,
     cluster::{self, Cluster},
 };
+use crate::error::chain;
 
 /// The database that holds the schemas made by [`fresh_schema`].
 const SCHEMAS_DATABASE: &str = "saga_test_schemas";
@@ -427,7 +428,7 @@ impl Drop for TestDatabase {
             eprintln!(
                 "saga-postgres testing: could not drop test database `{}`: {}",
                 self.name,
-                error_chain(&error)
+                chain(&error)
             );
         }
     }
@@ -520,7 +521,7 @@ impl Drop for TestSchema {
             eprintln!(
                 "saga-postgres testing: could not drop test schema `{}`: {}",
                 self.name,
-                error_chain(&error)
+                chain(&error)
             );
         }
     }
@@ -641,18 +642,6 @@ fn execute_detached(mut config: Config, statement: String) -> Result<(), TestDbE
             std::io::Error::other("the clean-up thread panicked"),
         ))
     })
-}
-
-/// An error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -3,19 +3,21 @@
 //! the test passes and kept (its name printed) when it fails.
 #![allow(dead_code, unreachable_pub)]
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
+use saga_core::testing::TestState;
 use saga_core::{
     ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, Message, MessageId,
-    NewSaga, OutboxMessage, Outcome, Record, SagaId, SagaKind, SagaSnapshot, SagaStore, Started,
-    Status, StepName, Timestamp, TransitionId,
+    NewSaga, OutboxMessage, Outcome, Record, SagaClient, SagaDefinition, SagaId, SagaKind,
+    SagaSnapshot, SagaStore, StartKey, Started, Status, StepName, Timestamp, TransitionId,
 };
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::testing::TestSchema;
 use saga_postgres::tokio_postgres::Client;
 use saga_postgres::tokio_postgres::types::ToSql;
-use saga_postgres::{PgSagaStore, SchemaName, pool_from_config};
+use saga_postgres::{PgError, PgSagaStore, SchemaName, pool_from_config};
 
 /// A pool on a fresh schema (not migrated yet), and its guard.
 pub struct FreshSchema {
@@ -116,6 +118,45 @@ impl SagaStore for TestStore {
     async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
         self.store.due_unregistered(kinds).await
     }
+}
+
+/// The `PgError` inside a store error.
+pub fn pg(err: &Error) -> &PgError {
+    let Error::Store(source) = err else {
+        panic!("expected a store error, got {err:?}");
+    };
+    source
+        .downcast_ref::<PgError>()
+        .unwrap_or_else(|| panic!("the source is a PgError: {err:?}"))
+}
+
+/// Starts orders `orders` of `saga` (keys `order-{n}`) through `client`;
+/// their ids, in that order.
+pub async fn start_orders<St: SagaStore>(
+    client: &SagaClient<St>,
+    saga: &SagaDefinition<TestState>,
+    orders: RangeInclusive<u32>,
+) -> Vec<SagaId> {
+    let mut ids = Vec::new();
+    for n in orders {
+        let key = StartKey::new(format!("order-{n}")).unwrap();
+        ids.push(
+            client
+                .start(saga, key, &TestState::order(n))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    ids
+}
+
+/// This test binary run again, for the test `name` alone (a child
+/// process's part of a test).
+pub fn this_test(name: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+    command.args(["--exact", name, "--nocapture", "--test-threads", "1"]);
+    command
 }
 
 /// A record moving a scripted instance from `validate` to `charge`, with
