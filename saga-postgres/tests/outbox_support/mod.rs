@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use saga_core::{ManualClock, Message, MessageId, Timestamp};
+use saga_core::{Jitter, ManualClock, Message, MessageId, RetryPolicy, Timestamp};
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{Outbox, Outgoing, PublishError, Publisher};
 use saga_postgres::testing::TestSchema;
@@ -73,6 +73,37 @@ impl Env {
             .unwrap()
             .get(0)
     }
+
+    /// Reads `attempts, last_error, available_at, dead_at IS NOT NULL` of a
+    /// row (`None`: no such row).
+    pub async fn row(&self, id: MessageId) -> Option<(i32, Option<String>, SystemTime, bool)> {
+        let client = self.pool.get().await.unwrap();
+        client
+            .query_opt(
+                &format!(
+                    "SELECT attempts, last_error, available_at, dead_at IS NOT NULL
+                     FROM {}.outbox WHERE id = $1",
+                    self.schema.quoted()
+                ),
+                &[&id.as_uuid()],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    }
+}
+
+/// A fixed 1 s backoff and a budget of `attempts`.
+pub fn fixed_policy(attempts: u32) -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_delay(Duration::from_secs(1))
+        .multiplier(1.0)
+        .max_delay(Duration::from_secs(1))
+        .max_attempts(attempts)
+        .no_max_elapsed()
+        .jitter(Jitter::None)
+        .build()
+        .unwrap()
 }
 
 /// A JSON message on `topic` carrying `n`.
