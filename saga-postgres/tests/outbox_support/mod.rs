@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use saga_core::{Jitter, ManualClock, Message, MessageId, RetryPolicy, Timestamp};
 use saga_postgres::deadpool_postgres::Pool;
-use saga_postgres::outbox::{Outbox, Outgoing, PublishError, Publisher};
+use saga_postgres::outbox::{Dispatcher, Outbox, Outgoing, PublishError, Publisher};
 use saga_postgres::testing::TestSchema;
 use saga_postgres::{SchemaName, pool_from_config};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 /// How long a test waits for a signal before failing.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -104,6 +105,42 @@ pub fn fixed_policy(attempts: u32) -> RetryPolicy {
         .jitter(Jitter::None)
         .build()
         .unwrap()
+}
+
+/// A dispatcher running [`Dispatcher::run`] in the background until
+/// [`stop`](Running::stop).
+pub struct Running {
+    pub dispatcher: Dispatcher<Recorder>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    pub fn start(dispatcher: Dispatcher<Recorder>) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = dispatcher.clone();
+        let task = tokio::spawn(async move {
+            running
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Running {
+            dispatcher,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it and waits until `run` has returned.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }
 
 /// A JSON message on `topic` carrying `n`.
