@@ -336,19 +336,9 @@ async fn without_an_acknowledgement_the_row_stays_and_is_retried() {
         (report.claimed, report.published, report.retried),
         (1, 0, 1)
     );
-    let client = env.pool.get().await.unwrap();
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT attempts, last_error, dead_at IS NULL FROM {}.outbox WHERE id = $1",
-                env.schema.quoted()
-            ),
-            &[&id.as_uuid()],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i32>(0), 1);
-    let error: String = row.get(1);
+    let (attempts, error, _, dead) = env.row(id).await.unwrap();
+    assert_eq!(attempts, 1);
+    let error = error.unwrap();
     assert!(!error.is_empty());
-    assert!(row.get::<_, bool>(2), "retried, not dead");
+    assert!(!dead, "retried, not dead");
 }

@@ -6,7 +6,7 @@ mod outbox_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_support::{Env, Fate, Recorder, WAIT, env, msg};
+use outbox_support::{Env, Fate, Recorder, WAIT, env, fixed_policy, msg};
 use saga_core::{
     Clock, Direction, Executor, Jitter, Message, MessageId, RetryPolicy, SagaDefinition, StartKey,
     Step, StepContext, StepError, StepName,
@@ -21,19 +21,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 const LEASE: Duration = Duration::from_secs(30);
-
-/// A fixed 1 s backoff and a budget of `attempts`.
-fn policy(attempts: u32) -> RetryPolicy {
-    RetryPolicy::builder()
-        .initial_delay(Duration::from_secs(1))
-        .multiplier(1.0)
-        .max_delay(Duration::from_secs(1))
-        .max_attempts(attempts)
-        .no_max_elapsed()
-        .jitter(Jitter::None)
-        .build()
-        .unwrap()
-}
 
 /// A fixed 1 s backoff, 10 attempts, and at most 2.5 s from the first
 /// attempt: the third failure in a row is dead-lettered.
@@ -53,27 +40,7 @@ fn dispatcher(env: &Env, recorder: &Arc<Recorder>) -> DispatcherBuilder<Recorder
     DispatcherBuilder::from_arc(env.outbox.clone(), recorder.clone())
         .lease_for(LEASE)
         .publish_timeout(Duration::from_secs(10))
-        .retry_policy(policy(3))
-}
-
-/// Reads `attempts, last_error, available_at, dead_at IS NOT NULL` of a row.
-async fn row(
-    env: &Env,
-    id: MessageId,
-) -> Option<(i32, Option<String>, std::time::SystemTime, bool)> {
-    let client = env.pool.get().await.unwrap();
-    client
-        .query_opt(
-            &format!(
-                "SELECT attempts, last_error, available_at, dead_at IS NOT NULL
-                 FROM {}.outbox WHERE id = $1",
-                env.schema.quoted()
-            ),
-            &[&id.as_uuid()],
-        )
-        .await
-        .unwrap()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .retry_policy(fixed_policy(3))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +202,7 @@ async fn a_message_that_keeps_failing_backs_off_is_dead_lettered_and_can_be_redr
     let t0 = env.clock.now();
     let report = d.dispatch_once().await.unwrap();
     assert_eq!((report.claimed, report.retried), (1, 1));
-    let (attempts, error, available_at, dead) = row(&env, id).await.unwrap();
+    let (attempts, error, available_at, dead) = env.row(id).await.unwrap();
     assert_eq!(attempts, 1);
     assert!(error.unwrap().contains("broker unavailable"));
     assert_eq!(available_at, (t0 + Duration::from_secs(1)).to_system_time());
@@ -292,7 +259,7 @@ async fn a_dead_letter_redriven_long_after_its_enqueue_gets_a_fresh_time_budget(
     assert!(env.outbox.redrive(id).await.unwrap());
     let report = d.dispatch_once().await.unwrap();
     assert_eq!((report.retried, report.dead_lettered), (1, 0), "{report:?}");
-    let (attempts, _, _, dead) = row(&env, id).await.unwrap();
+    let (attempts, _, _, dead) = env.row(id).await.unwrap();
     assert_eq!((attempts, dead), (1, false));
     env.clock.advance(Duration::from_secs(1));
     assert_eq!(d.dispatch_once().await.unwrap().retried, 1);
@@ -547,12 +514,12 @@ async fn a_panicking_publisher_fails_the_batch_not_the_dispatcher() {
     let env = env().await;
     let ids = env.enqueue(vec![msg("t", 0), msg("t", 1)]).await;
     let d = Dispatcher::builder(env.outbox.clone(), Panics)
-        .retry_policy(policy(3))
+        .retry_policy(fixed_policy(3))
         .build()
         .unwrap();
     let report = d.dispatch_once().await.unwrap();
     assert_eq!((report.claimed, report.retried), (2, 2));
-    let (attempts, error, _, dead) = row(&env, ids[0]).await.unwrap();
+    let (attempts, error, _, dead) = env.row(ids[0]).await.unwrap();
     assert_eq!((attempts, dead), (1, false));
     assert!(error.unwrap().contains("panicked: publisher bug"));
 }
@@ -566,7 +533,7 @@ async fn a_message_whose_dispatchers_keep_dying_is_dead_lettered_after_its_budge
     // Two claims, each by a dispatcher killed while publishing.
     for call in 1..=2 {
         let d = dispatcher(&env, &recorder)
-            .retry_policy(policy(2))
+            .retry_policy(fixed_policy(2))
             .build()
             .unwrap();
         let killed = tokio::spawn(async move { d.dispatch_once().await });
@@ -578,7 +545,7 @@ async fn a_message_whose_dispatchers_keep_dying_is_dead_lettered_after_its_budge
     // The next claim dead-letters it instead of publishing a third time.
     recorder.hang_after_publish(false);
     let d = dispatcher(&env, &recorder)
-        .retry_policy(policy(2))
+        .retry_policy(fixed_policy(2))
         .build()
         .unwrap();
     let report = d.dispatch_once().await.unwrap();
@@ -687,7 +654,7 @@ async fn an_unreadable_row_is_dead_lettered_and_does_not_hold_up_the_rest() {
     assert_eq!(recorder.published_ids(), vec![good]);
     let dead = env.outbox.stats().await.unwrap();
     assert_eq!(dead.dead, 1);
-    let (_, error, _, is_dead) = row(&env, bad).await.unwrap();
+    let (_, error, _, is_dead) = env.row(bad).await.unwrap();
     assert!(is_dead);
     assert!(error.unwrap().starts_with("unreadable row"));
 }

@@ -9,44 +9,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_support::{Env, env, msg};
-use saga_core::{Jitter, MessageId, RetryPolicy};
+use outbox_support::{Env, env, fixed_policy, msg};
+use saga_core::MessageId;
 use saga_postgres::outbox::{Dispatcher, InProcessPublisher, Outgoing, PublishError};
-
-/// A fixed 1 s backoff and a budget of 3 attempts.
-fn policy() -> RetryPolicy {
-    RetryPolicy::builder()
-        .initial_delay(Duration::from_secs(1))
-        .multiplier(1.0)
-        .max_delay(Duration::from_secs(1))
-        .max_attempts(3)
-        .no_max_elapsed()
-        .jitter(Jitter::None)
-        .build()
-        .unwrap()
-}
 
 fn dispatcher(env: &Env, publisher: InProcessPublisher) -> Dispatcher<InProcessPublisher> {
     Dispatcher::builder(env.outbox.clone(), publisher)
-        .retry_policy(policy())
+        .retry_policy(fixed_policy(3))
         .build()
         .unwrap()
-}
-
-/// `attempts, last_error, dead_at IS NOT NULL` of a row.
-async fn row(env: &Env, id: MessageId) -> (i32, Option<String>, bool) {
-    let client = env.pool.get().await.unwrap();
-    let r = client
-        .query_one(
-            &format!(
-                "SELECT attempts, last_error, dead_at IS NOT NULL FROM {}.outbox WHERE id = $1",
-                env.schema.quoted()
-            ),
-            &[&id.as_uuid()],
-        )
-        .await
-        .unwrap();
-    (r.get(0), r.get(1), r.get(2))
 }
 
 /// What a handler was given: (message id, attempt), in order.
@@ -119,7 +90,7 @@ async fn a_handler_that_fails_once_makes_every_handler_of_the_topic_see_the_mess
     // Attempt 1: one handler fails, so the message is rescheduled...
     let report = d.dispatch_once().await.unwrap();
     assert_eq!((report.retried, report.published), (1, 0));
-    let (attempts, error, dead) = row(&env, id).await;
+    let (attempts, error, _, dead) = env.row(id).await.unwrap();
     assert_eq!((attempts, dead), (1, false));
     let error = error.unwrap();
     assert!(error.contains("ledger unavailable"), "{error}");
@@ -156,7 +127,7 @@ async fn a_panicking_handler_fails_its_message_which_is_retried_with_the_panic_a
 
     let report = d.dispatch_once().await.unwrap();
     assert_eq!((report.published, report.retried), (1, 1), "{report:?}");
-    let (attempts, error, dead) = row(&env, poisoned).await;
+    let (attempts, error, _, dead) = env.row(poisoned).await.unwrap();
     assert_eq!((attempts, dead), (1, false), "retried, not dead");
     let error = error.unwrap();
     assert!(

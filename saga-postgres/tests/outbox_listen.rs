@@ -6,29 +6,13 @@ mod outbox_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_support::{Env, Recorder, WAIT, env, msg};
-use saga_postgres::outbox::{Dispatcher, DispatcherBuilder, ListenerStatus};
+use outbox_support::{Env, Recorder, Running, WAIT, env, msg};
+use saga_postgres::outbox::{DispatcherBuilder, ListenerStatus};
 use saga_postgres::testing::proxy::FaultProxy;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
-/// A dispatcher running in the background until `stop`.
-struct Running {
-    dispatcher: Dispatcher<Recorder>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
-
+/// A dispatcher that listens on `listen` and polls every `poll`, running
+/// in the background.
 fn start(
     env: &Env,
     recorder: &Arc<Recorder>,
@@ -41,20 +25,7 @@ fn start(
         .listen(listen)
         .build()
         .unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = dispatcher.clone();
-    let task = tokio::spawn(async move {
-        running
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Running {
-        dispatcher,
-        stop,
-        task,
-    }
+    Running::start(dispatcher)
 }
 
 async fn wait_status(

@@ -15,10 +15,9 @@ use std::time::Duration;
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, SharedString, Unit,
 };
-use outbox_support::{Env, Fate, Recorder, WAIT, env, msg};
+use outbox_support::{Env, Fate, Recorder, Running, WAIT, env, msg};
 use saga_postgres::outbox::{DispatcherBuilder, metrics as m};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
 /// (metric name, value of its `schema` label or "") -> value.
 type Values = BTreeMap<(String, String), f64>;
@@ -116,26 +115,9 @@ impl metrics::Recorder for Signalling {
     }
 }
 
-/// `Dispatcher::run` in the background until the sender is used.
-fn run(builder: DispatcherBuilder<Recorder>) -> (oneshot::Sender<()>, JoinHandle<()>) {
-    let dispatcher = builder.build().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        dispatcher
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    (stop, task)
-}
-
-async fn stop(running: (oneshot::Sender<()>, JoinHandle<()>)) {
-    let _ = running.0.send(());
-    tokio::time::timeout(WAIT, running.1)
-        .await
-        .unwrap()
-        .unwrap();
+/// `Dispatcher::run` of `builder`'s dispatcher, in the background.
+fn run(builder: DispatcherBuilder<Recorder>) -> Running {
+    Running::start(builder.build().unwrap())
 }
 
 #[tokio::test]
@@ -169,7 +151,7 @@ async fn run_exports_the_outbox_gauges_every_stats_interval() {
     assert_eq!(gauges.get(m::OLDEST_PENDING_AGE, &env), Some(0.0));
     env.clock.advance(Duration::from_secs(75));
     gauges.wait(m::OLDEST_PENDING_AGE, &env, 15.0).await;
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -191,9 +173,9 @@ async fn the_listener_metrics_are_labelled_with_the_schema() {
     assert_eq!(gauges.get(m::LISTENER_CONNECTIONS, &b), Some(1.0));
 
     // One stops listening; the other's gauge is its own.
-    stop(running_a).await;
+    running_a.stop().await;
     gauges.wait(m::LISTENER_CONNECTED, &a, 0.0).await;
     assert_eq!(gauges.get(m::LISTENER_CONNECTED, &b), Some(1.0));
-    stop(running_b).await;
+    running_b.stop().await;
     gauges.wait(m::LISTENER_CONNECTED, &b, 0.0).await;
 }

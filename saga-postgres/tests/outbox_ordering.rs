@@ -8,23 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_support::{Fate, Recorder, env, n_of};
-use saga_core::{Jitter, Message, RetryPolicy};
+use outbox_support::{Fate, Recorder, env, fixed_policy, n_of};
+use saga_core::Message;
 use saga_postgres::outbox::{DeliveryOrder, Dispatcher, DispatcherBuilder, Outbox};
 use saga_postgres::pool_from_config;
-
-/// A fixed 1 s backoff and a budget of `attempts`.
-fn policy(attempts: u32) -> RetryPolicy {
-    RetryPolicy::builder()
-        .initial_delay(Duration::from_secs(1))
-        .multiplier(1.0)
-        .max_delay(Duration::from_secs(1))
-        .max_attempts(attempts)
-        .no_max_elapsed()
-        .jitter(Jitter::None)
-        .build()
-        .unwrap()
-}
 
 fn keyed(key: Option<&str>, n: u64) -> Message {
     let m = Message::json("t", &serde_json::json!({ "n": n })).unwrap();
@@ -45,7 +32,7 @@ fn ordered(
         .batch_size(batch)
         .lease_for(Duration::from_secs(30))
         .publish_timeout(Duration::from_secs(10))
-        .retry_policy(policy(attempts))
+        .retry_policy(fixed_policy(attempts))
         .build()
         .unwrap()
 }

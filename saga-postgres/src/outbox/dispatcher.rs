@@ -17,7 +17,8 @@ use super::enqueue::Outbox;
 use super::error::OutboxError;
 use super::listener::{ListenerStatus, listen};
 use super::metrics;
-use super::publisher::{Outgoing, PublishError, Publisher, error_chain};
+use super::publisher::{Outgoing, PublishError, Publisher};
+use crate::error::chain;
 
 /// The longest `last_error` text stored, in bytes.
 const MAX_ERROR_LEN: usize = 2000;
@@ -445,7 +446,7 @@ impl<P: Publisher> Dispatcher<P> {
                 Err(e) => {
                     // A row that cannot be read cannot be published: dead-
                     // letter it rather than let it come back forever.
-                    let text = error_chain(&e);
+                    let text = chain(&e);
                     tracing::error!(message_id = %id, error = %text,
                         "unreadable outbox row dead-lettered");
                     failed_ids.push(id);
@@ -470,8 +471,8 @@ impl<P: Publisher> Dispatcher<P> {
         for (i, out) in batch.iter().enumerate() {
             let outcome = match results.get(i) {
                 Some(Ok(())) => Ok(()),
-                Some(Err(e)) => Err((error_chain(e), e.is_permanent())),
-                None => Err((error_chain(&BatchFailure::NoResult), false)),
+                Some(Err(e)) => Err((chain(e), e.is_permanent())),
+                None => Err((chain(&BatchFailure::NoResult), false)),
             };
             match outcome {
                 Ok(()) => published.push(out.message.id.as_uuid()),
@@ -564,7 +565,7 @@ impl<P: Publisher> Dispatcher<P> {
                     tokio::select! {
                         _ = tick.tick() => {
                             if let Err(e) = outbox.record_stats().await {
-                                tracing::warn!(error = %error_chain(&e), "could not read outbox stats");
+                                tracing::warn!(error = %chain(&e), "could not read outbox stats");
                             }
                         }
                         _ = stop.changed() => return,
@@ -613,7 +614,7 @@ impl<P: Publisher> Dispatcher<P> {
                         })
                         .next()
                         .unwrap_or(config.poll_interval);
-                    tracing::warn!(error = %error_chain(&e), retry_in = ?delay,
+                    tracing::warn!(error = %chain(&e), retry_in = ?delay,
                         "outbox dispatch failed; retrying");
                     ::metrics::counter!(metrics::DISPATCH_ERRORS).increment(1);
                     tokio::select! {
@@ -740,7 +741,7 @@ impl<P: Publisher> Dispatcher<P> {
                 Ok(counts) => return Ok(counts),
                 Err(e) if e.is_retryable() => match backoff.next() {
                     Some(delay) => {
-                        tracing::warn!(error = %error_chain(&e), retry_in = ?delay,
+                        tracing::warn!(error = %chain(&e), retry_in = ?delay,
                             "could not settle an outbox batch; retrying");
                         tokio::time::sleep(delay).await;
                     }

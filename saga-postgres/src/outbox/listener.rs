@@ -8,7 +8,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::dispatcher::loop_backoff;
 use super::metrics;
-use super::publisher::error_chain;
+use crate::error::chain;
 
 /// The state of a dispatcher's `LISTEN` connection, and how far its claim
 /// loops have caught up with the wake-ups it sent them.
@@ -93,7 +93,7 @@ pub(crate) async fn listen(
                     backoff = loop_backoff(MAX_RECONNECT_DELAY);
                 }
                 let delay = backoff.next().unwrap_or(MAX_RECONNECT_DELAY);
-                tracing::warn!(channel = %channel, error = %error_chain(&e), retry_in = ?delay,
+                tracing::warn!(channel = %channel, error = %chain(&e), retry_in = ?delay,
                     "outbox listener lost its connection; polling carries on; reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}

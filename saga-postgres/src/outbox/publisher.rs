@@ -113,19 +113,6 @@ impl StdError for PublishError {
     }
 }
 
-/// Renders an error and its chain of sources as one line, for the
-/// `last_error` column and logs.
-pub(crate) fn error_chain(e: &(dyn StdError + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// Delivers outbox messages to a broker or to handlers.
 ///
 /// The dispatcher calls [`publish`](Publisher::publish) with no database

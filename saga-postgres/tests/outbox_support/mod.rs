@@ -5,14 +5,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use saga_core::{ManualClock, Message, MessageId, Timestamp};
+use saga_core::{Jitter, ManualClock, Message, MessageId, RetryPolicy, Timestamp};
 use saga_postgres::deadpool_postgres::Pool;
-use saga_postgres::outbox::{Outbox, Outgoing, PublishError, Publisher};
+use saga_postgres::outbox::{Dispatcher, Outbox, Outgoing, PublishError, Publisher};
 use saga_postgres::testing::TestSchema;
 use saga_postgres::{SchemaName, pool_from_config};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 /// How long a test waits for a signal before failing.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -72,6 +73,73 @@ impl Env {
             .await
             .unwrap()
             .get(0)
+    }
+
+    /// Reads `attempts, last_error, available_at, dead_at IS NOT NULL` of a
+    /// row (`None`: no such row).
+    pub async fn row(&self, id: MessageId) -> Option<(i32, Option<String>, SystemTime, bool)> {
+        let client = self.pool.get().await.unwrap();
+        client
+            .query_opt(
+                &format!(
+                    "SELECT attempts, last_error, available_at, dead_at IS NOT NULL
+                     FROM {}.outbox WHERE id = $1",
+                    self.schema.quoted()
+                ),
+                &[&id.as_uuid()],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    }
+}
+
+/// A fixed 1 s backoff and a budget of `attempts`.
+pub fn fixed_policy(attempts: u32) -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_delay(Duration::from_secs(1))
+        .multiplier(1.0)
+        .max_delay(Duration::from_secs(1))
+        .max_attempts(attempts)
+        .no_max_elapsed()
+        .jitter(Jitter::None)
+        .build()
+        .unwrap()
+}
+
+/// A dispatcher running [`Dispatcher::run`] in the background until
+/// [`stop`](Running::stop).
+pub struct Running {
+    pub dispatcher: Dispatcher<Recorder>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    pub fn start(dispatcher: Dispatcher<Recorder>) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = dispatcher.clone();
+        let task = tokio::spawn(async move {
+            running
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Running {
+            dispatcher,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it and waits until `run` has returned.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
