@@ -1219,13 +1219,11 @@ async fn handle_event(
                 .insert((i, incarnation));
         }
         WorkerEvent::Ready { worker_id } => {
-            if let Ok(id) = worker_id.parse::<Uuid>() {
-                workers
-                    .worker_ids
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((i, incarnation), id);
-            }
+            workers
+                .worker_ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((i, incarnation), worker_id);
         }
     }
 }
