@@ -810,11 +810,10 @@ pub fn render(report: &Report, show: Show) -> String {
         );
     }
     if report.orders.len() > shown {
-        let more = report.orders.len() - shown;
         let _ = writeln!(
             w,
-            "… and {more} more {} (--show all lists them)",
-            if more == 1 { "order" } else { "orders" }
+            "… and {} (--show all lists them)",
+            count_usize(report.orders.len() - shown, "more order")
         );
     }
     let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
