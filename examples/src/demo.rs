@@ -670,21 +670,7 @@ async fn drive(
         });
     }
     let audit = deployment.audit().await?;
-    let undelivered_orders = deployment
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT DISTINCT key FROM {}.outbox WHERE dead_at IS NULL AND key IS NOT NULL",
-                deployment.schemas.saga.quoted()
-            ),
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let undelivered_orders = deployment.undelivered_keys().await?;
     Ok(Report {
         orders: reports,
         audit,
