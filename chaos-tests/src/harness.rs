@@ -1219,13 +1219,11 @@ async fn handle_event(
                 .insert((i, incarnation));
         }
         WorkerEvent::Ready { worker_id } => {
-            if let Ok(id) = worker_id.parse::<Uuid>() {
-                workers
-                    .worker_ids
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((i, incarnation), id);
-            }
+            workers
+                .worker_ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((i, incarnation), worker_id);
         }
     }
 }
@@ -1367,13 +1365,13 @@ async fn zombie(
         .unwrap_or_else(|e| e.into_inner())
         .get(&(i, incarnation))
         .copied();
-    let (Some(me), Some(before)) = (me, lease_now) else {
-        workers.send(i, "resume").await;
-        workers.set_paused(i, false);
-        workers.zombie_done().await;
-        return;
+    let held = match (me, lease_now) {
+        (Some(me), Some(before)) if before.owner == Some(me) => {
+            before.token.map(|token| (me, before, token))
+        }
+        _ => None,
     };
-    let (Some(token), true) = (before.token, before.owner == Some(me)) else {
+    let Some((me, before, token)) = held else {
         workers.send(i, "resume").await;
         workers.set_paused(i, false);
         workers.zombie_done().await;
@@ -1386,21 +1384,24 @@ async fn zombie(
     let others_before = written_by_others(deployment, before.saga, &name).await.ok();
     // Its result, if it ever sends one, is held back until released.
     let mut hold = Some(run.proxy.hold(TRANSITION_SQL, token.as_bytes()));
-    let takeover_bound = lease * 8;
+    // Frozen at either point, the worker is woken once another has taken
+    // the saga over (or the bound has passed).
+    let takeover = || {
+        wait_for_takeover(
+            deployment,
+            &order,
+            (me, &name),
+            before,
+            others_before,
+            lease * 8,
+        )
+    };
     match at {
         ZombieAt::Step => {
             if workers.signal(i, incarnation, "STOP").await {
                 fact.frozen = true;
                 run.tally.fired(FaultKind::ZombieWorker);
-                fact.takeover = wait_for_takeover(
-                    deployment,
-                    &order,
-                    (me, &name),
-                    before,
-                    others_before,
-                    takeover_bound,
-                )
-                .await;
+                fact.takeover = takeover().await;
                 workers.signal(i, incarnation, "CONT").await;
             }
             workers.send(i, "resume").await;
@@ -1417,15 +1418,7 @@ async fn zombie(
                 if workers.signal(i, incarnation, "STOP").await {
                     fact.frozen = true;
                     run.tally.fired(FaultKind::ZombieWorker);
-                    fact.takeover = wait_for_takeover(
-                        deployment,
-                        &order,
-                        (me, &name),
-                        before,
-                        others_before,
-                        takeover_bound,
-                    )
-                    .await;
+                    fact.takeover = takeover().await;
                 }
                 // The result reaches the database now, after the takeover.
                 hold = None;

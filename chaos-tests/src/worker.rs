@@ -20,6 +20,7 @@ use saga_core::SystemClock;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Notify, watch};
+use uuid::Uuid;
 
 /// The environment variable carrying a worker's [`WorkerSpec`] as JSON.
 pub const SPEC_ENV: &str = "CHAOS_WORKER_SPEC";
@@ -87,7 +88,7 @@ pub enum WorkerEvent {
     /// the sagas it claims.
     Ready {
         /// The executor's worker id.
-        worker_id: String,
+        worker_id: Uuid,
     },
     /// Its counters so far.
     Stats {
@@ -300,7 +301,7 @@ pub async fn main(spec: WorkerSpec) -> Result<(), checkout::Error> {
         Arc::new(SystemClock),
     )?;
     emit(&WorkerEvent::Ready {
-        worker_id: worker.executor.worker_id().to_string(),
+        worker_id: worker.executor.worker_id().as_uuid(),
     });
 
     let (stop, stopped) = watch::channel(false);

@@ -670,21 +670,7 @@ async fn drive(
         });
     }
     let audit = deployment.audit().await?;
-    let undelivered_orders = deployment
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT DISTINCT key FROM {}.outbox WHERE dead_at IS NULL AND key IS NOT NULL",
-                deployment.schemas.saga.quoted()
-            ),
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let undelivered_orders = deployment.undelivered_keys().await?;
     Ok(Report {
         orders: reports,
         audit,
@@ -810,11 +796,10 @@ pub fn render(report: &Report, show: Show) -> String {
         );
     }
     if report.orders.len() > shown {
-        let more = report.orders.len() - shown;
         let _ = writeln!(
             w,
-            "… and {more} more {} (--show all lists them)",
-            if more == 1 { "order" } else { "orders" }
+            "… and {} (--show all lists them)",
+            count_usize(report.orders.len() - shown, "more order")
         );
     }
     let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();

@@ -1,7 +1,7 @@
 //! One checkout deployment: the database, the schemas, the fake services,
 //! the shop, and the workers that run sagas and dispatch the outbox.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -260,6 +260,24 @@ impl Deployment {
             undelivered: row.get(2),
             dead_letters: row.get(3),
         })
+    }
+
+    /// The keys (order ids) of the outbox messages not delivered yet, dead
+    /// letters excluded.
+    pub async fn undelivered_keys(&self) -> Result<BTreeSet<String>, crate::Error> {
+        let db = self.pool.get().await?;
+        Ok(db
+            .query(
+                &format!(
+                    "SELECT DISTINCT key FROM {}.outbox WHERE dead_at IS NULL AND key IS NOT NULL",
+                    self.schemas.saga.quoted()
+                ),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
     }
 
     /// The ledgers, checked.
