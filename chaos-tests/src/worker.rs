@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkout::deploy::{Endpoints, Hooks, Worker, WorkerSettings};
-use saga_core::SystemClock;
+use saga_core::{SagaStore, SystemClock};
+use saga_test_support::negative::Unfenced;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Notify, watch};
@@ -34,6 +35,11 @@ pub struct WorkerSpec {
     pub settings: WorkerSettings,
     /// The worker's number, for reports.
     pub number: usize,
+    /// Negative control: the worker's store does not fence
+    /// ([`Unfenced`]): results and heartbeats under a lost lease are
+    /// accepted.
+    #[serde(default)]
+    pub unfenced: bool,
 }
 
 /// What the worker does at an armed point.
@@ -236,7 +242,7 @@ struct Armed {
     publish: bool,
 }
 
-fn counts(worker: &Worker) -> Counts {
+fn counts<St: SagaStore>(worker: &Worker<St>) -> Counts {
     let e = worker.executor.stats();
     let s = worker.store_stats();
     Counts {
@@ -291,15 +297,32 @@ pub async fn main(spec: WorkerSpec) -> Result<(), checkout::Error> {
             }) as saga_core::BoxFuture<'static, ()>
         })
     };
-    let worker = Worker::new(
-        &spec.endpoints,
-        &spec.settings,
-        Hooks {
-            after_effect: Some(effect_hook),
-            after_publish: Some(publish_hook),
-        },
-        Arc::new(SystemClock),
-    )?;
+    let hooks = Hooks {
+        after_effect: Some(effect_hook),
+        after_publish: Some(publish_hook),
+    };
+    let (endpoints, settings, clock) = (&spec.endpoints, &spec.settings, Arc::new(SystemClock));
+    if spec.unfenced {
+        let worker =
+            Worker::with_store_layer(endpoints, settings, hooks, clock, Unfenced::postgres)?;
+        serve(worker, armed, resume).await
+    } else {
+        serve(
+            Worker::new(endpoints, settings, hooks, clock)?,
+            armed,
+            resume,
+        )
+        .await
+    }
+}
+
+/// Serves the harness: reports the worker ready, obeys its commands, and
+/// runs the worker until told to stop.
+async fn serve<St: SagaStore + Clone>(
+    worker: Worker<St>,
+    armed: Arc<Mutex<Armed>>,
+    resume: Arc<Notify>,
+) -> Result<(), checkout::Error> {
     emit(&WorkerEvent::Ready {
         worker_id: worker.executor.worker_id().as_uuid(),
     });
@@ -382,6 +405,5 @@ pub fn chaos_settings() -> WorkerSettings {
         poll_interval: Duration::from_millis(100),
         fresh_key_per_attempt: false,
         publish_directly: false,
-        no_fencing: false,
     }
 }

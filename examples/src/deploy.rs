@@ -7,13 +7,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SystemClock};
+use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SagaStore, SystemClock};
 
 use crate::audit::Schemas;
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{Dispatcher, Outbox};
-use saga_postgres::testing::TestCluster;
 use saga_postgres::{PgSagaStore, pool_from_config, tokio_postgres};
+use saga_test_support::TestCluster;
 
 use crate::audit::Audit;
 use crate::clients::Downstream;
@@ -69,8 +69,6 @@ pub struct WorkerSettings {
     pub delivery_retry: RetryPolicy,
     /// Negative control: email straight from the step, not via the outbox.
     pub publish_directly: bool,
-    /// Negative control: record step results without checking the lease.
-    pub no_fencing: bool,
 }
 
 impl Default for WorkerSettings {
@@ -86,7 +84,6 @@ impl Default for WorkerSettings {
             fresh_key_per_attempt: false,
             delivery_retry: saga::demo_compensation_retry(),
             publish_directly: false,
-            no_fencing: false,
         }
     }
 }
@@ -333,11 +330,13 @@ impl Progress {
     }
 }
 
-/// A worker: runs checkout sagas and dispatches their messages.
+/// A worker: runs checkout sagas and dispatches their messages. Its
+/// executor runs on `St`: the worker's [`PgSagaStore`], or a decorator
+/// around it (see [`Worker::with_store_layer`]).
 #[derive(Debug, Clone)]
-pub struct Worker {
+pub struct Worker<St = PgSagaStore> {
     /// The saga executor.
-    pub executor: Executor<PgSagaStore>,
+    pub executor: Executor<St>,
     /// The outbox dispatcher.
     pub dispatcher: Dispatcher<HttpPublisher>,
     store: PgSagaStore,
@@ -377,17 +376,28 @@ impl Worker {
         hooks: Hooks,
         clock: Arc<dyn Clock>,
     ) -> Result<Worker, crate::Error> {
+        Worker::with_store_layer(endpoints, settings, hooks, clock, |store| store)
+    }
+}
+
+impl<St: SagaStore> Worker<St> {
+    /// [`Worker::new`], with the executor on `layer(store)`: a decorator
+    /// around the worker's saga store, as a test harness wraps it from
+    /// outside.
+    pub fn with_store_layer(
+        endpoints: &Endpoints,
+        settings: &WorkerSettings,
+        hooks: Hooks,
+        clock: Arc<dyn Clock>,
+        layer: impl FnOnce(PgSagaStore) -> St,
+    ) -> Result<Self, crate::Error> {
         let schemas = Schemas::with_prefix(&endpoints.prefix)?;
         let db_config = tokio_postgres::Config::from_str(&endpoints.database_url)
             .map_err(saga_postgres::PgError::InvalidUrl)?;
         let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
         let shop = Shop::new(pool.clone(), schemas.shop.clone());
-        let mut store =
-            PgSagaStore::new(pool.clone(), schemas.saga.clone()).with_clock(clock.clone());
-        if settings.no_fencing {
-            store = store.without_fencing_for_negative_control();
-        }
-        let executor = Executor::builder(store.clone())
+        let store = PgSagaStore::new(pool.clone(), schemas.saga.clone()).with_clock(clock.clone());
+        let executor = Executor::builder(layer(store.clone()))
             .register(definition(endpoints, settings, shop, hooks.after_effect)?)
             .concurrency(settings.concurrency)
             .lease_duration(settings.lease)

@@ -27,7 +27,7 @@ pub enum Error {
     Http(#[source] reqwest::Error),
     /// The throwaway database could not be started.
     #[error("could not start a throwaway database")]
-    TestDatabase(#[source] saga_postgres::testing::TestDbError),
+    TestDatabase(#[source] saga_test_support::TestDbError),
     /// The outbox dispatcher could not be set up.
     #[error("outbox error")]
     Outbox(#[source] saga_postgres::outbox::OutboxError),

@@ -10,8 +10,8 @@ use checkout::services::Faults;
 use saga_core::{Direction, Outcome, Status};
 use serde_json::json;
 
-async fn database() -> (Database, saga_postgres::testing::TestDatabase) {
-    let db = saga_postgres::testing::fresh_database()
+async fn database() -> (Database, saga_test_support::TestDatabase) {
+    let db = saga_test_support::fresh_database()
         .await
         .expect("a test database");
     (Database::Url(db.url().to_owned()), db)
@@ -525,7 +525,7 @@ async fn the_ledgers_refuse_updates_and_deletes() {
     d.stop_services();
 }
 
-async fn checkout_schemas(db: &saga_postgres::testing::TestDatabase) -> Vec<String> {
+async fn checkout_schemas(db: &saga_test_support::TestDatabase) -> Vec<String> {
     db.connect()
         .await
         .unwrap()

@@ -7,8 +7,7 @@ mod migrate;
 pub mod outbox;
 mod schema;
 mod store;
-#[cfg(feature = "testing")]
-pub mod testing;
+pub mod tags;
 
 pub use error::{BoxError, PgError};
 pub use inbox::{ConsumerName, Delivery, Inbox};

@@ -286,12 +286,13 @@ impl Sql {
                  RETURNING id"
             ),
             record_leased: format!(
-                "WITH upd AS (
+                "{tag} WITH upd AS (
                     UPDATE {s}.saga_instances SET {set_transition}
                     WHERE id = $1::uuid AND {guard}
                     RETURNING id
                 ),
                 {transition_tail}",
+                tag = crate::tags::TRANSITION,
                 guard = if fencing {
                     "lease_token = $2::uuid AND lease_expires_at > $11::timestamptz"
                 } else {
@@ -300,13 +301,14 @@ impl Sql {
                 }
             ),
             record_unleased: format!(
-                "WITH upd AS (
+                "{tag} WITH upd AS (
                     UPDATE {s}.saga_instances SET {set_transition}
                     WHERE id = $1::uuid AND version = $2::int8
                       AND (lease_expires_at IS NULL OR lease_expires_at <= $11::timestamptz)
                     RETURNING id
                 ),
-                {transition_tail}"
+                {transition_tail}",
+                tag = crate::tags::TRANSITION
             ),
             transition_exists: format!(
                 "SELECT EXISTS (SELECT 1 FROM {s}.saga_history WHERE transition_id = $1::uuid)"
@@ -554,19 +556,6 @@ impl PgSagaStore {
     #[must_use]
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
         self.with_inner(|i| i.clock = clock)
-    }
-
-    /// NEGATIVE CONTROL, for the chaos harness only: records a worker's
-    /// result (and extends its lease) even if its lease expired or was
-    /// taken over. This breaks the
-    /// engine on purpose, so that a harness can show it notices.
-    #[cfg(feature = "testing")]
-    #[must_use]
-    pub fn without_fencing_for_negative_control(self) -> Self {
-        self.with_inner(|i| {
-            i.fencing = false;
-            i.sql = Sql::new(&i.schema, false);
-        })
     }
 
     /// How long one operation may take, retries included, while the

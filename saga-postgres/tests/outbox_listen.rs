@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outbox_support::{Env, Recorder, Running, WAIT, env, msg};
 use saga_postgres::outbox::{DispatcherBuilder, ListenerStatus};
-use saga_postgres::testing::proxy::FaultProxy;
+use saga_test_support::proxy::FaultProxy;
 use tokio::sync::watch;
 
 /// A dispatcher that listens on `listen` and polls every `poll`, running
@@ -77,7 +77,7 @@ async fn a_notification_wakes_an_idle_dispatcher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_reconnects_after_its_connection_drops() {
     let env = env().await;
-    let server = saga_postgres::testing::test_server().await.unwrap();
+    let server = saga_test_support::test_server().await.unwrap();
     let proxy = FaultProxy::start(server.socket_addr().await.unwrap())
         .await
         .unwrap();
@@ -116,7 +116,7 @@ async fn the_listener_reconnects_after_its_connection_drops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_listen_connection_dropped_polling_still_delivers() {
     let env = env().await;
-    let server = saga_postgres::testing::test_server().await.unwrap();
+    let server = saga_test_support::test_server().await.unwrap();
     let proxy = FaultProxy::start(server.socket_addr().await.unwrap())
         .await
         .unwrap();

@@ -169,7 +169,7 @@ async fn confirm(ctx: &mut StepContext, order: &mut u32) -> Result<(), StepError
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_role_with_dml_only_runs_everything_but_cannot_migrate() {
-    let db = saga_postgres::testing::fresh_database()
+    let db = saga_test_support::fresh_database()
         .await
         .expect("a test PostgreSQL server");
     let schema = SchemaName::new("saga").unwrap();
@@ -384,7 +384,7 @@ async fn a_runtime_role_with_dml_only_runs_everything_but_cannot_migrate() {
 
 #[tokio::test]
 async fn a_migration_role_needs_create_on_the_database_and_grants_the_runtime_role() {
-    let db = saga_postgres::testing::fresh_database()
+    let db = saga_test_support::fresh_database()
         .await
         .expect("a test PostgreSQL server");
     let schema = SchemaName::new("saga").unwrap();
@@ -463,7 +463,7 @@ async fn release_unless_three(_: &mut StepContext, n: &mut u32) -> Result<(), St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_operator_queries_find_and_clean_up_what_they_say_as_the_runtime_role() {
-    let db = saga_postgres::testing::fresh_database()
+    let db = saga_test_support::fresh_database()
         .await
         .expect("a test PostgreSQL server");
     let schema = SchemaName::new("saga").unwrap();

@@ -15,9 +15,9 @@ use saga_core::{
     SagaId, SagaKind, SagaStore, StartKey, Status, WorkerId,
 };
 use saga_postgres::deadpool_postgres::Object;
-use saga_postgres::testing::proxy::{Cut, FaultProxy};
-use saga_postgres::testing::{TestCluster, test_server};
 use saga_postgres::{PgError, PgSagaStore, SchemaName, StoreStats, pool_from_config};
+use saga_test_support::proxy::{Cut, FaultProxy};
+use saga_test_support::{TestCluster, test_server};
 
 const LEASE: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(60);

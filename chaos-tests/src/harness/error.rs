@@ -9,7 +9,7 @@ pub enum Error {
     Checkout(#[from] checkout::Error),
     /// The throwaway database failed.
     #[error("the test database failed")]
-    TestDb(#[from] saga_postgres::testing::TestDbError),
+    TestDb(#[from] saga_test_support::TestDbError),
     /// A process or socket failed.
     #[error("I/O error")]
     Io(#[from] std::io::Error),

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use checkout::deploy::Deployment;
 use checkout::services::{Faults, Service as FakeService};
-use saga_postgres::testing::TestCluster;
-use saga_postgres::testing::proxy::Cut;
+use saga_postgres::tags;
+use saga_test_support::TestCluster;
+use saga_test_support::proxy::Cut;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::transitions::TRANSITION_SQL;
 use super::workers::Arm;
 use super::{Config, Error, Run};
 use crate::schedule::{self, Event, Fault, FaultKind, Plan, Service};
@@ -40,9 +40,9 @@ fn spawn_cutter(run: &Run) -> (mpsc::UnboundedSender<bool>, JoinHandle<()>) {
         tokio::spawn(async move {
             while let Some(reply_lost) = cut_rx.recv().await {
                 proxy.arm(if reply_lost {
-                    Cut::AfterQueryContaining(TRANSITION_SQL.into())
+                    Cut::AfterQueryContaining(tags::TRANSITION.into())
                 } else {
-                    Cut::BeforeQueryContaining(TRANSITION_SQL.into())
+                    Cut::BeforeQueryContaining(tags::TRANSITION.into())
                 });
                 proxy.fired().await;
                 tally.fired(FaultKind::CommitCut);

@@ -14,7 +14,6 @@ mod orders;
 mod progress;
 mod report;
 mod tally;
-mod transitions;
 mod workers;
 mod zombie;
 
@@ -23,15 +22,14 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use checkout::deploy::{Database, Deployment, WorkerSettings};
-use saga_postgres::testing::TestCluster;
-use saga_postgres::testing::proxy::FaultProxy;
+use saga_test_support::TestCluster;
+use saga_test_support::proxy::{FaultProxy, transition_ids};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use config::{Config, NegativeControl};
 pub use error::Error;
 pub use report::{KindCount, Report};
-pub use transitions::{TRANSITION_SQL, transition_ids};
 
 use crate::check::{self, Findings, Recorded, ZombieFact};
 use crate::worker::{WorkerSpec, chaos_settings};
@@ -126,7 +124,9 @@ async fn start_database_and_services(
 fn worker_settings(config: &Config) -> WorkerSettings {
     let mut settings: WorkerSettings = chaos_settings();
     match config.negative {
-        Some(NegativeControl::NoFencing) => settings.no_fencing = true,
+        // Set on the workers' spec (`start_workers`): not a setting of the
+        // example's workers.
+        Some(NegativeControl::NoFencing) => {}
         Some(NegativeControl::FreshKeys) => settings.fresh_key_per_attempt = true,
         Some(NegativeControl::PublishDirectly) => settings.publish_directly = true,
         None => {}
@@ -154,6 +154,7 @@ async fn start_workers(
             endpoints,
             settings: settings.clone(),
             number: 0,
+            unfenced: config.negative == Some(NegativeControl::NoFencing),
         },
         config.workers,
         events_tx,

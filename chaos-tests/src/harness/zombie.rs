@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checkout::deploy::Deployment;
+use saga_postgres::tags;
+use saga_test_support::proxy::transition_ids;
 use uuid::Uuid;
 
 use super::Run;
-use super::transitions::{TRANSITION_SQL, transition_ids};
 use super::workers::incarnation_name;
 use crate::check::ZombieFact;
 use crate::schedule::{FaultKind, ZombieAt};
@@ -168,7 +169,7 @@ pub(super) async fn zombie(
     // worker holds the lease; one that does is a takeover).
     let others_before = written_by_others(deployment, before.saga, &name).await.ok();
     // Its result, if it ever sends one, is held back until released.
-    let mut hold = Some(run.proxy.hold(TRANSITION_SQL, token.as_bytes()));
+    let mut hold = Some(run.proxy.hold(tags::TRANSITION, token.as_bytes()));
     // Frozen at either point, the worker is woken once another has taken
     // the saga over (or the bound has passed).
     let takeover = || {

@@ -14,10 +14,10 @@ use saga_core::{
     SagaSnapshot, SagaStore, StartKey, Started, Status, StepName, Timestamp, TransitionId,
 };
 use saga_postgres::deadpool_postgres::Pool;
-use saga_postgres::testing::TestSchema;
 use saga_postgres::tokio_postgres::Client;
 use saga_postgres::tokio_postgres::types::ToSql;
 use saga_postgres::{PgError, PgSagaStore, SchemaName, pool_from_config};
+use saga_test_support::TestSchema;
 
 /// A pool on a fresh schema (not migrated yet), and its guard.
 pub struct FreshSchema {
@@ -29,7 +29,7 @@ pub struct FreshSchema {
 }
 
 pub async fn fresh_schema() -> FreshSchema {
-    let guard = saga_postgres::testing::fresh_schema()
+    let guard = saga_test_support::fresh_schema()
         .await
         .expect("a test PostgreSQL server");
     FreshSchema {

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use saga_core::{Jitter, ManualClock, Message, MessageId, RetryPolicy, Timestamp};
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{Dispatcher, Outbox, Outgoing, PublishError, Publisher};
-use saga_postgres::testing::TestSchema;
 use saga_postgres::{SchemaName, pool_from_config};
+use saga_test_support::TestSchema;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -31,7 +31,7 @@ pub struct Env {
 /// A fresh, migrated schema on the test server (DATABASE_URL, or a
 /// throwaway local cluster).
 pub async fn env() -> Env {
-    let test_schema = saga_postgres::testing::fresh_schema()
+    let test_schema = saga_test_support::fresh_schema()
         .await
         .expect("a test PostgreSQL server");
     let schema = SchemaName::new(test_schema.name()).unwrap();

@@ -4,7 +4,7 @@
 
 use std::{net::TcpStream, path::PathBuf, sync::mpsc, time::Duration};
 
-use saga_postgres::testing::{
+use saga_test_support::{
     ServerSource, TestCluster, TestDbError, TestServer, fresh_database, fresh_schema, test_server,
 };
 use tokio_postgres::{Client, Config, NoTls};
@@ -423,7 +423,7 @@ async fn an_invalid_database_url_is_a_typed_error() {
 
 #[tokio::test]
 async fn a_schema_is_dropped_even_if_the_test_left_a_transaction_open() {
-    let schema = saga_postgres::testing::fresh_schema().await.unwrap();
+    let schema = saga_test_support::fresh_schema().await.unwrap();
     let name = schema.name().to_owned();
     let mut client = schema.connect().await.unwrap();
     client
@@ -437,7 +437,7 @@ async fn a_schema_is_dropped_even_if_the_test_left_a_transaction_open() {
     // Dropping the schema here blocks this (current-thread) runtime, so the
     // connection cannot make progress; the drop must not wait for it.
     drop(schema);
-    let admin = saga_postgres::testing::fresh_schema().await.unwrap();
+    let admin = saga_test_support::fresh_schema().await.unwrap();
     let probe = admin.connect().await.unwrap();
     let exists: bool = probe
         .query_one(

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use saga_postgres::testing::{
+use saga_test_support::{
     TestDatabase,
     proxy::{Cut, FaultProxy},
     test_server,

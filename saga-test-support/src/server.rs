@@ -106,7 +106,7 @@ impl TestServer {
                 if keep {
                     let dir = cluster.data_dir().display();
                     eprintln!(
-                        "saga-postgres testing: {}=1: the test cluster in {dir} (port {}) is left \
+                        "saga-test-support: {}=1: the test cluster in {dir} (port {}) is left \
                          running after the tests; stop it with `pg_ctl -D {dir} stop` (as the \
                          `postgres` user if the tests run as root)",
                         cluster::KEEP_CLUSTER_ENV,
@@ -418,7 +418,7 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "saga-postgres testing: the test failed; keeping database `{}` for inspection: {}{}",
+                "saga-test-support: the test failed; keeping database `{}` for inspection: {}{}",
                 self.name, self.url, self.keep_note
             );
             return;
@@ -426,7 +426,7 @@ impl Drop for TestDatabase {
         let statement = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
         if let Err(error) = execute_detached(self.admin_config.clone(), statement) {
             eprintln!(
-                "saga-postgres testing: could not drop test database `{}`: {}",
+                "saga-test-support: could not drop test database `{}`: {}",
                 self.name,
                 chain(&error)
             );
@@ -499,7 +499,7 @@ impl Drop for TestSchema {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "saga-postgres testing: the test failed; keeping schema `{}` for inspection in {}{}",
+                "saga-test-support: the test failed; keeping schema `{}` for inspection in {}{}",
                 self.name, self.url, self.keep_note
             );
             return;
@@ -519,7 +519,7 @@ impl Drop for TestSchema {
         );
         if let Err(error) = execute_detached(self.database_config.clone(), statement) {
             eprintln!(
-                "saga-postgres testing: could not drop test schema `{}`: {}",
+                "saga-test-support: could not drop test schema `{}`: {}",
                 self.name,
                 chain(&error)
             );

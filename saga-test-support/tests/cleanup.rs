@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use saga_postgres::testing::{ServerSource, TestCluster, test_server};
+use saga_test_support::{ServerSource, TestCluster, test_server};
 
 const CHILD_ENV: &str = "SAGA_TESTING_CLEANUP_CHILD";
 

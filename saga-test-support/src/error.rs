@@ -1,6 +1,6 @@
 //! The one error type of the test-database helpers.
 
-use std::{io, path::PathBuf};
+use std::{error::Error as StdError, io, path::PathBuf};
 
 /// What to do when no PostgreSQL server can be found for the tests.
 pub(crate) const INSTALL_HINT: &str = "install PostgreSQL (initdb, pg_ctl and postgres on PATH, \
@@ -104,4 +104,16 @@ impl TestDbError {
             source,
         }
     }
+}
+
+/// `error` and its causes, one line: `outer: cause: root cause`.
+pub(crate) fn chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -1,6 +1,16 @@
-//! Test support (feature `testing`): a PostgreSQL server with no manual
-//! set-up, fresh databases and schemas per test, dedicated clusters that a
-//! test may crash, and a fault-injecting [`proxy`].
+//! Test support for `saga-postgres` and its users, as a dev-dependency: a
+//! PostgreSQL server with no manual set-up, fresh databases and schemas per
+//! test, dedicated clusters that a test may crash, a fault-injecting
+//! [`proxy`], and [`negative`] controls that break the store on purpose so
+//! that a harness can show it notices.
+//!
+//! ```toml
+//! [dev-dependencies]
+//! saga-test-support = "0.1"
+//! ```
+//!
+//! Nothing here is reachable from a production build of `saga-postgres`:
+//! the library does not depend on this crate.
 //!
 //! # Which server
 //!
@@ -50,7 +60,7 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! let db = saga_postgres::testing::fresh_database().await?;
+//! let db = saga_test_support::fresh_database().await?;
 //! let client = db.connect().await?;
 //! client.batch_execute("CREATE TABLE t (id int)").await?;
 //! # Ok(()) }
@@ -60,6 +70,7 @@ mod cluster;
 #[cfg(feature = "testcontainers")]
 mod container;
 mod error;
+pub mod negative;
 pub mod proxy;
 mod server;
 

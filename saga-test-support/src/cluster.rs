@@ -479,7 +479,7 @@ impl Cluster {
 fn settings(root: &Path) -> String {
     let socket_dir = root.display().to_string().replace('\'', "''");
     format!(
-        "\n# saga-postgres testing: a throwaway cluster\n\
+        "\n# saga-test-support: a throwaway cluster\n\
          listen_addresses = '127.0.0.1'\n\
          unix_socket_directories = '{socket_dir}'\n\
          max_connections = 200\n\
