@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use saga_core::testing::{Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, ManualClock,
-    Outcome, Record, SagaClient, SagaId, SagaKind, SagaStore, StartKey, Status, StepName,
-    Timestamp, TransitionId, WorkerId,
+    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, ManualClock, Outcome,
+    Record, SagaClient, SagaId, SagaKind, SagaStore, StartKey, Status, StepName, Timestamp,
+    TransitionId, WorkerId,
 };
 use saga_postgres::tags;
 use saga_postgres::{PgSagaStore, SchemaName, pool_from_config};
@@ -35,10 +35,7 @@ async fn store(
     saga_postgres::migrate(&mut pool.get().await.unwrap(), &schema)
         .await
         .unwrap();
-    (
-        PgSagaStore::new(pool, schema).with_clock(clock),
-        guard,
-    )
+    (PgSagaStore::new(pool, schema).with_clock(clock), guard)
 }
 
 async fn claim(store: &impl SagaStore, kind: &SagaKind) -> Option<ClaimedSaga> {
@@ -59,7 +56,11 @@ async fn claim(store: &impl SagaStore, kind: &SagaKind) -> Option<ClaimedSaga> {
 async fn started_and_claimed(store: &PgSagaStore) -> (SagaKind, ClaimedSaga) {
     let saga = scripted_saga(&Script::new(), 1);
     SagaClient::new(store.clone())
-        .start(&saga, StartKey::new("order-1").unwrap(), &TestState::order(1))
+        .start(
+            &saga,
+            StartKey::new("order-1").unwrap(),
+            &TestState::order(1),
+        )
         .await
         .unwrap();
     let claimed = claim(store, saga.kind()).await.expect("claimed");
@@ -122,7 +123,10 @@ async fn the_real_store_refuses_a_stale_write_that_unfenced_lets_through() {
     // The control: the store fences.
     let refused = first_step_done(clock.now());
     let err = store.record(&stale, refused.clone()).await.unwrap_err();
-    assert!(matches!(err, Error::LeaseLost(id) if id == stale.saga_id), "{err:?}");
+    assert!(
+        matches!(err, Error::LeaseLost(id) if id == stale.saga_id),
+        "{err:?}"
+    );
     assert!(!recorded(&store, stale.saga_id, refused.transition_id).await);
 
     // Unfenced, the same stale write is accepted.
@@ -144,7 +148,10 @@ async fn a_stale_heartbeat_extends_the_lease_through_unfenced_only() {
 
     let unfenced = Unfenced::postgres(store.clone());
     let extended = unfenced.heartbeat(&stale, LEASE).await.unwrap();
-    assert_eq!(extended.token, stale.token, "the stale lease is current again");
+    assert_eq!(
+        extended.token, stale.token,
+        "the stale lease is current again"
+    );
     assert_eq!(unfenced.repointed(), 1);
     // And the stale worker's result then goes through without re-pointing.
     let result = first_step_done(clock.now());
@@ -160,7 +167,10 @@ async fn a_write_under_a_live_lease_is_passed_through_untouched() {
     let unfenced = Unfenced::postgres(store.clone());
     let (_, claimed) = started_and_claimed(&store).await;
     let record = first_step_done(clock.now());
-    unfenced.record(&claimed.lease, record.clone()).await.unwrap();
+    unfenced
+        .record(&claimed.lease, record.clone())
+        .await
+        .unwrap();
     assert!(recorded(&store, claimed.lease.saga_id, record.transition_id).await);
     assert_eq!(unfenced.repointed(), 0);
 }

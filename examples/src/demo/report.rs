@@ -113,7 +113,7 @@ pub struct Report {
     pub undelivered_orders: BTreeSet<String>,
     /// Dead letters left in the outbox.
     pub dead_letters: i64,
-    /// Warnings about the options ([`warnings`]), but the skipped crash.
+    /// Warnings about the options ([`warnings`](super::warnings)), but the skipped crash.
     pub notes: Vec<String>,
     /// What became of the run's schemas.
     pub cleanup: Cleanup,

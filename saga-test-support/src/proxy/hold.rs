@@ -28,7 +28,7 @@ impl HoldSpec {
     }
 }
 
-/// A statement held back by [`FaultProxy::hold`]. Dropping it releases the
+/// A statement held back by [`FaultProxy::hold`](super::FaultProxy::hold). Dropping it releases the
 /// statement (or, if none matched yet, withdraws the hold).
 #[derive(Debug)]
 pub struct Hold {

@@ -29,7 +29,7 @@ impl Intercepted {
     }
 }
 
-/// A cut the proxy carried out (see [`FaultProxy::cuts`]).
+/// A cut the proxy carried out (see [`FaultProxy::cuts`](super::FaultProxy::cuts)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CutRecord {

@@ -44,22 +44,22 @@ pub enum Cut {
     BeforeQueryContaining(String),
 }
 
-/// Counters of a [`FaultProxy`].
+/// Counters of a [`FaultProxy`](super::FaultProxy).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ProxyStats {
     /// Connections accepted and forwarded.
     pub accepted: u64,
     /// Connections accepted and closed at once because of
-    /// [`FaultProxy::refuse_new`].
+    /// [`FaultProxy::refuse_new`](super::FaultProxy::refuse_new).
     pub refused: u64,
-    /// Live connections closed by [`FaultProxy::reset_all`].
+    /// Live connections closed by [`FaultProxy::reset_all`](super::FaultProxy::reset_all).
     pub resets: u64,
-    /// Cuts carried out (see [`FaultProxy::fired`]).
+    /// Cuts carried out (see [`FaultProxy::fired`](super::FaultProxy::fired)).
     pub cuts_fired: u64,
     /// Connections being forwarded now.
     pub live: u64,
-    /// Chunks of bytes delayed by [`FaultProxy::set_latency`].
+    /// Chunks of bytes delayed by [`FaultProxy::set_latency`](super::FaultProxy::set_latency).
     pub delayed: u64,
 }
 
