@@ -204,4 +204,7 @@ pub mod metrics {
     /// Counter (label `schema`): times the `LISTEN` connection was
     /// (re)established.
     pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
+    /// Counter (label `schema`): failed `LISTEN` connection attempts and
+    /// lost `LISTEN` connections (each logged with its cause).
+    pub const LISTENER_FAILURES: &str = "saga_outbox_listener_failures_total";
 }
