@@ -13,7 +13,7 @@ use crate::audit::Schemas;
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{Dispatcher, Outbox};
 use saga_postgres::testing::TestCluster;
-use saga_postgres::{PgSagaStore, pool_from_config, tokio_postgres};
+use saga_postgres::{ConnectConfig, PgSagaStore, pool_from_config, tokio_postgres};
 
 use crate::audit::Audit;
 use crate::clients::Downstream;
@@ -167,8 +167,7 @@ impl Deployment {
                 (cluster.url("postgres"), Some(cluster))
             }
         };
-        let db_config = tokio_postgres::Config::from_str(&db_url)
-            .map_err(saga_postgres::PgError::InvalidUrl)?;
+        let db_config = ConnectConfig::from_url(&db_url).map_err(saga_postgres::PgError::from)?;
         let schemas = Schemas::with_prefix(prefix)?;
         let pool = pool_from_config(db_config.clone(), 16)?;
         let mut conn = pool.get().await?;
@@ -378,8 +377,8 @@ impl Worker {
         clock: Arc<dyn Clock>,
     ) -> Result<Worker, crate::Error> {
         let schemas = Schemas::with_prefix(&endpoints.prefix)?;
-        let db_config = tokio_postgres::Config::from_str(&endpoints.database_url)
-            .map_err(saga_postgres::PgError::InvalidUrl)?;
+        let db_config = ConnectConfig::from_url(&endpoints.database_url)
+            .map_err(saga_postgres::PgError::from)?;
         let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
         let shop = Shop::new(pool.clone(), schemas.shop.clone());
         let mut store =

@@ -7,26 +7,8 @@
 //! The driver (`tokio-postgres`) knows `sslmode=disable|prefer|require`
 //! only: it decides *whether* to encrypt. Whether and how the server's
 //! certificate is checked is the connector's business, so this module reads
-//! `verify-ca`, `verify-full` and `sslrootcert` itself, with libpq's
-//! meaning:
-//!
-//! | `sslmode` | encrypted | certificate checked |
-//! |---|---|---|
-//! | `disable` | never | — |
-//! | `prefer` (the default) | if the server offers it | no (chain only if `sslrootcert` names a file) |
-//! | `require` | always | no (chain only if `sslrootcert` names a file) |
-//! | `verify-ca` | always | chain to a trusted root |
-//! | `verify-full` | always | chain, and the host name (or IP address) it was reached by |
-//!
-//! Trusted roots are the file named by `sslrootcert=PATH` (PEM, one or more
-//! certificates) or, with `sslrootcert=system` or no `sslrootcert` at all,
-//! the platform's trust store (read by `rustls-native-certs`; `SSL_CERT_FILE`
-//! and `SSL_CERT_DIR` override it). Unlike libpq, `~/.postgresql/root.crt`
-//! is not read. As in libpq, `sslrootcert=system` asks for `verify-full`
-//! (the default then) and refuses weaker modes.
-//!
-//! Roots are read when the [`ConnectConfig`] is made, so an unreadable file
-//! fails at start-up with [`TlsError`], not at the first connection.
+//! `verify-ca`, `verify-full` and `sslrootcert` itself, with libpq's meaning
+//! (see [`ConnectConfig`]).
 
 use std::fmt;
 use std::io;
@@ -45,7 +27,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// libpq's `sslmode`: whether a connection is encrypted, and how much of
-/// the server's certificate is checked (see the [module docs](self)).
+/// the server's certificate is checked (see [`ConnectConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum SslMode {
@@ -199,6 +181,25 @@ pub enum TlsError {
 /// How to connect to PostgreSQL: the driver's configuration, and the TLS
 /// connector that its `sslmode` (and `sslrootcert`) call for.
 ///
+/// libpq's modes:
+///
+/// | `sslmode` | encrypted | certificate checked |
+/// |---|---|---|
+/// | `disable` | never | — |
+/// | `prefer` (the default) | if the server offers it | no (the chain only if `sslrootcert` names a file) |
+/// | `require` | always | no (the chain only if `sslrootcert` names a file) |
+/// | `verify-ca` | always | chain to a trusted root |
+/// | `verify-full` | always | chain, and the host name (or IP address) in `host` |
+///
+/// Trusted roots are the file named by `sslrootcert=PATH` (PEM, one or
+/// more certificates) or, with `sslrootcert=system` or no `sslrootcert` at
+/// all, the platform's trust store (read by `rustls-native-certs`;
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` override it). Unlike libpq,
+/// `~/.postgresql/root.crt` is not read. As in libpq, `sslrootcert=system`
+/// asks for `verify-full` (the default then) and refuses weaker modes.
+/// Roots are read when the configuration is made, so an unreadable file
+/// fails at start-up with a [`TlsError`], not at the first connection.
+///
 /// Made from a connection string with [`from_url`](Self::from_url) (or
 /// `parse`), from a driver configuration with [`new`](Self::new) or
 /// `From<tokio_postgres::Config>` (its own `sslmode`: disable, prefer or
@@ -246,7 +247,7 @@ impl ConnectConfig {
     }
 
     /// `config` secured as `mode` says, trusting `root_cert` (`None`: as
-    /// libpq without `sslrootcert`; see the [module docs](crate::tls)).
+    /// libpq without `sslrootcert`; see [`ConnectConfig`]).
     /// `config`'s own `ssl_mode` is replaced.
     pub fn new(
         config: tokio_postgres::Config,
@@ -297,6 +298,12 @@ impl ConnectConfig {
     #[must_use]
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The driver's configuration, to adjust what TLS does not depend on
+    /// (the application name, timeouts).
+    pub(crate) fn config_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
     }
 
     /// The mode in effect.

@@ -60,7 +60,7 @@ enum ListenError {
 /// and after every (re)connection (to catch up on what was committed while
 /// not listening). Reconnects with backoff after a drop.
 pub(crate) async fn listen(
-    connect: ConnectConfig,
+    mut connect: ConnectConfig,
     schema: String,
     channel: String,
     health_every: Duration,
@@ -68,7 +68,7 @@ pub(crate) async fn listen(
     status: watch::Sender<ListenerStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut config = connect.config().clone();
+    let config = connect.config_mut();
     if config.get_application_name().is_none() {
         config.application_name("saga-outbox-listener");
     }
@@ -82,7 +82,6 @@ pub(crate) async fn listen(
             break;
         }
         let result = listen_once(
-            &config,
             &connect,
             &schema,
             &channel,
@@ -129,7 +128,6 @@ pub(crate) async fn listen(
 /// One connection's life: `Ok` when stopped, `Err` when the connection
 /// failed.
 async fn listen_once(
-    config: &tokio_postgres::Config,
     connect: &ConnectConfig,
     schema: &str,
     channel: &str,
@@ -138,7 +136,8 @@ async fn listen_once(
     status: &watch::Sender<ListenerStatus>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), ListenError> {
-    let (client, mut connection) = config
+    let (client, mut connection) = connect
+        .config()
         .connect(connect.connector())
         .await
         .map_err(ListenError::Connect)?;
