@@ -134,7 +134,7 @@
 //!
 //! ```no_run
 //! # async fn example(pool: saga_postgres::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
-//! use saga_postgres::SchemaName;
+//! use saga_postgres::{ConnectConfig, SchemaName};
 //! use saga_postgres::outbox::{DeliveryOrder, Dispatcher, InProcessPublisher, Outbox};
 //!
 //! let outbox = Outbox::new(pool, SchemaName::default());
@@ -145,7 +145,7 @@
 //! });
 //! let dispatcher = Dispatcher::builder(outbox, publisher)
 //!     .order(DeliveryOrder::PerKey)
-//!     .listen("postgres://app@db/app".parse()?)
+//!     .listen(ConnectConfig::from_url("postgres://app@db/app?sslmode=verify-full")?)
 //!     .build()?;
 //! let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! dispatcher.run(async { let _ = stopped.await; }).await; // until `_stop` is used or dropped
