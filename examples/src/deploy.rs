@@ -12,7 +12,7 @@ use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SagaStore, SystemC
 use crate::audit::Schemas;
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{Dispatcher, Outbox};
-use saga_postgres::{PgSagaStore, pool_from_config, tokio_postgres};
+use saga_postgres::{ConnectConfig, PgSagaStore, pool_from_config, tokio_postgres};
 use saga_test_support::TestCluster;
 
 use crate::audit::Audit;
@@ -164,8 +164,7 @@ impl Deployment {
                 (cluster.url("postgres"), Some(cluster))
             }
         };
-        let db_config = tokio_postgres::Config::from_str(&db_url)
-            .map_err(saga_postgres::PgError::InvalidUrl)?;
+        let db_config = ConnectConfig::from_url(&db_url).map_err(saga_postgres::PgError::from)?;
         let schemas = Schemas::with_prefix(prefix)?;
         let pool = pool_from_config(db_config.clone(), 16)?;
         let mut conn = pool.get().await?;
@@ -392,8 +391,8 @@ impl<St: SagaStore> Worker<St> {
         layer: impl FnOnce(PgSagaStore) -> St,
     ) -> Result<Self, crate::Error> {
         let schemas = Schemas::with_prefix(&endpoints.prefix)?;
-        let db_config = tokio_postgres::Config::from_str(&endpoints.database_url)
-            .map_err(saga_postgres::PgError::InvalidUrl)?;
+        let db_config = ConnectConfig::from_url(&endpoints.database_url)
+            .map_err(saga_postgres::PgError::from)?;
         let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
         let shop = Shop::new(pool.clone(), schemas.shop.clone());
         let store = PgSagaStore::new(pool.clone(), schemas.saga.clone()).with_clock(clock.clone());

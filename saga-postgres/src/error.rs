@@ -43,6 +43,11 @@ pub enum PgError {
     #[error("invalid database URL")]
     InvalidUrl(#[source] tokio_postgres::Error),
 
+    /// The connection's TLS settings (`sslmode`, `sslrootcert`) are
+    /// invalid, or its root certificates unreadable.
+    #[error("invalid TLS settings")]
+    Tls(#[from] crate::tls::TlsError),
+
     /// An applied migration's text differs from the one in this binary.
     #[error(
         "migration {version} `{name}` was changed after it was applied (checksum mismatch): \

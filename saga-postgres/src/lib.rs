@@ -8,6 +8,7 @@ pub mod outbox;
 mod schema;
 mod store;
 pub mod tags;
+mod tls;
 
 pub use error::{BoxError, PgError};
 pub use inbox::{ConsumerName, Delivery, Inbox};
@@ -21,8 +22,12 @@ pub use store::{
     DEFAULT_POOL_SIZE, DEFAULT_RECONNECT_FOR, PgSagaStore, StoreStats, pool_from_config,
     pool_from_url,
 };
+pub use tls::{ConnectConfig, RootCerts, SslMode, TlsError};
 
 /// Re-exported so that users build pools and clients with the same versions.
 pub use deadpool_postgres;
 /// Re-exported so that users build pools and clients with the same versions.
 pub use tokio_postgres;
+/// Re-exported for [`ConnectConfig::with_client_config`] and
+/// [`ConnectConfig::connector`].
+pub use {rustls, tokio_postgres_rustls};

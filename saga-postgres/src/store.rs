@@ -47,7 +47,6 @@ use saga_core::{
     SagaStore, StartKey, Started, Status, StepName, SystemClock, Timestamp, TransitionId, WorkerId,
 };
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -55,6 +54,7 @@ use uuid::Uuid;
 use crate::error::{BoxError, PgError};
 use crate::migrate;
 use crate::schema::SchemaName;
+use crate::tls::{ConnectConfig, TlsError};
 
 /// Default size of the connection pool made by [`PgSagaStore::connect`].
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -376,18 +376,25 @@ impl std::fmt::Debug for PgSagaStore {
     }
 }
 
-/// A pool of `max_size` connections to `url` (no TLS). For TLS, build a
-/// [`deadpool_postgres::Pool`] yourself and use [`PgSagaStore::new`].
+/// A pool of `max_size` connections to `url`, secured as its `sslmode` and
+/// `sslrootcert` say (see [`ConnectConfig`]).
 pub fn pool_from_url(url: &str, max_size: usize) -> Result<Pool, PgError> {
-    let config = tokio_postgres::Config::from_str(url).map_err(PgError::InvalidUrl)?;
+    let config = ConnectConfig::from_url(url).map_err(|e| match e {
+        TlsError::InvalidUrl(e) => PgError::InvalidUrl(e),
+        e => PgError::Tls(e),
+    })?;
     pool_from_config(config, max_size)
 }
 
-/// A pool of `max_size` connections with `config` (no TLS).
+/// A pool of `max_size` connections with `config`: a [`ConnectConfig`], or
+/// a driver configuration (secured as its own `ssl_mode` says, no
+/// certificate checked).
 pub fn pool_from_config(
-    mut config: tokio_postgres::Config,
+    config: impl Into<ConnectConfig>,
     max_size: usize,
 ) -> Result<Pool, PgError> {
+    let connect = config.into();
+    let mut config = connect.config().clone();
     if max_size == 0 {
         return Err(PgError::InvalidConfig(
             "the pool needs at least one connection",
@@ -399,7 +406,7 @@ pub fn pool_from_config(
     config.keepalives_idle(Duration::from_secs(30));
     let manager = Manager::from_config(
         config,
-        NoTls,
+        connect.connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -478,7 +485,7 @@ fn abandon(client: Object) {
     tokio::spawn(async move {
         // Best effort: if it fails, the server ends the statement when it
         // next notices that the connection is gone.
-        let _ = cancel.cancel_query(NoTls).await;
+        let _ = cancel.cancel_query(crate::tls::cancel_connector()).await;
     });
 }
 

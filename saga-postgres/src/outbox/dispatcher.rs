@@ -19,6 +19,7 @@ use super::listener::{ListenerStatus, listen};
 use super::metrics;
 use super::publisher::{Outgoing, PublishError, Publisher};
 use crate::error::chain;
+use crate::tls::ConnectConfig;
 
 /// The longest `last_error` text stored, in bytes.
 const MAX_ERROR_LEN: usize = 2000;
@@ -141,7 +142,7 @@ struct Inner<P> {
     outbox: Outbox,
     publisher: Arc<P>,
     config: DispatcherConfig,
-    listen: Option<tokio_postgres::Config>,
+    listen: Option<ConnectConfig>,
     rng: Mutex<StdRng>,
     status: watch::Sender<ListenerStatus>,
 }
@@ -182,7 +183,7 @@ pub struct DispatcherBuilder<P> {
     outbox: Outbox,
     publisher: Arc<P>,
     config: DispatcherConfig,
-    listen: Option<tokio_postgres::Config>,
+    listen: Option<ConnectConfig>,
     seed: Option<u64>,
 }
 
@@ -249,11 +250,16 @@ impl<P: Publisher> DispatcherBuilder<P> {
         self
     }
 
-    /// Listens for `NOTIFY` on its own connection made with `config` (no
-    /// TLS), to wake up as soon as a transaction enqueues messages. Without
-    /// it the dispatcher only polls.
-    pub fn listen(mut self, config: tokio_postgres::Config) -> Self {
-        self.listen = Some(config);
+    /// Listens for `NOTIFY` on its own connection made with `config`, to
+    /// wake up as soon as a transaction enqueues messages. Without it the
+    /// dispatcher only polls. `config` is a [`ConnectConfig`] (e.g. parsed
+    /// from the same URL as the pool, `sslmode` and all) or a driver
+    /// configuration (secured as its own `ssl_mode` says). A connection
+    /// that fails is logged with its cause, counted in
+    /// [`ListenerStatus::failures`], and retried; polling delivers
+    /// meanwhile.
+    pub fn listen(mut self, config: impl Into<ConnectConfig>) -> Self {
+        self.listen = Some(config.into());
         self
     }
 

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::dispatcher::loop_backoff;
 use super::metrics;
 use crate::error::chain;
+use crate::tls::ConnectConfig;
 
 /// The state of a dispatcher's `LISTEN` connection, and how far its claim
 /// loops have caught up with the wake-ups it sent them.
@@ -31,6 +32,11 @@ pub struct ListenerStatus {
     /// committed before the last wake-up has been claimed; the next cycle
     /// comes with the next notification (or the next poll).
     pub wake_ups_handled: u64,
+    /// Times it failed: a connection attempt refused or cut short (wrong
+    /// `sslmode` or certificate, authentication, an unreachable server)
+    /// or a connection lost. Each is logged with its cause; polling
+    /// delivers meanwhile.
+    pub failures: u64,
 }
 
 /// Longest wait for a health check of the listening connection.
@@ -40,6 +46,8 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum ListenError {
+    #[error("could not connect the listen connection")]
+    Connect(#[source] tokio_postgres::Error),
     #[error("listen connection failed")]
     Db(#[from] tokio_postgres::Error),
     #[error("listen connection did not answer a health check within {0:?}")]
@@ -52,7 +60,7 @@ enum ListenError {
 /// and after every (re)connection (to catch up on what was committed while
 /// not listening). Reconnects with backoff after a drop.
 pub(crate) async fn listen(
-    mut config: tokio_postgres::Config,
+    mut connect: ConnectConfig,
     schema: String,
     channel: String,
     health_every: Duration,
@@ -60,6 +68,7 @@ pub(crate) async fn listen(
     status: watch::Sender<ListenerStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let config = connect.config_mut();
     if config.get_application_name().is_none() {
         config.application_name("saga-outbox-listener");
     }
@@ -73,7 +82,7 @@ pub(crate) async fn listen(
             break;
         }
         let result = listen_once(
-            &config,
+            &connect,
             &schema,
             &channel,
             health_every,
@@ -93,8 +102,20 @@ pub(crate) async fn listen(
                     backoff = loop_backoff(MAX_RECONNECT_DELAY);
                 }
                 let delay = backoff.next().unwrap_or(MAX_RECONNECT_DELAY);
-                tracing::warn!(channel = %channel, error = %chain(&e), retry_in = ?delay,
-                    "outbox listener lost its connection; polling carries on; reconnecting");
+                status.send_modify(|s| s.failures += 1);
+                ::metrics::counter!(metrics::LISTENER_FAILURES, "schema" => schema.clone())
+                    .increment(1);
+                if was_listening {
+                    tracing::warn!(channel = %channel, error = %chain(&e), retry_in = ?delay,
+                        "outbox listener lost its connection; polling carries on; reconnecting");
+                } else {
+                    // Never listening: a setting (sslmode, certificate,
+                    // password, host) is probably wrong, and wake-ups wait
+                    // for the poll interval until it is fixed.
+                    tracing::error!(channel = %channel, error = %chain(&e), retry_in = ?delay,
+                        sslmode = %connect.ssl_mode(),
+                        "outbox listener could not connect; polling carries on; retrying");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => {}
@@ -107,7 +128,7 @@ pub(crate) async fn listen(
 /// One connection's life: `Ok` when stopped, `Err` when the connection
 /// failed.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    connect: &ConnectConfig,
     schema: &str,
     channel: &str,
     health_every: Duration,
@@ -115,7 +136,11 @@ async fn listen_once(
     status: &watch::Sender<ListenerStatus>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), ListenError> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = connect
+        .config()
+        .connect(connect.connector())
+        .await
+        .map_err(ListenError::Connect)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     // Drives the connection and forwards notifications.
     let driver = tokio::spawn(async move {

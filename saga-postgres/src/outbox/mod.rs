@@ -134,7 +134,7 @@
 //!
 //! ```no_run
 //! # async fn example(pool: saga_postgres::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
-//! use saga_postgres::SchemaName;
+//! use saga_postgres::{ConnectConfig, SchemaName};
 //! use saga_postgres::outbox::{DeliveryOrder, Dispatcher, InProcessPublisher, Outbox};
 //!
 //! let outbox = Outbox::new(pool, SchemaName::default());
@@ -145,7 +145,7 @@
 //! });
 //! let dispatcher = Dispatcher::builder(outbox, publisher)
 //!     .order(DeliveryOrder::PerKey)
-//!     .listen("postgres://app@db/app".parse()?)
+//!     .listen(ConnectConfig::from_url("postgres://app@db/app?sslmode=verify-full")?)
 //!     .build()?;
 //! let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! dispatcher.run(async { let _ = stopped.await; }).await; // until `_stop` is used or dropped
@@ -204,4 +204,7 @@ pub mod metrics {
     /// Counter (label `schema`): times the `LISTEN` connection was
     /// (re)established.
     pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
+    /// Counter (label `schema`): failed `LISTEN` connection attempts and
+    /// lost `LISTEN` connections (each logged with its cause).
+    pub const LISTENER_FAILURES: &str = "saga_outbox_listener_failures_total";
 }
