@@ -23,7 +23,7 @@ use saga_core::{
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{DispatcherBuilder, ListenerStatus, Outbox};
 use saga_postgres::rustls::{self, CertificateError};
-use saga_postgres::testing::TestCluster;
+use saga_test_support::TestCluster;
 use saga_postgres::tokio_postgres::error::SqlState;
 use saga_postgres::tokio_postgres::{self, Client, NoTls};
 use saga_postgres::{ConnectConfig, PgSagaStore, SchemaName, SslMode, pool_from_url};
