@@ -477,8 +477,9 @@ async fn concurrent_dispatchers_never_publish_a_batch_twice() {
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let pool = pool_from_config(env.test_schema.config(), 2).unwrap();
-        let outbox = saga_postgres::outbox::Outbox::new(pool, env.schema.clone())
-            .with_clock(env.clock.clone());
+        let outbox = saga_postgres::outbox::Outbox::builder(pool, env.schema.clone())
+            .clock(env.clock.clone())
+            .build();
         let d = DispatcherBuilder::from_arc(outbox, recorder.clone())
             .batch_size(7)
             .lease_for(LEASE)
@@ -578,8 +579,9 @@ async fn confirm(ctx: &mut StepContext, order: &mut Order) -> Result<(), StepErr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_emitted_by_a_saga_step_reaches_the_publisher_through_the_dispatcher() {
     let env = env().await;
-    let store =
-        PgSagaStore::new(env.pool.clone(), env.schema.clone()).with_clock(env.clock.clone());
+    let store = PgSagaStore::builder(env.pool.clone(), env.schema.clone())
+        .clock(env.clock.clone())
+        .build();
     let checkout = SagaDefinition::<Order>::builder("checkout", 1)
         .pivot(Step::new("confirm", confirm))
         .build()

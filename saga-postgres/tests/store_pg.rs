@@ -272,7 +272,7 @@ async fn the_store_refuses_an_oversized_input_it_was_handed_unchecked() {
 async fn the_store_refuses_an_oversized_state_or_payload_in_a_transition() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
     let store = store.map(|s| {
-        s.with_limits(Limits {
+        s.limits(Limits {
             max_state_bytes: 4096,
             max_payload_bytes: 1024,
         })

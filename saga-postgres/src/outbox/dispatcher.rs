@@ -10,14 +10,18 @@ use rand::rngs::StdRng;
 use saga_core::{Jitter, RetryDecision, RetryPolicy, StepErrorKind, Timestamp};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
-use super::admin::{read_message, ts};
+use super::admin::read_message;
 use super::enqueue::Outbox;
 use super::error::OutboxError;
 use super::listener::{ListenerStatus, listen};
 use super::metrics;
 use super::publisher::{Outgoing, PublishError, Publisher};
+use crate::db::Budget;
+use crate::db::ambiguity::{AmbiguityCounters, claim_once};
+use crate::db::rows::{col, count64, micros, only, ts};
 use crate::error::chain;
 
 /// The longest `last_error` text stored, in bytes.
@@ -144,6 +148,7 @@ struct Inner<P> {
     listen: Option<tokio_postgres::Config>,
     rng: Mutex<StdRng>,
     status: watch::Sender<ListenerStatus>,
+    ambiguity: AmbiguityCounters,
 }
 
 /// Publishes outbox messages through a [`Publisher`], at least once.
@@ -298,18 +303,9 @@ impl<P: Publisher> DispatcherBuilder<P> {
                 listen: self.listen,
                 rng: Mutex::new(rng),
                 status,
+                ambiguity: AmbiguityCounters::default(),
             }),
         })
-    }
-}
-
-/// Aborts a spawned task when dropped (the dispatcher's future was dropped
-/// or the publish timed out).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -395,24 +391,59 @@ impl<P: Publisher> Dispatcher<P> {
         let config = &inner.config;
         let mut report = DispatchReport::default();
 
-        // Claim.
-        let now = outbox.clock.now();
+        // Claim. The lease token, written into every row leased, finds
+        // them again if the reply is lost.
+        outbox.clock.sync(&outbox.db, &outbox.sql.server_time).await;
         let token = Uuid::now_v7();
-        let expires = (now + config.lease_for).to_system_time();
-        let now_sys = now.to_system_time();
+        let lease_for = micros(config.lease_for);
         let limit = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
         let max_attempts = i32::try_from(config.retry.max_attempts()).unwrap_or(i32::MAX);
-        let sql = match config.order {
+        let stmt = match config.order {
             DeliveryOrder::Unordered => &outbox.sql.claim_unordered,
             DeliveryOrder::PerKey => &outbox.sql.claim_by_key,
         };
-        let rows = {
-            let client = outbox.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            client
-                .query(&stmt, &[&now_sys, &limit, &token, &expires, &max_attempts])
-                .await?
-        };
+        let (tokenr, lease_forr, limitr, max_attemptsr) =
+            (&token, &lease_for, &limit, &max_attempts);
+        let rows = claim_once(
+            &outbox.db,
+            "outbox_claim",
+            &mut outbox.db.budget(),
+            &inner.ambiguity,
+            |d| async move {
+                let now = outbox.clock.bind();
+                outbox
+                    .db
+                    .attempt(
+                        d,
+                        stmt,
+                        &[
+                            ("now", &now),
+                            ("limit", limitr),
+                            ("token", tokenr),
+                            ("lease_for_us", lease_forr),
+                            ("max_attempts", max_attemptsr),
+                        ],
+                    )
+                    .await
+            },
+            |d| async move {
+                let now = outbox.clock.bind();
+                outbox
+                    .db
+                    .attempt(
+                        d,
+                        &outbox.sql.claimed_by,
+                        &[
+                            ("now", &now),
+                            ("lease_for_us", lease_forr),
+                            ("token", tokenr),
+                        ],
+                    )
+                    .await
+            },
+        )
+        .await?;
+        let now = outbox.clock.clock().now();
         let rows_claimed = u64::try_from(rows.len()).unwrap_or(u64::MAX);
         if rows.is_empty() {
             return Ok((report, 0));
@@ -425,8 +456,8 @@ impl<P: Publisher> Dispatcher<P> {
         let mut failed_errors = Vec::new();
         let mut failed_retry_at: Vec<Option<SystemTime>> = Vec::new();
         for row in &rows {
-            let id: Uuid = row.get(0);
-            if row.get::<_, bool>(10) {
+            let id: Uuid = col(row, "id")?;
+            if col::<bool>(row, "abandoned")? {
                 tracing::error!(message_id = %id,
                     "outbox message dead-lettered: abandoned by dispatchers past its attempt budget");
                 report.dead_lettered += 1;
@@ -434,7 +465,7 @@ impl<P: Publisher> Dispatcher<P> {
             }
             match read_message(row) {
                 Ok((message, created_at, attempt, saga_id)) => {
-                    let first_attempt: Option<SystemTime> = row.get(11);
+                    let first_attempt: Option<SystemTime> = col(row, "first_attempt_at")?;
                     first_attempts.push(first_attempt.map_or(now, ts));
                     batch.push(Outgoing {
                         message,
@@ -466,7 +497,7 @@ impl<P: Publisher> Dispatcher<P> {
         };
 
         // Settle.
-        let now = outbox.clock.now();
+        let now = outbox.clock.clock().now();
         let mut published = Vec::with_capacity(batch.len());
         for (i, out) in batch.iter().enumerate() {
             let outcome = match results.get(i) {
@@ -496,7 +527,6 @@ impl<P: Publisher> Dispatcher<P> {
             .settle(
                 &published,
                 token,
-                now.to_system_time(),
                 &failed_ids,
                 &failed_errors,
                 &failed_retry_at,
@@ -643,7 +673,8 @@ impl<P: Publisher> Dispatcher<P> {
         let n = batch.len();
         let publisher = self.inner.publisher.clone();
         let handle = tokio::spawn(async move { publisher.publish(&batch).await });
-        let _abort = AbortOnDrop(handle.abort_handle());
+        // Aborted if this future is dropped or the publish times out.
+        let handle = AbortOnDropHandle::new(handle);
         let failure = match tokio::time::timeout(self.inner.config.publish_timeout, handle).await {
             Ok(Ok(results)) => return results,
             Ok(Err(join)) => {
@@ -697,59 +728,41 @@ impl<P: Publisher> Dispatcher<P> {
 
     /// Deletes the published and reschedules the failed, in one statement
     /// guarded by the lease token. Safe to repeat, so it is retried through
-    /// connection failures for up to the lease duration; past that, the
-    /// messages are published again by whoever claims them next.
+    /// connection failures (by [`crate::db`]) for up to the lease duration;
+    /// past that, the messages are published again by whoever claims them
+    /// next.
     async fn settle(
         &self,
         published: &[Uuid],
         token: Uuid,
-        now: SystemTime,
         failed_ids: &[Uuid],
         failed_errors: &[String],
         failed_retry_at: &[Option<SystemTime>],
     ) -> Result<(u64, u64, u64), OutboxError> {
         let outbox = &self.inner.outbox.inner;
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(20))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times()
-            .with_total_delay(Some(self.inner.config.lease_for))
-            .build();
-        loop {
-            let attempt = async {
-                let client = outbox.pool.get().await?;
-                let stmt = client.prepare_cached(&outbox.sql.settle).await?;
-                let row = client
-                    .query_one(
-                        &stmt,
-                        &[
-                            &published,
-                            &token,
-                            &now,
-                            &failed_ids,
-                            &failed_errors,
-                            &failed_retry_at,
-                        ],
-                    )
-                    .await?;
-                let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-                Ok::<_, OutboxError>((n(0), n(1), n(2)))
-            }
-            .await;
-            match attempt {
-                Ok(counts) => return Ok(counts),
-                Err(e) if e.is_retryable() => match backoff.next() {
-                    Some(delay) => {
-                        tracing::warn!(error = %chain(&e), retry_in = ?delay,
-                            "could not settle an outbox batch; retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => return Err(e),
-                },
-                Err(e) => return Err(e),
-            }
-        }
+        let mut budget = Budget::new(self.inner.config.lease_for);
+        let now = outbox.clock.bind();
+        let rows = outbox
+            .db
+            .query_in(
+                &mut budget,
+                &outbox.sql.settle,
+                &[
+                    ("published", &published),
+                    ("token", &token),
+                    ("now", &now),
+                    ("failed_ids", &failed_ids),
+                    ("failed_errors", &failed_errors),
+                    ("failed_retry_at", &failed_retry_at),
+                ],
+            )
+            .await?;
+        let row = only(&rows, "settle")?;
+        Ok((
+            count64(row, "published")?,
+            count64(row, "retried")?,
+            count64(row, "dead")?,
+        ))
     }
 
     fn count(&self, r: &DispatchReport) {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::dispatcher::loop_backoff;
 use super::metrics;
@@ -135,7 +136,8 @@ async fn listen_once(
             }
         }
     });
-    let _abort = AbortOnDrop(driver.abort_handle());
+    // Aborted when this connection's life ends.
+    let _driver = AbortOnDropHandle::new(driver);
     // The channel name is `<validated schema>_outbox`: a safe identifier.
     client
         .batch_execute(&format!("LISTEN \"{channel}\""))
@@ -186,12 +188,4 @@ fn wake_up(
         also(s);
     });
     wake.send_replace(next);
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

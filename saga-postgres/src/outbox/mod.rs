@@ -169,13 +169,22 @@ pub use dispatcher::{
     DeliveryOrder, DispatchReport, Dispatcher, DispatcherBuilder, DispatcherConfig,
     default_retry_policy,
 };
-pub use enqueue::Outbox;
+pub use enqueue::{Outbox, OutboxBuilder};
 pub use error::OutboxError;
 pub use in_process::{HandlerPanicked, InProcessPublisher, NoHandler};
 pub use listener::ListenerStatus;
 #[cfg(feature = "nats")]
 pub use nats::NatsPublisher;
 pub use publisher::{Outgoing, PublishError, PublishErrorKind, Publisher};
+
+/// Every statement of the outbox, for the crate's statement tests.
+pub(crate) fn statements(schema: &crate::SchemaName) -> Vec<crate::db::statement::Statement> {
+    sql::OutboxSql::new(schema)
+        .all()
+        .into_iter()
+        .cloned()
+        .collect()
+}
 
 /// Metric names of the outbox (recorded with the `metrics` crate).
 pub mod metrics {
