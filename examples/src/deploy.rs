@@ -382,11 +382,12 @@ impl Worker {
             .map_err(saga_postgres::PgError::InvalidUrl)?;
         let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
         let shop = Shop::new(pool.clone(), schemas.shop.clone());
-        let mut store =
-            PgSagaStore::new(pool.clone(), schemas.saga.clone()).with_clock(clock.clone());
-        if settings.no_fencing {
-            store = store.without_fencing_for_negative_control();
-        }
+        // `settings.no_fencing` (the chaos harness's negative control) is
+        // served by the test-support crate's fence-disabling store wrapper,
+        // not by the library.
+        let store = PgSagaStore::builder(pool.clone(), schemas.saga.clone())
+            .clock(clock.clone())
+            .build();
         let executor = Executor::builder(store.clone())
             .register(definition(endpoints, settings, shop, hooks.after_effect)?)
             .concurrency(settings.concurrency)
@@ -394,7 +395,9 @@ impl Worker {
             .heartbeat_interval(settings.lease / 3)
             .poll_interval(settings.poll_interval)
             .build()?;
-        let outbox = Outbox::new(pool, schemas.saga.clone()).with_clock(clock);
+        let outbox = Outbox::builder(pool, schemas.saga.clone())
+            .clock(clock)
+            .build();
         let mut publisher = HttpPublisher::new(endpoints.email_url.clone(), settings.http_timeout)?;
         if let Some(hook) = hooks.after_publish {
             publisher = publisher.with_after_publish(hook);

@@ -555,3 +555,46 @@ fn exec_first(script: &Script) -> saga_core::SagaId {
         .expect("order 1 ran")
         .saga_id
 }
+
+/// A watcher of the wire (the chaos harness) finds a transition by
+/// `saga_postgres::tags`: the statement starts with the tag and carries the
+/// saga id and the transition id where the tags say, leased or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_on_the_wire_carries_its_tag_and_its_ids_where_the_tags_say() {
+    for write in [Write::Leased, Write::Unleased] {
+        let setup = Setup::new(2).await;
+        let (id, lease) = ready(&setup, write).await;
+        let before = setup.store.load(id).await.unwrap().unwrap();
+        let record = common::advance(id, setup.clock.now());
+        let tid = record.transition_id;
+        let mut hold = setup
+            .proxy
+            .hold(saga_postgres::tags::TRANSITION, id.as_uuid().as_bytes());
+        let store = setup.store.clone();
+        let writing = tokio::spawn(async move {
+            write_transition(&store, write, id, lease, before.version, record).await
+        });
+        let seen = tokio::time::timeout(WAIT, hold.reached())
+            .await
+            .expect("the transition was sent");
+        hold.release();
+        writing.await.unwrap().unwrap();
+
+        let sql = seen.sql.as_deref().unwrap_or_default();
+        assert!(
+            sql.starts_with(saga_postgres::tags::TRANSITION),
+            "{write:?}: {sql}"
+        );
+        assert_eq!(
+            seen.param(saga_postgres::tags::TRANSITION_SAGA_ID_PARAM),
+            Some(id.as_uuid().as_bytes().as_slice()),
+            "{write:?}"
+        );
+        assert_eq!(
+            seen.param(saga_postgres::tags::TRANSITION_ID_PARAM),
+            Some(tid.as_uuid().as_bytes().as_slice()),
+            "{write:?}"
+        );
+        setup.stop().await;
+    }
+}

@@ -62,12 +62,17 @@ impl ServerClock {
         at.is_none_or(|t| t.elapsed() >= RESYNC_AFTER)
     }
 
-    /// Learns the offset from a server time read between `sent` and
-    /// `received` on the local clock (the middle of the round trip).
-    fn learn(&self, sent: Timestamp, server: Timestamp, received: Timestamp) {
-        let middle = sent.as_micros() / 2 + received.as_micros() / 2;
-        self.offset_micros
-            .store(server.as_micros().saturating_sub(middle), Ordering::Relaxed);
+    /// Learns the offset from a server time read before `received` on the
+    /// local clock. The server read its time at some point of the round
+    /// trip, so `server - received` is at most the true offset: the
+    /// estimate runs behind the server by at most the round trip, never
+    /// ahead, and a time computed as "now" (a step due at once) is never in
+    /// the server's future.
+    fn learn(&self, server: Timestamp, received: Timestamp) {
+        self.offset_micros.store(
+            server.as_micros().saturating_sub(received.as_micros()),
+            Ordering::Relaxed,
+        );
         *self.synced_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
     }
 }
@@ -120,12 +125,11 @@ impl DbClock {
         if !server.stale() {
             return;
         }
-        let sent = server.local.now();
         match db.query(stmt, &[]).await {
             Ok(rows) => {
                 let received = server.local.now();
                 match rows.first().map(|r| col::<SystemTime>(r, "server_now")) {
-                    Some(Ok(t)) => server.learn(sent, Timestamp::from_system_time(t), received),
+                    Some(Ok(t)) => server.learn(Timestamp::from_system_time(t), received),
                     Some(Err(e)) => tracing::warn!(error = %e, "could not read the server's time"),
                     None => {}
                 }
@@ -151,11 +155,9 @@ mod tests {
         let local = Arc::new(ManualClock::new(Timestamp::from_micros(1_000_000_000)));
         let clock = ServerClock::new(local.clone());
         assert!(clock.stale());
-        // Sent at +0, answered at +2 ms, the server saying 90 s earlier
-        // than the middle of the round trip.
+        // Answered at +2 ms, the server saying 90 s earlier.
         clock.learn(
-            Timestamp::from_micros(1_000_000_000),
-            Timestamp::from_micros(1_000_000_000 + 1_000 - 90_000_000),
+            Timestamp::from_micros(1_000_000_000 + 2_000 - 90_000_000),
             Timestamp::from_micros(1_000_000_000 + 2_000),
         );
         assert!(!clock.stale());
