@@ -250,7 +250,7 @@ impl InboxBuilder {
 
     /// How long [`was_processed`](Inbox::was_processed) and each batch of
     /// [`prune`](Inbox::prune) may take, retries included (default
-    /// [`DEFAULT_OPERATION_DEADLINE`](crate::DEFAULT_OPERATION_DEADLINE)).
+    /// [`DEFAULT_OPERATION_DEADLINE`]).
     pub fn operation_deadline(mut self, d: Duration) -> Self {
         self.operation_deadline = d;
         self

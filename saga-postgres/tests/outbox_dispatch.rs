@@ -386,7 +386,7 @@ async fn permanent_failures_are_dead_lettered_at_once_and_operators_redrive_or_p
 #[test]
 fn stats_count_pending_in_flight_and_dead_messages_and_the_oldest_age_also_as_gauges() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    use saga_postgres::outbox::metrics as m;
+    use saga_postgres::metrics as m;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -447,10 +447,10 @@ fn stats_count_pending_in_flight_and_dead_messages_and_the_oldest_age_also_as_ga
             })
             .unwrap_or_else(|| panic!("no gauge {name}"))
     };
-    assert_eq!(gauge(m::PENDING), 2.0);
-    assert_eq!(gauge(m::IN_FLIGHT), 1.0);
-    assert_eq!(gauge(m::DEAD), 1.0);
-    assert_eq!(gauge(m::OLDEST_PENDING_AGE), 10.0);
+    assert_eq!(gauge(m::OUTBOX_PENDING), 2.0);
+    assert_eq!(gauge(m::OUTBOX_IN_FLIGHT), 1.0);
+    assert_eq!(gauge(m::OUTBOX_DEAD), 1.0);
+    assert_eq!(gauge(m::OUTBOX_OLDEST_PENDING_AGE), 10.0);
     drop(rt);
 }
 

@@ -368,6 +368,10 @@ async fn database_errors_keep_their_sqlstate() {
     let pg = common::pg(&err);
     assert_eq!(pg.code(), Some(&SqlState::UNDEFINED_TABLE));
     assert!(!pg.is_retryable());
+    // Its message says what happened: the SQLSTATE and the server's words.
+    let text = pg.to_string();
+    assert!(text.contains("42P01"), "{text}");
+    assert!(text.contains("does not exist"), "{text}");
     let db = std::error::Error::source(pg).expect("PgError keeps the driver's error");
     assert!(
         db.downcast_ref::<saga_postgres::tokio_postgres::Error>()

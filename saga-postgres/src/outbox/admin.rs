@@ -8,7 +8,6 @@ use uuid::Uuid;
 
 use super::enqueue::Outbox;
 use super::error::OutboxError;
-use super::metrics;
 use crate::db::rows::{col, count, count64, only, time, time_opt};
 use crate::error::PgError;
 
@@ -190,19 +189,20 @@ impl Outbox {
     }
 
     /// [`stats`](Outbox::stats), also recorded as gauges (see
-    /// [`metrics`](super::metrics)) labelled with the schema.
+    /// [`crate::metrics`]) labelled with the schema.
     pub async fn record_stats(&self) -> Result<OutboxStats, OutboxError> {
         let stats = self.stats().await?;
         let schema = self.inner.schema.to_string();
         #[allow(clippy::cast_precision_loss)]
         {
-            ::metrics::gauge!(metrics::PENDING, "schema" => schema.clone())
+            ::metrics::gauge!(crate::metrics::OUTBOX_PENDING, "schema" => schema.clone())
                 .set(stats.pending as f64);
-            ::metrics::gauge!(metrics::IN_FLIGHT, "schema" => schema.clone())
+            ::metrics::gauge!(crate::metrics::OUTBOX_IN_FLIGHT, "schema" => schema.clone())
                 .set(stats.in_flight as f64);
-            ::metrics::gauge!(metrics::DEAD, "schema" => schema.clone()).set(stats.dead as f64);
+            ::metrics::gauge!(crate::metrics::OUTBOX_DEAD, "schema" => schema.clone())
+                .set(stats.dead as f64);
         }
-        ::metrics::gauge!(metrics::OLDEST_PENDING_AGE, "schema" => schema)
+        ::metrics::gauge!(crate::metrics::OUTBOX_OLDEST_PENDING_AGE, "schema" => schema)
             .set(stats.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
         Ok(stats)
     }

@@ -17,7 +17,6 @@ use super::admin::read_message;
 use super::enqueue::Outbox;
 use super::error::OutboxError;
 use super::listener::{ListenerStatus, listen};
-use super::metrics;
 use super::publisher::{Outgoing, PublishError, Publisher};
 use crate::db::Budget;
 use crate::db::ambiguity::{AmbiguityCounters, claim_once};
@@ -68,10 +67,8 @@ pub struct DispatcherConfig {
     /// Most messages claimed (and handed to the publisher) at once.
     pub batch_size: usize,
     /// How long a claim is held. A dispatcher that dies leaves its batch to
-    /// others once this has passed; keep it well above `publish_timeout`
-    /// plus the clock skew between dispatchers (leases are times on each
-    /// dispatcher's clock: a skew beyond the margin lets another take over
-    /// a batch still being published, and publish it again).
+    /// others once this has passed (on the database server's clock); keep
+    /// it well above `publish_timeout`.
     pub lease_for: Duration,
     /// Longest wait for the publisher; past it the batch counts as failed
     /// (outcome unknown: it is published again later, with the same ids).
@@ -646,7 +643,7 @@ impl<P: Publisher> Dispatcher<P> {
                         .unwrap_or(config.poll_interval);
                     tracing::warn!(error = %chain(&e), retry_in = ?delay,
                         "outbox dispatch failed; retrying");
-                    ::metrics::counter!(metrics::DISPATCH_ERRORS).increment(1);
+                    ::metrics::counter!(crate::metrics::OUTBOX_DISPATCH_ERRORS).increment(1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         _ = stop.changed() => {}
@@ -766,9 +763,9 @@ impl<P: Publisher> Dispatcher<P> {
     }
 
     fn count(&self, r: &DispatchReport) {
-        ::metrics::counter!(metrics::PUBLISHED).increment(r.published);
-        ::metrics::counter!(metrics::RETRIED).increment(r.retried);
-        ::metrics::counter!(metrics::DEAD_LETTERED).increment(r.dead_lettered);
+        ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(r.published);
+        ::metrics::counter!(crate::metrics::OUTBOX_RETRIED).increment(r.retried);
+        ::metrics::counter!(crate::metrics::OUTBOX_DEAD_LETTERED).increment(r.dead_lettered);
     }
 }
 

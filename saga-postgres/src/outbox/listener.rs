@@ -8,7 +8,6 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::dispatcher::loop_backoff;
-use super::metrics;
 use crate::error::chain;
 
 /// The state of a dispatcher's `LISTEN` connection, and how far its claim
@@ -85,7 +84,8 @@ pub(crate) async fn listen(
         .await;
         let was_listening = status.borrow().listening;
         status.send_modify(|s| s.listening = false);
-        ::metrics::gauge!(metrics::LISTENER_CONNECTED, "schema" => schema.clone()).set(0.0);
+        ::metrics::gauge!(crate::metrics::OUTBOX_LISTENER_CONNECTED, "schema" => schema.clone())
+            .set(0.0);
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -148,8 +148,10 @@ async fn listen_once(
         s.listening = true;
         s.connections += 1;
     });
-    ::metrics::gauge!(metrics::LISTENER_CONNECTED, "schema" => schema.to_owned()).set(1.0);
-    ::metrics::counter!(metrics::LISTENER_CONNECTIONS, "schema" => schema.to_owned()).increment(1);
+    ::metrics::gauge!(crate::metrics::OUTBOX_LISTENER_CONNECTED, "schema" => schema.to_owned())
+        .set(1.0);
+    ::metrics::counter!(crate::metrics::OUTBOX_LISTENER_CONNECTIONS, "schema" => schema.to_owned())
+        .increment(1);
     tracing::debug!(channel, "outbox listener is listening");
     let mut health = tokio::time::interval(health_every);
     health.tick().await;
