@@ -154,6 +154,7 @@
 //! ```
 
 mod admin;
+mod config;
 mod dispatcher;
 mod enqueue;
 mod error;
