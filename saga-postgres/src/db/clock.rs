@@ -20,9 +20,9 @@ use std::time::{Duration, SystemTime};
 
 use saga_core::{Clock, Timestamp};
 
-use super::Db;
 use super::rows::col;
 use super::statement::Statement;
+use super::{Budget, Db};
 
 /// The server's time as statements read it: the bound `$now` (a test
 /// clock's) or, when NULL, the statement's own `now()`.
@@ -31,6 +31,9 @@ pub(crate) const NOW: &str = "coalesce($now::timestamptz, now())";
 /// How old the learned offset may get before the next operation asks the
 /// server again.
 const RESYNC_AFTER: Duration = Duration::from_secs(30);
+
+/// Longest wait for the server's time.
+const SYNC_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The worker's clock corrected by the offset to the database server's
 /// clock, as last measured.
@@ -125,7 +128,10 @@ impl DbClock {
         if !server.stale() {
             return;
         }
-        match db.query(stmt, &[]).await {
+        // One attempt, briefly: the operation that follows has the whole
+        // deadline for its own retries.
+        let budget = Budget::new(db.operation_deadline().min(SYNC_DEADLINE));
+        match db.attempt(budget.deadline(), stmt, &[]).await {
             Ok(rows) => {
                 let received = server.local.now();
                 match rows.first().map(|r| col::<SystemTime>(r, "server_now")) {
@@ -134,7 +140,9 @@ impl DbClock {
                     None => {}
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "could not read the server's time"),
+            Err(failed) => {
+                tracing::debug!(error = %failed.error, "could not read the server's time");
+            }
         }
     }
 }
