@@ -395,7 +395,11 @@ impl<St: SagaStore> Worker<St> {
             .map_err(saga_postgres::PgError::from)?;
         let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
         let shop = Shop::new(pool.clone(), schemas.shop.clone());
-        let store = PgSagaStore::new(pool.clone(), schemas.saga.clone()).with_clock(clock.clone());
+        // The worker's clock is its local one: leases and due times are the
+        // server's (see saga-postgres's "the server's clock").
+        let store = PgSagaStore::builder(pool.clone(), schemas.saga.clone())
+            .local_clock(clock.clone())
+            .build();
         let executor = Executor::builder(layer(store.clone()))
             .register(definition(endpoints, settings, shop, hooks.after_effect)?)
             .concurrency(settings.concurrency)
@@ -403,7 +407,9 @@ impl<St: SagaStore> Worker<St> {
             .heartbeat_interval(settings.lease / 3)
             .poll_interval(settings.poll_interval)
             .build()?;
-        let outbox = Outbox::new(pool, schemas.saga.clone()).with_clock(clock);
+        let outbox = Outbox::builder(pool, schemas.saga.clone())
+            .local_clock(clock)
+            .build();
         let mut publisher = HttpPublisher::new(endpoints.email_url.clone(), settings.http_timeout)?;
         if let Some(hook) = hooks.after_publish {
             publisher = publisher.with_after_publish(hook);

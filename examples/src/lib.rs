@@ -43,3 +43,8 @@ pub struct ArchitectureDoctests;
 #[doc = include_str!("../../docs/chaos.md")]
 #[cfg(doctest)]
 pub struct ChaosDoctests;
+
+/// `docs/dependencies.md`: its code blocks, compiled and run as doctests.
+#[doc = include_str!("../../docs/dependencies.md")]
+#[cfg(doctest)]
+pub struct DependenciesDoctests;

@@ -12,8 +12,8 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// Everything that can go wrong in `saga-postgres`.
 ///
 /// Inside the [`SagaStore`](saga_core::SagaStore) methods it travels as the
-/// source of [`saga_core::Error::Store`]; downcast it to inspect
-/// [`PgError::code`] or [`PgError::is_connection_error`].
+/// source of [`saga_core::Error::Store`]; ask it [`PgError::code`],
+/// [`PgError::is_retryable`] or [`PgError::is_connection_error`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PgError {
@@ -27,8 +27,9 @@ pub enum PgError {
     },
 
     /// PostgreSQL (or the connection to it) failed. The SQLSTATE, if the
-    /// server sent one, is available from [`PgError::code`].
-    #[error("database error")]
+    /// server sent one, is available from [`PgError::code`]; the message
+    /// says it, and what the server said.
+    #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
 
     /// No connection could be had from the pool.
@@ -78,7 +79,8 @@ pub enum PgError {
     },
 
     /// A stored row could not be read back (an unknown status, a malformed
-    /// name): somebody wrote to the tables by hand.
+    /// name, a column missing or of another type): somebody wrote to the
+    /// tables by hand, or the schema is not the one this binary expects.
     #[error("malformed {what} in a stored row")]
     CorruptRow {
         /// Which column.
@@ -92,7 +94,18 @@ pub enum PgError {
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
 
-    /// The operation's deadline (`PgSagaStore::with_reconnect_for`) passed
+    /// A statement was sent without one of its parameters, or with one it
+    /// does not have: a bug in this crate.
+    #[error("statement `{statement}` bound without, or with an unknown, parameter `{param}`")]
+    Unbound {
+        /// The statement.
+        statement: &'static str,
+        /// The parameter.
+        param: String,
+    },
+
+    /// The operation's deadline
+    /// ([`operation_deadline`](crate::PgSagaStoreBuilder::operation_deadline)) passed
     /// while an attempt was still pending (a connection being made, a wait
     /// for a pooled connection, a statement running). The pending statement
     /// was cancelled, but may or may not have taken effect: this counts as
@@ -121,7 +134,25 @@ const RETRYABLE_STATES: &[SqlState] = &[
     SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
     SqlState::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
     SqlState::TOO_MANY_CONNECTIONS,
+    // A session that started while the database was read-only: the crate
+    // drops the connection, and the next attempt gets a fresh session.
+    SqlState::READ_ONLY_SQL_TRANSACTION,
 ];
+
+/// What a database error says: its SQLSTATE and the server's message, or
+/// what went wrong with the connection.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "database error {} ({}): {}",
+            db.code().code(),
+            db.severity(),
+            db.message()
+        ),
+        None if e.is_closed() => "database connection closed".to_owned(),
+        None => "database connection failed".to_owned(),
+    }
+}
 
 impl PgError {
     /// The SQLSTATE the server sent, if any.
@@ -175,7 +206,9 @@ impl PgError {
     }
 
     /// Whether the operation may be retried as a whole: a lost connection,
-    /// a server restart, a serialization failure or a deadlock.
+    /// a server restart, a serialization failure, a deadlock, or a session
+    /// that refuses writes because the database was read-only when it
+    /// started.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         self.is_connection_error() || self.code().is_some_and(|c| RETRYABLE_STATES.contains(c))
@@ -184,6 +217,8 @@ impl PgError {
 
 /// An error and its causes on one line (for stored reasons and logs; the
 /// error itself keeps the chain).
+// TODO(integrator): replace with saga-core's public error-chain renderer
+// once it exists (issue 10, "one error-chain renderer per workspace").
 pub(crate) fn chain(error: &dyn StdError) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

@@ -28,7 +28,7 @@
 //! # }
 //! ```
 //!
-//! Rows are kept for a retention period ([`Inbox::with_retention`], default
+//! Rows are kept for a retention period ([`InboxBuilder::retention`], default
 //! 7 days) and then [pruned](Inbox::prune). A duplicate that arrives after
 //! its row was pruned is applied again: keep the retention longer than any
 //! redelivery can be late (retries, dead-letter redrives, broker replays).
@@ -48,8 +48,13 @@ use saga_core::{Clock, MessageId, SystemClock};
 use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 
+use crate::db::Db;
+use crate::db::clock::{DbClock, NOW};
+use crate::db::rows::{col, micros, only};
+use crate::db::statement::Statement;
 use crate::error::PgError;
 use crate::schema::SchemaName;
+use crate::store::DEFAULT_OPERATION_DEADLINE;
 
 /// How long processed message ids are kept by default: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -128,17 +133,66 @@ impl Delivery {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Sql {
-    claim: String,
-    exists: String,
-    prune: String,
+    claim: Statement,
+    exists: Statement,
+    prune: Statement,
+}
+
+impl Sql {
+    fn new(schema: &SchemaName) -> Self {
+        let s = schema.quoted();
+        Sql {
+            claim: Statement::new(
+                "claim",
+                &format!(
+                    "INSERT INTO {s}.inbox (consumer, message_id, processed_at)
+                     VALUES ($consumer::text, $message_id::uuid, {NOW})
+                     ON CONFLICT (consumer, message_id) DO NOTHING"
+                ),
+                &["consumer", "message_id", "now"],
+            ),
+            exists: Statement::new(
+                "exists",
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {s}.inbox
+                     WHERE consumer = $consumer::text AND message_id = $message_id::uuid) AS found"
+                ),
+                &["consumer", "message_id"],
+            ),
+            // The cutoff is the server's time less the retention.
+            prune: Statement::new(
+                "prune",
+                &format!(
+                    "WITH d AS (
+                        DELETE FROM {s}.inbox
+                        WHERE (consumer, message_id) IN (
+                            SELECT consumer, message_id FROM {s}.inbox
+                            WHERE processed_at
+                                < {NOW} - $retention_us::int8 * interval '1 microsecond'
+                            ORDER BY processed_at
+                            LIMIT $batch::int8)
+                        RETURNING 1
+                    )
+                    SELECT count(*) AS n FROM d"
+                ),
+                &["now", "retention_us", "batch"],
+            ),
+        }
+    }
+}
+
+/// Every statement of the inbox, for the crate's statement tests.
+pub(crate) fn statements(schema: &SchemaName) -> Vec<Statement> {
+    let sql = Sql::new(schema);
+    vec![sql.claim, sql.exists, sql.prune]
 }
 
 struct Inner {
-    pool: Pool,
+    db: Db,
     schema: SchemaName,
-    clock: Arc<dyn Clock>,
+    clock: DbClock,
     retention: Duration,
     sql: Sql,
 }
@@ -158,67 +212,86 @@ impl fmt::Debug for Inbox {
     }
 }
 
-impl Inbox {
-    /// The inbox in `schema` (migrated by [`migrate`](crate::migrate())),
-    /// with the system clock and the [default retention](DEFAULT_RETENTION).
-    #[must_use]
-    pub fn new(pool: Pool, schema: SchemaName) -> Self {
-        let s = schema.quoted();
-        let sql = Sql {
-            claim: format!(
-                "INSERT INTO {s}.inbox (consumer, message_id, processed_at)
-                 VALUES ($1, $2, $3)
-                 ON CONFLICT (consumer, message_id) DO NOTHING"
-            ),
-            exists: format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.inbox
-                 WHERE consumer = $1::text AND message_id = $2::uuid)"
-            ),
-            prune: format!(
-                "DELETE FROM {s}.inbox
-                 WHERE (consumer, message_id) IN (
-                     SELECT consumer, message_id FROM {s}.inbox
-                     WHERE processed_at < $1::timestamptz
-                     ORDER BY processed_at
-                     LIMIT $2::int8)"
-            ),
-        };
-        Inbox {
-            inner: Arc::new(Inner {
-                pool,
-                schema,
-                clock: Arc::new(SystemClock),
-                retention: DEFAULT_RETENTION,
-                sql,
-            }),
-        }
-    }
+/// Builds an [`Inbox`]: [`Inbox::builder`].
+#[must_use]
+pub struct InboxBuilder {
+    pool: Pool,
+    schema: SchemaName,
+    clock: Option<Arc<dyn Clock>>,
+    retention: Duration,
+    operation_deadline: Duration,
+}
 
-    fn with_inner(self, f: impl FnOnce(&mut Inner)) -> Self {
-        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
-            pool: shared.pool.clone(),
-            schema: shared.schema.clone(),
-            clock: shared.clock.clone(),
-            retention: shared.retention,
-            sql: shared.sql.clone(),
-        });
-        f(&mut inner);
-        Inbox {
-            inner: Arc::new(inner),
-        }
+impl fmt::Debug for InboxBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxBuilder")
+            .field("schema", &self.schema)
+            .field("clock", &self.clock)
+            .field("retention", &self.retention)
+            .field("operation_deadline", &self.operation_deadline)
+            .finish_non_exhaustive()
     }
+}
 
-    /// Reads time from `clock` instead of the system clock (for tests).
-    #[must_use]
-    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
-        self.with_inner(|i| i.clock = clock)
+impl InboxBuilder {
+    /// Drives time with `clock` instead of the server's (for tests): its
+    /// time is bound as the processing time and the pruning cutoff's base.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Keeps processed ids for `retention` before [`prune`](Inbox::prune)
     /// may delete them (default 7 days).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How long [`was_processed`](Inbox::was_processed) and each batch of
+    /// [`prune`](Inbox::prune) may take, retries included (default
+    /// [`DEFAULT_OPERATION_DEADLINE`]).
+    pub fn operation_deadline(mut self, d: Duration) -> Self {
+        self.operation_deadline = d;
+        self
+    }
+
+    /// The inbox.
+    pub fn build(self) -> Inbox {
+        let sql = Sql::new(&self.schema);
+        Inbox {
+            inner: Arc::new(Inner {
+                db: Db::new(self.pool, self.operation_deadline),
+                schema: self.schema,
+                clock: match self.clock {
+                    Some(clock) => DbClock::injected(clock),
+                    None => DbClock::server(Arc::new(SystemClock)),
+                },
+                retention: self.retention,
+                sql,
+            }),
+        }
+    }
+}
+
+impl Inbox {
+    /// The inbox in `schema` (migrated by [`migrate`](crate::migrate())),
+    /// on the server's time, with the [default retention](DEFAULT_RETENTION);
+    /// [`builder`](Inbox::builder) for others.
     #[must_use]
-    pub fn with_retention(self, retention: Duration) -> Self {
-        self.with_inner(|i| i.retention = retention)
+    pub fn new(pool: Pool, schema: SchemaName) -> Self {
+        Inbox::builder(pool, schema).build()
+    }
+
+    /// A builder for the inbox in `schema`.
+    pub fn builder(pool: Pool, schema: SchemaName) -> InboxBuilder {
+        InboxBuilder {
+            pool,
+            schema,
+            clock: None,
+            retention: DEFAULT_RETENTION,
+            operation_deadline: DEFAULT_OPERATION_DEADLINE,
+        }
     }
 
     /// The retention.
@@ -240,15 +313,17 @@ impl Inbox {
         consumer: &ConsumerName,
         message_id: MessageId,
     ) -> Result<Delivery, PgError> {
-        let now = self.inner.clock.now().to_system_time();
+        let now = self.inner.clock.bind();
         let id = message_id.as_uuid();
         let name = consumer.as_str();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&name, Type::TEXT),
-            (&id, Type::UUID),
-            (&now, Type::TIMESTAMPTZ),
-        ];
-        let inserted = tx.execute_typed(&self.inner.sql.claim, &params).await?;
+        let stmt = &self.inner.sql.claim;
+        let params = stmt.bind(&[("consumer", &name), ("message_id", &id), ("now", &now)])?;
+        // One round trip: parse, bind and execute together.
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+            .into_iter()
+            .zip([Type::TEXT, Type::UUID, Type::TIMESTAMPTZ])
+            .collect();
+        let inserted = tx.execute_typed(stmt.text(), &typed).await?;
         Ok(if inserted == 1 {
             Delivery::First
         } else {
@@ -263,23 +338,39 @@ impl Inbox {
         consumer: &ConsumerName,
         message_id: MessageId,
     ) -> Result<bool, PgError> {
-        let client = self.inner.pool.get().await?;
-        let stmt = client.prepare_cached(&self.inner.sql.exists).await?;
-        let row = client
-            .query_one(&stmt, &[&consumer.as_str(), &message_id.as_uuid()])
+        let (name, id) = (consumer.as_str(), message_id.as_uuid());
+        let rows = self
+            .inner
+            .db
+            .query(
+                &self.inner.sql.exists,
+                &[("consumer", &name), ("message_id", &id)],
+            )
             .await?;
-        Ok(row.get(0))
+        col(only(&rows, "found")?, "found")
     }
 
     /// Deletes the rows processed longer ago than the retention, in
     /// batches of 10 000 (each its own short statement). Returns how many.
     pub async fn prune(&self) -> Result<u64, PgError> {
-        let cutoff = (self.inner.clock.now() - self.inner.retention).to_system_time();
-        let client = self.inner.pool.get().await?;
-        let stmt = client.prepare_cached(&self.inner.sql.prune).await?;
+        let retention = micros(self.inner.retention);
         let mut total = 0;
         loop {
-            let n = client.execute(&stmt, &[&cutoff, &PRUNE_BATCH]).await?;
+            let now = self.inner.clock.bind();
+            let rows = self
+                .inner
+                .db
+                .query(
+                    &self.inner.sql.prune,
+                    &[
+                        ("now", &now),
+                        ("retention_us", &retention),
+                        ("batch", &PRUNE_BATCH),
+                    ],
+                )
+                .await?;
+            let n: i64 = col(only(&rows, "n")?, "n")?;
+            let n = n.unsigned_abs();
             total += n;
             if n < PRUNE_BATCH.unsigned_abs() {
                 return Ok(total);

@@ -9,6 +9,7 @@
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
+use crate::db::rows::col;
 use crate::error::PgError;
 use crate::schema::SchemaName;
 
@@ -120,8 +121,8 @@ pub async fn migrate_with(
     let mut report = MigrationReport::default();
     let mut done = Vec::with_capacity(applied.len());
     for row in applied {
-        let version: i32 = row.get(0);
-        let checksum: Vec<u8> = row.get(2);
+        let version: i32 = col(&row, "version")?;
+        let checksum: Vec<u8> = col(&row, "checksum")?;
         match migrations.iter().find(|m| m.version == version) {
             Some(m) if m.checksum() != checksum => {
                 return Err(PgError::MigrationEdited {
@@ -167,21 +168,23 @@ pub async fn migrate_with(
 /// one missing).
 pub async fn check(client: &Client, schema: &SchemaName) -> Result<(), PgError> {
     let q = schema.quoted();
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.tables \
-             WHERE table_schema = $1 AND table_name = 'saga_migrations')",
-            &[&schema.as_str()],
-        )
-        .await?
-        .get(0);
+    let exists: bool = col(
+        &client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.tables \
+                 WHERE table_schema = $1 AND table_name = 'saga_migrations') AS found",
+                &[&schema.as_str()],
+            )
+            .await?,
+        "found",
+    )?;
     let applied: Vec<i32> = if exists {
         client
             .query(&format!("SELECT version FROM {q}.saga_migrations"), &[])
             .await?
             .iter()
-            .map(|row| row.get(0))
-            .collect()
+            .map(|row| col(row, "version"))
+            .collect::<Result<_, _>>()?
     } else {
         Vec::new()
     };

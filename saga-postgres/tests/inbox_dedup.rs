@@ -260,9 +260,10 @@ async fn each_consumer_deduplicates_on_its_own() {
 async fn old_inbox_rows_are_pruned_after_the_retention() {
     let env = env().await;
     effects_table(&env).await;
-    let inbox = Inbox::new(env.pool.clone(), env.schema.clone())
-        .with_clock(env.clock.clone())
-        .with_retention(Duration::from_secs(3600));
+    let inbox = Inbox::builder(env.pool.clone(), env.schema.clone())
+        .clock(env.clock.clone())
+        .retention(Duration::from_secs(3600))
+        .build();
     let consumer = ConsumerName::new("c").unwrap();
     let old: Vec<MessageId> = (0..3).map(|_| MessageId::new()).collect();
     for id in &old {

@@ -16,6 +16,8 @@ use saga_postgres::outbox::{
     DispatchReport, Dispatcher, DispatcherBuilder, InProcessPublisher, Outgoing, PublishError,
     Publisher,
 };
+use saga_postgres::testing::proxy::{Cut, FaultProxy};
+use saga_postgres::testing::test_server;
 use saga_postgres::{PgSagaStore, pool_from_config};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -384,7 +386,7 @@ async fn permanent_failures_are_dead_lettered_at_once_and_operators_redrive_or_p
 #[test]
 fn stats_count_pending_in_flight_and_dead_messages_and_the_oldest_age_also_as_gauges() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    use saga_postgres::outbox::metrics as m;
+    use saga_postgres::metrics as m;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -445,10 +447,10 @@ fn stats_count_pending_in_flight_and_dead_messages_and_the_oldest_age_also_as_ga
             })
             .unwrap_or_else(|| panic!("no gauge {name}"))
     };
-    assert_eq!(gauge(m::PENDING), 2.0);
-    assert_eq!(gauge(m::IN_FLIGHT), 1.0);
-    assert_eq!(gauge(m::DEAD), 1.0);
-    assert_eq!(gauge(m::OLDEST_PENDING_AGE), 10.0);
+    assert_eq!(gauge(m::OUTBOX_PENDING), 2.0);
+    assert_eq!(gauge(m::OUTBOX_IN_FLIGHT), 1.0);
+    assert_eq!(gauge(m::OUTBOX_DEAD), 1.0);
+    assert_eq!(gauge(m::OUTBOX_OLDEST_PENDING_AGE), 10.0);
     drop(rt);
 }
 
@@ -477,8 +479,9 @@ async fn concurrent_dispatchers_never_publish_a_batch_twice() {
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let pool = pool_from_config(env.test_schema.config(), 2).unwrap();
-        let outbox = saga_postgres::outbox::Outbox::new(pool, env.schema.clone())
-            .with_clock(env.clock.clone());
+        let outbox = saga_postgres::outbox::Outbox::builder(pool, env.schema.clone())
+            .clock(env.clock.clone())
+            .build();
         let d = DispatcherBuilder::from_arc(outbox, recorder.clone())
             .batch_size(7)
             .lease_for(LEASE)
@@ -578,8 +581,9 @@ async fn confirm(ctx: &mut StepContext, order: &mut Order) -> Result<(), StepErr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_emitted_by_a_saga_step_reaches_the_publisher_through_the_dispatcher() {
     let env = env().await;
-    let store =
-        PgSagaStore::new(env.pool.clone(), env.schema.clone()).with_clock(env.clock.clone());
+    let store = PgSagaStore::builder(env.pool.clone(), env.schema.clone())
+        .clock(env.clock.clone())
+        .build();
     let checkout = SagaDefinition::<Order>::builder("checkout", 1)
         .pivot(Step::new("confirm", confirm))
         .build()
@@ -657,4 +661,101 @@ async fn an_unreadable_row_is_dead_lettered_and_does_not_hold_up_the_rest() {
     let (_, error, _, is_dead) = env.row(bad).await.unwrap();
     assert!(is_dead);
     assert!(error.unwrap().starts_with("unreadable row"));
+}
+
+/// `env`'s outbox reached through a fault proxy (the test's own writes go
+/// straight to the server).
+async fn through_proxy(env: &Env) -> (FaultProxy, saga_postgres::Outbox) {
+    let server = test_server().await.unwrap();
+    let proxy = FaultProxy::start(server.socket_addr().await.unwrap())
+        .await
+        .unwrap();
+    let pool = pool_from_config(env.test_schema.config_via(proxy.addr()), 2).unwrap();
+    let outbox = saga_postgres::Outbox::builder(pool, env.schema.clone())
+        .clock(env.clock.clone())
+        .build();
+    (proxy, outbox)
+}
+
+/// Dispatches three messages once through a proxy armed with `cut` on the
+/// claim: all three are published at once (no lease to wait out), each on
+/// its first attempt.
+async fn claim_cut(cut: Cut) {
+    let env = env().await;
+    let ids = env.enqueue((0..3).map(|n| msg("t", n)).collect()).await;
+    let (proxy, outbox) = through_proxy(&env).await;
+    let recorder = Recorder::new();
+    let d = DispatcherBuilder::from_arc(outbox, recorder.clone())
+        .lease_for(LEASE)
+        .publish_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    proxy.arm(cut);
+    let fired = proxy.fired();
+
+    // The clock does not move: nothing waits for a lease to expire.
+    let report = d.dispatch_once().await.expect("the claim goes through");
+    tokio::time::timeout(WAIT, fired)
+        .await
+        .expect("the cut fired");
+
+    assert_eq!((report.claimed, report.published), (3, 3), "{report:?}");
+    let mut published = recorder.published_ids();
+    published.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(published, want, "each message once");
+    assert!(
+        recorder.published().iter().all(|o| o.attempt == 1),
+        "no attempt spent: {:?}",
+        recorder.published()
+    );
+    assert_eq!(env.outbox_rows().await, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_claim_whose_reply_is_lost_publishes_what_it_leased_at_once() {
+    claim_cut(Cut::AfterQueryContaining("SKIP LOCKED".into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_claim_that_never_reached_the_server_claims_again() {
+    claim_cut(Cut::BeforeQueryContaining("SKIP LOCKED".into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_is_retried_across_a_dropped_connection() {
+    for cut in [
+        Cut::BeforeQueryContaining("WITH done AS".into()),
+        Cut::AfterQueryContaining("WITH done AS".into()),
+    ] {
+        let env = env().await;
+        env.enqueue((0..3).map(|n| msg("t", n)).collect()).await;
+        let (proxy, outbox) = through_proxy(&env).await;
+        let recorder = Recorder::new();
+        let d = DispatcherBuilder::from_arc(outbox, recorder.clone())
+            .lease_for(LEASE)
+            .publish_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        proxy.arm(cut.clone());
+        let fired = proxy.fired();
+
+        let report = d.dispatch_once().await.expect("settling goes through");
+        tokio::time::timeout(WAIT, fired)
+            .await
+            .expect("the cut fired");
+
+        if matches!(cut, Cut::BeforeQueryContaining(_)) {
+            assert_eq!(report.published, 3, "{report:?}");
+        }
+        // Either way the batch is settled: nothing left, nothing published
+        // twice, nothing to publish again once the lease would expire.
+        assert_eq!(env.outbox_rows().await, 0, "{cut:?}");
+        env.clock.advance(LEASE * 2);
+        assert_eq!(d.run_until_idle().await.unwrap().claimed, 0);
+        assert_eq!(recorder.published_ids().len(), 3, "{cut:?}");
+        proxy.stop().await;
+    }
 }

@@ -126,7 +126,10 @@ async fn a_rolled_back_business_transaction_leaves_no_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_payload_is_a_typed_error_and_nothing_is_written() {
     let env = env().await;
-    let outbox = env.outbox.clone().with_max_payload_bytes(16);
+    let outbox = saga_postgres::Outbox::builder(env.pool.clone(), env.schema.clone())
+        .clock(env.clock.clone())
+        .max_payload_bytes(16)
+        .build();
     let mut client = env.pool.get().await.unwrap();
     let tx = client.transaction().await.unwrap();
     let small = Message::bytes("t", vec![1; 16]).unwrap();

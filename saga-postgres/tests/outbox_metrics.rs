@@ -16,7 +16,8 @@ use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, SharedString, Unit,
 };
 use outbox_support::{Env, Fate, Recorder, Running, WAIT, env, msg};
-use saga_postgres::outbox::{DispatcherBuilder, metrics as m};
+use saga_postgres::metrics as m;
+use saga_postgres::outbox::DispatcherBuilder;
 use tokio::sync::watch;
 
 /// (metric name, value of its `schema` label or "") -> value.
@@ -137,20 +138,20 @@ async fn run_exports_the_outbox_gauges_every_stats_interval() {
             .stats_interval(Some(Duration::from_millis(20))),
     );
     // Both are dead-lettered by that cycle; a refresh shows it.
-    gauges.wait(m::DEAD, &env, 2.0).await;
-    assert_eq!(gauges.get(m::PENDING, &env), Some(0.0));
-    assert_eq!(gauges.get(m::IN_FLIGHT, &env), Some(0.0));
-    assert_eq!(gauges.get(m::OLDEST_PENDING_AGE, &env), Some(0.0));
+    gauges.wait(m::OUTBOX_DEAD, &env, 2.0).await;
+    assert_eq!(gauges.get(m::OUTBOX_PENDING, &env), Some(0.0));
+    assert_eq!(gauges.get(m::OUTBOX_IN_FLIGHT, &env), Some(0.0));
+    assert_eq!(gauges.get(m::OUTBOX_OLDEST_PENDING_AGE, &env), Some(0.0));
 
     // And later refreshes follow what changes, with nobody asking.
     assert_eq!(env.outbox.purge_all(None).await.unwrap(), 2);
-    gauges.wait(m::DEAD, &env, 0.0).await;
+    gauges.wait(m::OUTBOX_DEAD, &env, 0.0).await;
     env.enqueue(vec![msg("t", 2).deliver_after(Duration::from_secs(60))])
         .await;
-    gauges.wait(m::PENDING, &env, 1.0).await;
-    assert_eq!(gauges.get(m::OLDEST_PENDING_AGE, &env), Some(0.0));
+    gauges.wait(m::OUTBOX_PENDING, &env, 1.0).await;
+    assert_eq!(gauges.get(m::OUTBOX_OLDEST_PENDING_AGE, &env), Some(0.0));
     env.clock.advance(Duration::from_secs(75));
-    gauges.wait(m::OLDEST_PENDING_AGE, &env, 15.0).await;
+    gauges.wait(m::OUTBOX_OLDEST_PENDING_AGE, &env, 15.0).await;
     running.stop().await;
 }
 
@@ -167,15 +168,15 @@ async fn the_listener_metrics_are_labelled_with_the_schema() {
         )
     };
     let (running_a, running_b) = (listening(&a), listening(&b));
-    gauges.wait(m::LISTENER_CONNECTED, &a, 1.0).await;
-    gauges.wait(m::LISTENER_CONNECTED, &b, 1.0).await;
-    assert_eq!(gauges.get(m::LISTENER_CONNECTIONS, &a), Some(1.0));
-    assert_eq!(gauges.get(m::LISTENER_CONNECTIONS, &b), Some(1.0));
+    gauges.wait(m::OUTBOX_LISTENER_CONNECTED, &a, 1.0).await;
+    gauges.wait(m::OUTBOX_LISTENER_CONNECTED, &b, 1.0).await;
+    assert_eq!(gauges.get(m::OUTBOX_LISTENER_CONNECTIONS, &a), Some(1.0));
+    assert_eq!(gauges.get(m::OUTBOX_LISTENER_CONNECTIONS, &b), Some(1.0));
 
     // One stops listening; the other's gauge is its own.
     running_a.stop().await;
-    gauges.wait(m::LISTENER_CONNECTED, &a, 0.0).await;
-    assert_eq!(gauges.get(m::LISTENER_CONNECTED, &b), Some(1.0));
+    gauges.wait(m::OUTBOX_LISTENER_CONNECTED, &a, 0.0).await;
+    assert_eq!(gauges.get(m::OUTBOX_LISTENER_CONNECTED, &b), Some(1.0));
     running_b.stop().await;
-    gauges.wait(m::LISTENER_CONNECTED, &b, 0.0).await;
+    gauges.wait(m::OUTBOX_LISTENER_CONNECTED, &b, 0.0).await;
 }

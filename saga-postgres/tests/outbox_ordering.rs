@@ -76,7 +76,9 @@ async fn per_key_order_holds_under_concurrent_dispatchers() {
     let dispatchers: Vec<_> = (0..3)
         .map(|_| {
             let pool = pool_from_config(env.test_schema.config(), 2).unwrap();
-            let outbox = Outbox::new(pool, env.schema.clone()).with_clock(env.clock.clone());
+            let outbox = Outbox::builder(pool, env.schema.clone())
+                .clock(env.clock.clone())
+                .build();
             ordered(outbox, &recorder, 4, 10)
         })
         .collect();

@@ -244,7 +244,9 @@ async fn a_runtime_role_with_dml_only_runs_everything_but_cannot_migrate() {
 
     // A worker: checks the schema without DDL, starts, claims and records
     // a saga whose pivot emits an outbox message.
-    let store = PgSagaStore::new(app_pool.clone(), schema.clone()).with_clock(clock.clone());
+    let store = PgSagaStore::builder(app_pool.clone(), schema.clone())
+        .clock(clock.clone())
+        .build();
     store.check_schema().await.unwrap();
     let saga = SagaDefinition::<u32>::builder("roles", 1)
         .step(Step::new("reserve", reserve).compensate_with(release))
@@ -273,7 +275,9 @@ async fn a_runtime_role_with_dml_only_runs_everything_but_cannot_migrate() {
 
     // The application enqueues a message in its own transaction, and one
     // for a topic nobody handles (it will be dead-lettered).
-    let outbox = Outbox::new(app_pool.clone(), schema.clone()).with_clock(clock.clone());
+    let outbox = Outbox::builder(app_pool.clone(), schema.clone())
+        .clock(clock.clone())
+        .build();
     let (by_hand, unhandled) = {
         let mut client = app_pool.get().await.unwrap();
         let tx = client.transaction().await.unwrap();
@@ -294,7 +298,9 @@ async fn a_runtime_role_with_dml_only_runs_everything_but_cannot_migrate() {
 
     // A dispatcher delivers through an in-process publisher to a consumer
     // that deduplicates with the inbox, all as the runtime role.
-    let inbox = Inbox::new(app_pool.clone(), schema.clone()).with_clock(clock.clone());
+    let inbox = Inbox::builder(app_pool.clone(), schema.clone())
+        .clock(clock.clone())
+        .build();
     let consumer = ConsumerName::new("email-sender").unwrap();
     let applied: Arc<Mutex<Vec<MessageId>>> = Arc::default();
     let deliver = {

@@ -45,11 +45,12 @@ impl Setup {
             .await
             .unwrap();
         let clock = Arc::new(ManualClock::starting_now());
-        let store = PgSagaStore::new(
+        let store = PgSagaStore::builder(
             pool_from_config(fresh.guard.config_via(proxy.addr()), pool_size).unwrap(),
             fresh.schema.clone(),
         )
-        .with_clock(clock.clone());
+        .clock(clock.clone())
+        .build();
         Setup {
             store,
             proxy,
@@ -58,6 +59,14 @@ impl Setup {
             saga: scripted_saga(&Script::new(), 1),
             fresh,
         }
+    }
+
+    /// A store on the same pool with another operation deadline.
+    fn store_with_deadline(&self, deadline: Duration) -> PgSagaStore {
+        PgSagaStore::builder(self.store.pool().clone(), self.fresh.schema.clone())
+            .clock(self.clock.clone())
+            .operation_deadline(deadline)
+            .build()
     }
 
     fn kinds(&self) -> [SagaKind; 1] {
@@ -375,7 +384,7 @@ async fn an_operation_stuck_on_an_unanswered_statement_gives_up_at_its_deadline(
     let setup = Setup::new(1).await;
     let id = setup.start(1).await;
     let reconnect_for = Duration::from_secs(2);
-    let store = setup.store.clone().with_reconnect_for(reconnect_for);
+    let store = setup.store_with_deadline(reconnect_for);
     // The server's answers (and the statements) now take an hour.
     setup.proxy.set_latency(Duration::from_secs(3600));
     let started = Instant::now();
@@ -401,7 +410,7 @@ async fn an_outage_longer_than_the_deadline_fails_with_the_connection_error() {
     let setup = Setup::new(2).await;
     let id = setup.start(1).await;
     let reconnect_for = Duration::from_secs(2);
-    let store = setup.store.clone().with_reconnect_for(reconnect_for);
+    let store = setup.store_with_deadline(reconnect_for);
     // An outage: live connections are reset, new ones refused.
     setup.proxy.refuse_new(true);
     setup.proxy.reset_all().await;
@@ -431,7 +440,7 @@ async fn an_ambiguous_commit_that_cannot_be_looked_up_in_time_is_counted_unresol
     let (id, lease) = ready(&setup, Write::Leased).await;
     let before = setup.store.load(id).await.unwrap().unwrap();
     let reconnect_for = Duration::from_secs(2);
-    let store = setup.store.clone().with_reconnect_for(reconnect_for);
+    let store = setup.store_with_deadline(reconnect_for);
     let record = common::advance(id, setup.clock.now());
     let tid = record.transition_id;
 
@@ -478,7 +487,9 @@ async fn a_worker_survives_a_postgres_crash_and_restart() {
     saga_postgres::migrate(&mut pool.get().await.unwrap(), &schema)
         .await
         .unwrap();
-    let store = PgSagaStore::new(pool, schema).with_reconnect_for(Duration::from_secs(60));
+    let store = PgSagaStore::builder(pool, schema)
+        .operation_deadline(Duration::from_secs(60))
+        .build();
     let script = Script::new();
     let saga = scripted_saga(&script, 1);
     let gate = Gate::new();
@@ -543,4 +554,47 @@ fn exec_first(script: &Script) -> saga_core::SagaId {
         .find(|c| c.order == 1)
         .expect("order 1 ran")
         .saga_id
+}
+
+/// A watcher of the wire (the chaos harness) finds a transition by
+/// `saga_postgres::tags`: the statement starts with the tag and carries the
+/// saga id and the transition id where the tags say, leased or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_on_the_wire_carries_its_tag_and_its_ids_where_the_tags_say() {
+    for write in [Write::Leased, Write::Unleased] {
+        let setup = Setup::new(2).await;
+        let (id, lease) = ready(&setup, write).await;
+        let before = setup.store.load(id).await.unwrap().unwrap();
+        let record = common::advance(id, setup.clock.now());
+        let tid = record.transition_id;
+        let mut hold = setup
+            .proxy
+            .hold(saga_postgres::tags::TRANSITION, id.as_uuid().as_bytes());
+        let store = setup.store.clone();
+        let writing = tokio::spawn(async move {
+            write_transition(&store, write, id, lease, before.version, record).await
+        });
+        let seen = tokio::time::timeout(WAIT, hold.reached())
+            .await
+            .expect("the transition was sent");
+        hold.release();
+        writing.await.unwrap().unwrap();
+
+        let sql = seen.sql.as_deref().unwrap_or_default();
+        assert!(
+            sql.starts_with(saga_postgres::tags::TRANSITION),
+            "{write:?}: {sql}"
+        );
+        assert_eq!(
+            seen.param(saga_postgres::tags::TRANSITION_SAGA_ID_PARAM),
+            Some(id.as_uuid().as_bytes().as_slice()),
+            "{write:?}"
+        );
+        assert_eq!(
+            seen.param(saga_postgres::tags::TRANSITION_ID_PARAM),
+            Some(tid.as_uuid().as_bytes().as_slice()),
+            "{write:?}"
+        );
+        setup.stop().await;
+    }
 }

@@ -272,7 +272,7 @@ async fn the_store_refuses_an_oversized_input_it_was_handed_unchecked() {
 async fn the_store_refuses_an_oversized_state_or_payload_in_a_transition() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
     let store = store.map(|s| {
-        s.with_limits(Limits {
+        s.limits(Limits {
             max_state_bytes: 4096,
             max_payload_bytes: 1024,
         })
@@ -368,6 +368,10 @@ async fn database_errors_keep_their_sqlstate() {
     let pg = common::pg(&err);
     assert_eq!(pg.code(), Some(&SqlState::UNDEFINED_TABLE));
     assert!(!pg.is_retryable());
+    // Its message says what happened: the SQLSTATE and the server's words.
+    let text = pg.to_string();
+    assert!(text.contains("42P01"), "{text}");
+    assert!(text.contains("does not exist"), "{text}");
     let db = std::error::Error::source(pg).expect("PgError keeps the driver's error");
     assert!(
         db.downcast_ref::<saga_postgres::tokio_postgres::Error>()

@@ -4,14 +4,12 @@ use std::time::{Duration, SystemTime};
 
 use saga_core::{MessageId, OutboxMessage, SagaId, Timestamp};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::enqueue::Outbox;
 use super::error::OutboxError;
-use super::metrics;
+use crate::db::rows::{col, count, count64, only, time, time_opt};
 use crate::error::PgError;
-use crate::store::corrupt;
 
 /// A message that exhausted its publish budget (or failed permanently), kept
 /// for an operator: inspect it, fix the cause, then
@@ -52,10 +50,6 @@ pub struct OutboxStats {
     pub oldest_pending_age: Option<Duration>,
 }
 
-pub(crate) fn ts(t: SystemTime) -> Timestamp {
-    Timestamp::from_system_time(t)
-}
-
 /// Reads the columns common to claims and dead letters: `id, topic, key,
 /// payload_json, payload_bytes, headers, available_at, created_at,
 /// attempts, saga_id`.
@@ -63,36 +57,15 @@ pub(crate) fn read_message(
     row: &Row,
 ) -> Result<(OutboxMessage, Timestamp, u32, Option<SagaId>), PgError> {
     let message = crate::store::outbox_message(row)?;
-    let attempts: i32 = row.get(8);
     Ok((
         message,
-        ts(row.get(7)),
-        u32::try_from(attempts).map_err(|e| corrupt("outbox attempts", e))?,
-        row.get::<_, Option<Uuid>>(9).map(SagaId::from_uuid),
+        time(row, "created_at")?,
+        count(row, "attempts")?,
+        col::<Option<Uuid>>(row, "saga_id")?.map(SagaId::from_uuid),
     ))
 }
 
-fn count(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
 impl Outbox {
-    async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, OutboxError> {
-        let client = self.inner.pool.get().await?;
-        let stmt = client.prepare_cached(sql).await?;
-        Ok(client.query(&stmt, params).await?)
-    }
-
-    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, OutboxError> {
-        let client = self.inner.pool.get().await?;
-        let stmt = client.prepare_cached(sql).await?;
-        Ok(client.execute(&stmt, params).await?)
-    }
-
     /// Up to `limit` dead letters, oldest dead first, after `after` (the
     /// last one of the previous page; `None` for the first page).
     pub async fn dead_letters(
@@ -104,9 +77,15 @@ impl Outbox {
         let cursor_at: Option<SystemTime> = after.map(|d| d.dead_at.to_system_time());
         let cursor_id: Option<Uuid> = after.map(|d| d.message.id.as_uuid());
         let rows = self
+            .inner
+            .db
             .query(
                 &self.inner.sql.dead_letters,
-                &[&cursor_at, &cursor_id, &limit],
+                &[
+                    ("after_at", &cursor_at),
+                    ("after_id", &cursor_id),
+                    ("limit", &limit),
+                ],
             )
             .await?;
         rows.iter()
@@ -116,8 +95,8 @@ impl Outbox {
                     message,
                     created_at,
                     attempts,
-                    last_error: row.get(10),
-                    dead_at: ts(row.get(11)),
+                    last_error: col(row, "last_error")?,
+                    dead_at: time(row, "dead_at")?,
                     saga_id,
                 })
             })
@@ -132,72 +111,98 @@ impl Outbox {
     /// its place: it goes out before the later messages of its key that
     /// are still pending.
     pub async fn redrive(&self, id: MessageId) -> Result<bool, OutboxError> {
-        let now = self.inner.clock.now().to_system_time();
+        let now = self.inner.clock.bind();
         let uuid = id.as_uuid();
         let rows = self
+            .inner
+            .db
             .query(
                 &self.inner.sql.redrive_one,
-                &[&uuid, &now, &self.inner.sql.channel],
+                &[
+                    ("id", &uuid),
+                    ("now", &now),
+                    ("channel", &self.inner.sql.channel),
+                ],
             )
             .await?;
-        Ok(rows[0].get::<_, i64>(0) == 1)
+        Ok(count64(only(&rows, "n")?, "n")? == 1)
     }
 
     /// Redrives every dead letter (of `topic`, if given). Returns how many.
     pub async fn redrive_all(&self, topic: Option<&str>) -> Result<u64, OutboxError> {
-        let now = self.inner.clock.now().to_system_time();
+        let now = self.inner.clock.bind();
         let rows = self
+            .inner
+            .db
             .query(
                 &self.inner.sql.redrive_all,
-                &[&topic, &now, &self.inner.sql.channel],
+                &[
+                    ("topic", &topic),
+                    ("now", &now),
+                    ("channel", &self.inner.sql.channel),
+                ],
             )
             .await?;
-        Ok(count(rows[0].get(0)))
+        Ok(count64(only(&rows, "n")?, "n")?)
     }
 
     /// Deletes dead letter `id` for good. Returns whether there was one.
     /// Messages that are not dead are never purged.
     pub async fn purge(&self, id: MessageId) -> Result<bool, OutboxError> {
         let uuid = id.as_uuid();
-        Ok(self.execute(&self.inner.sql.purge_one, &[&uuid]).await? == 1)
+        let rows = self
+            .inner
+            .db
+            .query(&self.inner.sql.purge_one, &[("id", &uuid)])
+            .await?;
+        Ok(count64(only(&rows, "n")?, "n")? == 1)
     }
 
     /// Deletes every dead letter (of `topic`, if given). Returns how many.
     pub async fn purge_all(&self, topic: Option<&str>) -> Result<u64, OutboxError> {
-        self.execute(&self.inner.sql.purge_all, &[&topic]).await
+        let rows = self
+            .inner
+            .db
+            .query(&self.inner.sql.purge_all, &[("topic", &topic)])
+            .await?;
+        Ok(count64(only(&rows, "n")?, "n")?)
     }
 
     /// Counts pending, in-flight and dead messages and measures the delivery
     /// lag (see [`OutboxStats::oldest_pending_age`]). One aggregate over the outbox table:
     /// cheap while the outbox is short, as it is when dispatch keeps up.
     pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
-        let now = self.inner.clock.now();
-        let now_sys = now.to_system_time();
-        let rows = self.query(&self.inner.sql.stats, &[&now_sys]).await?;
-        let row = &rows[0];
-        let oldest: Option<SystemTime> = row.get(3);
+        let now = self.inner.clock.bind();
+        let rows = self
+            .inner
+            .db
+            .query(&self.inner.sql.stats, &[("now", &now)])
+            .await?;
+        let row = only(&rows, "stats")?;
+        let at = time(row, "at")?;
         Ok(OutboxStats {
-            pending: count(row.get(0)),
-            in_flight: count(row.get(1)),
-            dead: count(row.get(2)),
-            oldest_pending_age: oldest.map(|t| now.saturating_duration_since(ts(t))),
+            pending: count64(row, "pending")?,
+            in_flight: count64(row, "in_flight")?,
+            dead: count64(row, "dead")?,
+            oldest_pending_age: time_opt(row, "oldest")?.map(|t| at.saturating_duration_since(t)),
         })
     }
 
     /// [`stats`](Outbox::stats), also recorded as gauges (see
-    /// [`metrics`](super::metrics)) labelled with the schema.
+    /// [`crate::metrics`]) labelled with the schema.
     pub async fn record_stats(&self) -> Result<OutboxStats, OutboxError> {
         let stats = self.stats().await?;
         let schema = self.inner.schema.to_string();
         #[allow(clippy::cast_precision_loss)]
         {
-            ::metrics::gauge!(metrics::PENDING, "schema" => schema.clone())
+            ::metrics::gauge!(crate::metrics::OUTBOX_PENDING, "schema" => schema.clone())
                 .set(stats.pending as f64);
-            ::metrics::gauge!(metrics::IN_FLIGHT, "schema" => schema.clone())
+            ::metrics::gauge!(crate::metrics::OUTBOX_IN_FLIGHT, "schema" => schema.clone())
                 .set(stats.in_flight as f64);
-            ::metrics::gauge!(metrics::DEAD, "schema" => schema.clone()).set(stats.dead as f64);
+            ::metrics::gauge!(crate::metrics::OUTBOX_DEAD, "schema" => schema.clone())
+                .set(stats.dead as f64);
         }
-        ::metrics::gauge!(metrics::OLDEST_PENDING_AGE, "schema" => schema)
+        ::metrics::gauge!(crate::metrics::OUTBOX_OLDEST_PENDING_AGE, "schema" => schema)
             .set(stats.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
         Ok(stats)
     }

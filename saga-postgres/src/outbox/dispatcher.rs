@@ -7,136 +7,26 @@ use std::time::{Duration, SystemTime};
 use backon::BackoffBuilder;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use saga_core::{Jitter, RetryDecision, RetryPolicy, StepErrorKind, Timestamp};
+use saga_core::{RetryDecision, RetryPolicy, StepErrorKind, Timestamp};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
-use super::admin::{read_message, ts};
+use super::admin::read_message;
+pub use super::config::{DeliveryOrder, DispatchReport, DispatcherConfig, default_retry_policy};
 use super::enqueue::Outbox;
 use super::error::OutboxError;
 use super::listener::{ListenerStatus, listen};
-use super::metrics;
 use super::publisher::{Outgoing, PublishError, Publisher};
+use crate::db::Budget;
+use crate::db::ambiguity::{AmbiguityCounters, claim_once};
+use crate::db::rows::{col, count64, micros, only, ts};
 use crate::error::chain;
 use crate::tls::ConnectConfig;
 
 /// The longest `last_error` text stored, in bytes.
 const MAX_ERROR_LEN: usize = 2000;
-
-/// Which order messages are published in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum DeliveryOrder {
-    /// No order: every due message may be published at once, by any
-    /// dispatcher. The fastest.
-    #[default]
-    Unordered,
-    /// Messages with the same key are published one at a time in enqueue
-    /// order; different keys (and messages without a key) proceed in
-    /// parallel. A key's next message waits until the previous one is
-    /// published or dead-lettered (see the [module docs](super)). Every
-    /// dispatcher of the outbox must use it: one
-    /// [`Unordered`](DeliveryOrder::Unordered) dispatcher beside them voids
-    /// the ordering.
-    PerKey,
-}
-
-/// The outbox's default retry policy: 1 s doubling to at most 5 minutes,
-/// 20 attempts (about an hour of failures), equal jitter, no time cap.
-/// Patient, because a broker outage should delay messages, not dead-letter
-/// them.
-#[must_use]
-pub fn default_retry_policy() -> RetryPolicy {
-    RetryPolicy::builder()
-        .initial_delay(Duration::from_secs(1))
-        .multiplier(2.0)
-        .max_delay(Duration::from_secs(300))
-        .max_attempts(20)
-        .no_max_elapsed()
-        .jitter(Jitter::Equal)
-        .build()
-        .expect("the default outbox retry policy is valid")
-}
-
-/// How a [`Dispatcher`] works. Build one with [`Dispatcher::builder`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct DispatcherConfig {
-    /// Most messages claimed (and handed to the publisher) at once.
-    pub batch_size: usize,
-    /// How long a claim is held. A dispatcher that dies leaves its batch to
-    /// others once this has passed; keep it well above `publish_timeout`
-    /// plus the clock skew between dispatchers (leases are times on each
-    /// dispatcher's clock: a skew beyond the margin lets another take over
-    /// a batch still being published, and publish it again).
-    pub lease_for: Duration,
-    /// Longest wait for the publisher; past it the batch counts as failed
-    /// (outcome unknown: it is published again later, with the same ids).
-    pub publish_timeout: Duration,
-    /// How often an idle dispatcher looks for due messages. Notifications
-    /// wake it sooner; polling is what guarantees delivery.
-    pub poll_interval: Duration,
-    /// Per-message backoff and the attempt budget before dead-lettering.
-    /// Attempts count claims; elapsed time (`max_elapsed`) counts from the
-    /// message's first claim, so a message delayed with `deliver_after` or
-    /// a dead letter redriven long after its enqueue gets the whole budget.
-    pub retry: RetryPolicy,
-    /// Unordered, or ordered per key.
-    pub order: DeliveryOrder,
-    /// Batches this dispatcher works on at once (each its own
-    /// claim-publish-settle loop).
-    pub concurrency: usize,
-    /// How often [`run`](Dispatcher::run) refreshes the outbox gauges;
-    /// `None`: never.
-    pub stats_interval: Option<Duration>,
-    /// How often the `LISTEN` connection is checked for life.
-    pub listen_health_interval: Duration,
-}
-
-impl Default for DispatcherConfig {
-    fn default() -> Self {
-        DispatcherConfig {
-            batch_size: 100,
-            lease_for: Duration::from_secs(60),
-            publish_timeout: Duration::from_secs(20),
-            poll_interval: Duration::from_secs(1),
-            retry: default_retry_policy(),
-            order: DeliveryOrder::Unordered,
-            concurrency: 1,
-            stats_interval: Some(Duration::from_secs(15)),
-            listen_health_interval: Duration::from_secs(30),
-        }
-    }
-}
-
-/// What one [`dispatch_once`](Dispatcher::dispatch_once) (or a series of
-/// them) did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct DispatchReport {
-    /// Messages claimed.
-    pub claimed: u64,
-    /// Messages published and deleted.
-    pub published: u64,
-    /// Messages that failed and were rescheduled.
-    pub retried: u64,
-    /// Messages dead-lettered (failed past their budget, failed
-    /// permanently, or abandoned by dispatchers past their budget).
-    pub dead_lettered: u64,
-    /// Messages whose lease was taken over by another dispatcher before
-    /// this one could settle them (they will be published again).
-    pub lost_leases: u64,
-}
-
-impl std::ops::AddAssign for DispatchReport {
-    fn add_assign(&mut self, o: Self) {
-        self.claimed += o.claimed;
-        self.published += o.published;
-        self.retried += o.retried;
-        self.dead_lettered += o.dead_lettered;
-        self.lost_leases += o.lost_leases;
-    }
-}
 
 struct Inner<P> {
     outbox: Outbox,
@@ -145,6 +35,7 @@ struct Inner<P> {
     listen: Option<ConnectConfig>,
     rng: Mutex<StdRng>,
     status: watch::Sender<ListenerStatus>,
+    ambiguity: AmbiguityCounters,
 }
 
 /// Publishes outbox messages through a [`Publisher`], at least once.
@@ -304,18 +195,9 @@ impl<P: Publisher> DispatcherBuilder<P> {
                 listen: self.listen,
                 rng: Mutex::new(rng),
                 status,
+                ambiguity: AmbiguityCounters::default(),
             }),
         })
-    }
-}
-
-/// Aborts a spawned task when dropped (the dispatcher's future was dropped
-/// or the publish timed out).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -401,24 +283,59 @@ impl<P: Publisher> Dispatcher<P> {
         let config = &inner.config;
         let mut report = DispatchReport::default();
 
-        // Claim.
-        let now = outbox.clock.now();
+        // Claim. The lease token, written into every row leased, finds
+        // them again if the reply is lost.
+        outbox.clock.sync(&outbox.db, &outbox.sql.server_time).await;
         let token = Uuid::now_v7();
-        let expires = (now + config.lease_for).to_system_time();
-        let now_sys = now.to_system_time();
+        let lease_for = micros(config.lease_for);
         let limit = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
         let max_attempts = i32::try_from(config.retry.max_attempts()).unwrap_or(i32::MAX);
-        let sql = match config.order {
+        let stmt = match config.order {
             DeliveryOrder::Unordered => &outbox.sql.claim_unordered,
             DeliveryOrder::PerKey => &outbox.sql.claim_by_key,
         };
-        let rows = {
-            let client = outbox.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            client
-                .query(&stmt, &[&now_sys, &limit, &token, &expires, &max_attempts])
-                .await?
-        };
+        let (tokenr, lease_forr, limitr, max_attemptsr) =
+            (&token, &lease_for, &limit, &max_attempts);
+        let rows = claim_once(
+            &outbox.db,
+            "outbox_claim",
+            &mut outbox.db.budget(),
+            &inner.ambiguity,
+            |d| async move {
+                let now = outbox.clock.bind();
+                outbox
+                    .db
+                    .attempt(
+                        d,
+                        stmt,
+                        &[
+                            ("now", &now),
+                            ("limit", limitr),
+                            ("token", tokenr),
+                            ("lease_for_us", lease_forr),
+                            ("max_attempts", max_attemptsr),
+                        ],
+                    )
+                    .await
+            },
+            |d| async move {
+                let now = outbox.clock.bind();
+                outbox
+                    .db
+                    .attempt(
+                        d,
+                        &outbox.sql.claimed_by,
+                        &[
+                            ("now", &now),
+                            ("lease_for_us", lease_forr),
+                            ("token", tokenr),
+                        ],
+                    )
+                    .await
+            },
+        )
+        .await?;
+        let now = outbox.clock.clock().now();
         let rows_claimed = u64::try_from(rows.len()).unwrap_or(u64::MAX);
         if rows.is_empty() {
             return Ok((report, 0));
@@ -431,8 +348,8 @@ impl<P: Publisher> Dispatcher<P> {
         let mut failed_errors = Vec::new();
         let mut failed_retry_at: Vec<Option<SystemTime>> = Vec::new();
         for row in &rows {
-            let id: Uuid = row.get(0);
-            if row.get::<_, bool>(10) {
+            let id: Uuid = col(row, "id")?;
+            if col::<bool>(row, "abandoned")? {
                 tracing::error!(message_id = %id,
                     "outbox message dead-lettered: abandoned by dispatchers past its attempt budget");
                 report.dead_lettered += 1;
@@ -440,7 +357,7 @@ impl<P: Publisher> Dispatcher<P> {
             }
             match read_message(row) {
                 Ok((message, created_at, attempt, saga_id)) => {
-                    let first_attempt: Option<SystemTime> = row.get(11);
+                    let first_attempt: Option<SystemTime> = col(row, "first_attempt_at")?;
                     first_attempts.push(first_attempt.map_or(now, ts));
                     batch.push(Outgoing {
                         message,
@@ -472,7 +389,7 @@ impl<P: Publisher> Dispatcher<P> {
         };
 
         // Settle.
-        let now = outbox.clock.now();
+        let now = outbox.clock.clock().now();
         let mut published = Vec::with_capacity(batch.len());
         for (i, out) in batch.iter().enumerate() {
             let outcome = match results.get(i) {
@@ -502,7 +419,6 @@ impl<P: Publisher> Dispatcher<P> {
             .settle(
                 &published,
                 token,
-                now.to_system_time(),
                 &failed_ids,
                 &failed_errors,
                 &failed_retry_at,
@@ -622,7 +538,7 @@ impl<P: Publisher> Dispatcher<P> {
                         .unwrap_or(config.poll_interval);
                     tracing::warn!(error = %chain(&e), retry_in = ?delay,
                         "outbox dispatch failed; retrying");
-                    ::metrics::counter!(metrics::DISPATCH_ERRORS).increment(1);
+                    ::metrics::counter!(crate::metrics::OUTBOX_DISPATCH_ERRORS).increment(1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         _ = stop.changed() => {}
@@ -649,7 +565,8 @@ impl<P: Publisher> Dispatcher<P> {
         let n = batch.len();
         let publisher = self.inner.publisher.clone();
         let handle = tokio::spawn(async move { publisher.publish(&batch).await });
-        let _abort = AbortOnDrop(handle.abort_handle());
+        // Aborted if this future is dropped or the publish times out.
+        let handle = AbortOnDropHandle::new(handle);
         let failure = match tokio::time::timeout(self.inner.config.publish_timeout, handle).await {
             Ok(Ok(results)) => return results,
             Ok(Err(join)) => {
@@ -703,65 +620,47 @@ impl<P: Publisher> Dispatcher<P> {
 
     /// Deletes the published and reschedules the failed, in one statement
     /// guarded by the lease token. Safe to repeat, so it is retried through
-    /// connection failures for up to the lease duration; past that, the
-    /// messages are published again by whoever claims them next.
+    /// connection failures (by [`crate::db`]) for up to the lease duration;
+    /// past that, the messages are published again by whoever claims them
+    /// next.
     async fn settle(
         &self,
         published: &[Uuid],
         token: Uuid,
-        now: SystemTime,
         failed_ids: &[Uuid],
         failed_errors: &[String],
         failed_retry_at: &[Option<SystemTime>],
     ) -> Result<(u64, u64, u64), OutboxError> {
         let outbox = &self.inner.outbox.inner;
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(20))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times()
-            .with_total_delay(Some(self.inner.config.lease_for))
-            .build();
-        loop {
-            let attempt = async {
-                let client = outbox.pool.get().await?;
-                let stmt = client.prepare_cached(&outbox.sql.settle).await?;
-                let row = client
-                    .query_one(
-                        &stmt,
-                        &[
-                            &published,
-                            &token,
-                            &now,
-                            &failed_ids,
-                            &failed_errors,
-                            &failed_retry_at,
-                        ],
-                    )
-                    .await?;
-                let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-                Ok::<_, OutboxError>((n(0), n(1), n(2)))
-            }
-            .await;
-            match attempt {
-                Ok(counts) => return Ok(counts),
-                Err(e) if e.is_retryable() => match backoff.next() {
-                    Some(delay) => {
-                        tracing::warn!(error = %chain(&e), retry_in = ?delay,
-                            "could not settle an outbox batch; retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => return Err(e),
-                },
-                Err(e) => return Err(e),
-            }
-        }
+        let mut budget = Budget::new(self.inner.config.lease_for);
+        let now = outbox.clock.bind();
+        let rows = outbox
+            .db
+            .query_in(
+                &mut budget,
+                &outbox.sql.settle,
+                &[
+                    ("published", &published),
+                    ("token", &token),
+                    ("now", &now),
+                    ("failed_ids", &failed_ids),
+                    ("failed_errors", &failed_errors),
+                    ("failed_retry_at", &failed_retry_at),
+                ],
+            )
+            .await?;
+        let row = only(&rows, "settle")?;
+        Ok((
+            count64(row, "published")?,
+            count64(row, "retried")?,
+            count64(row, "dead")?,
+        ))
     }
 
     fn count(&self, r: &DispatchReport) {
-        ::metrics::counter!(metrics::PUBLISHED).increment(r.published);
-        ::metrics::counter!(metrics::RETRIED).increment(r.retried);
-        ::metrics::counter!(metrics::DEAD_LETTERED).increment(r.dead_lettered);
+        ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(r.published);
+        ::metrics::counter!(crate::metrics::OUTBOX_RETRIED).increment(r.retried);
+        ::metrics::counter!(crate::metrics::OUTBOX_DEAD_LETTERED).increment(r.dead_lettered);
     }
 }
 

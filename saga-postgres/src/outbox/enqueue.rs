@@ -1,6 +1,7 @@
 //! [`Outbox`]: writing messages in the caller's transaction.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use saga_core::{
@@ -12,14 +13,94 @@ use uuid::Uuid;
 
 use super::error::OutboxError;
 use super::sql::OutboxSql;
+use crate::db::Db;
+use crate::db::clock::DbClock;
+use crate::db::rows::{col, only};
 use crate::schema::SchemaName;
+use crate::store::DEFAULT_OPERATION_DEADLINE;
 
 pub(crate) struct OutboxInner {
-    pub(crate) pool: Pool,
+    pub(crate) db: Db,
     pub(crate) schema: SchemaName,
-    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) clock: DbClock,
     pub(crate) sql: OutboxSql,
     pub(crate) max_payload_bytes: usize,
+}
+
+/// Builds an [`Outbox`]: [`Outbox::builder`].
+#[must_use]
+pub struct OutboxBuilder {
+    pool: Pool,
+    schema: SchemaName,
+    clock: Option<Arc<dyn Clock>>,
+    local_clock: Arc<dyn Clock>,
+    max_payload_bytes: usize,
+    operation_deadline: Duration,
+}
+
+impl std::fmt::Debug for OutboxBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxBuilder")
+            .field("schema", &self.schema)
+            .field("clock", &self.clock)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("operation_deadline", &self.operation_deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxBuilder {
+    /// Drives time with `clock` instead of the server's (for tests): its
+    /// time is bound into every statement (creation and availability
+    /// times, claims, leases, backoff). Give the dispatcher and the saga
+    /// store the same clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The process's own clock, read (corrected by the offset learned
+    /// from the server) when no [`clock`](Self::clock) is injected.
+    /// Default: the system clock. For tests of clock skew.
+    pub fn local_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.local_clock = clock;
+        self
+    }
+
+    /// Caps payloads at `limit` bytes (default 256 KiB); a larger one is
+    /// refused with [`OutboxError::PayloadTooLarge`] and nothing is written.
+    pub fn max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload_bytes = limit;
+        self
+    }
+
+    /// How long one operation of the dispatcher or the admin calls may
+    /// take, retries included (default
+    /// [`DEFAULT_OPERATION_DEADLINE`](crate::DEFAULT_OPERATION_DEADLINE)).
+    /// Settling a batch is retried for up to the dispatcher's `lease_for`
+    /// instead.
+    pub fn operation_deadline(mut self, d: Duration) -> Self {
+        self.operation_deadline = d;
+        self
+    }
+
+    /// The outbox.
+    pub fn build(self) -> Outbox {
+        let sql = OutboxSql::new(&self.schema);
+        let clock = match self.clock {
+            Some(clock) => DbClock::injected(clock),
+            None => DbClock::server(self.local_clock),
+        };
+        Outbox {
+            inner: Arc::new(OutboxInner {
+                db: Db::new(self.pool, self.operation_deadline),
+                schema: self.schema,
+                clock,
+                sql,
+                max_payload_bytes: self.max_payload_bytes,
+            }),
+        }
+    }
 }
 
 /// The transactional outbox of one schema: enqueue messages in your own
@@ -72,55 +153,29 @@ struct Batch<'a> {
 
 impl Outbox {
     /// The outbox in `schema` (migrated by [`migrate`](crate::migrate())),
-    /// reading time from the system clock, with payloads capped at
-    /// [`DEFAULT_MAX_BYTES`] (256 KiB).
+    /// on the server's time, with payloads capped at [`DEFAULT_MAX_BYTES`]
+    /// (256 KiB); [`builder`](Outbox::builder) for others.
     #[must_use]
     pub fn new(pool: Pool, schema: SchemaName) -> Self {
-        let sql = OutboxSql::new(&schema);
-        Outbox {
-            inner: Arc::new(OutboxInner {
-                pool,
-                schema,
-                clock: Arc::new(SystemClock),
-                sql,
-                max_payload_bytes: DEFAULT_MAX_BYTES,
-            }),
+        Outbox::builder(pool, schema).build()
+    }
+
+    /// A builder for the outbox in `schema`.
+    pub fn builder(pool: Pool, schema: SchemaName) -> OutboxBuilder {
+        OutboxBuilder {
+            pool,
+            schema,
+            clock: None,
+            local_clock: Arc::new(SystemClock),
+            max_payload_bytes: DEFAULT_MAX_BYTES,
+            operation_deadline: DEFAULT_OPERATION_DEADLINE,
         }
-    }
-
-    fn with_inner(self, f: impl FnOnce(&mut OutboxInner)) -> Self {
-        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| OutboxInner {
-            pool: shared.pool.clone(),
-            schema: shared.schema.clone(),
-            clock: shared.clock.clone(),
-            sql: OutboxSql::new(&shared.schema),
-            max_payload_bytes: shared.max_payload_bytes,
-        });
-        f(&mut inner);
-        Outbox {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Reads time from `clock` (creation and availability times, claims,
-    /// backoff, leases) instead of the system clock. Give the dispatcher
-    /// and the saga store the same clock.
-    #[must_use]
-    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
-        self.with_inner(|i| i.clock = clock)
-    }
-
-    /// Caps payloads at `limit` bytes (default 256 KiB); a larger one is
-    /// refused with [`OutboxError::PayloadTooLarge`] and nothing is written.
-    #[must_use]
-    pub fn with_max_payload_bytes(self, limit: usize) -> Self {
-        self.with_inner(|i| i.max_payload_bytes = limit)
     }
 
     /// The connection pool.
     #[must_use]
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        self.inner.db.pool()
     }
 
     /// The schema.
@@ -129,10 +184,11 @@ impl Outbox {
         &self.inner.schema
     }
 
-    /// The clock.
+    /// The clock: the injected one, or the process's clock corrected by
+    /// its offset to the server's.
     #[must_use]
     pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.inner.clock
+        self.inner.clock.clock()
     }
 
     /// The payload cap, in bytes.
@@ -167,12 +223,13 @@ impl Outbox {
         tx: &Transaction<'_>,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<MessageId>, OutboxError> {
-        let now = self.inner.clock.now();
+        let now = self.clock().now();
         let messages: Vec<OutboxMessage> = messages
             .into_iter()
             .map(|m| m.into_outbox(MessageId::new(), now))
             .collect();
-        self.write_in_tx(tx, &messages).await?;
+        self.write_in_tx(tx, &messages, Some(now.to_system_time()))
+            .await?;
         Ok(messages.iter().map(|m| m.id).collect())
     }
 
@@ -186,13 +243,16 @@ impl Outbox {
         tx: &Transaction<'_>,
         messages: &[OutboxMessage],
     ) -> Result<u64, OutboxError> {
-        self.write_in_tx(tx, messages).await
+        self.write_in_tx(tx, messages, None).await
     }
 
+    /// Writes `messages`; their times were computed from `basis`, if given
+    /// (moved onto the server's timeline), or are absolute.
     async fn write_in_tx(
         &self,
         tx: &Transaction<'_>,
         messages: &[OutboxMessage],
+        basis: Option<std::time::SystemTime>,
     ) -> Result<u64, OutboxError> {
         if messages.is_empty() {
             return Ok(0);
@@ -209,26 +269,46 @@ impl Outbox {
             }
         }
         let b = batch(messages);
-        let created = self.inner.clock.now().to_system_time();
+        let now = self.inner.clock.bind();
+        // Under an injected clock the times are on its timeline already.
+        let basis = if now.is_some() { None } else { basis };
         let channel = self.inner.sql.channel.as_str();
+        let stmt = &self.inner.sql.enqueue;
+        let params = stmt.bind(&[
+            ("ids", &b.ids),
+            ("topics", &b.topics),
+            ("keys", &b.keys),
+            ("json", &b.json),
+            ("bytes", &b.bytes),
+            ("headers", &b.headers),
+            ("available", &b.available),
+            ("now", &now),
+            ("basis", &basis),
+            ("channel", &channel),
+        ])?;
         // `query_typed`: parse, bind and execute in one round trip, on any
         // transaction (no statement cache needed).
-        let params: [(&(dyn ToSql + Sync), Type); 9] = [
-            (&b.ids, Type::UUID_ARRAY),
-            (&b.topics, Type::TEXT_ARRAY),
-            (&b.keys, Type::TEXT_ARRAY),
-            (&b.json, Type::JSONB_ARRAY),
-            (&b.bytes, Type::BYTEA_ARRAY),
-            (&b.headers, Type::JSONB_ARRAY),
-            (&b.available, Type::TIMESTAMPTZ_ARRAY),
-            (&created, Type::TIMESTAMPTZ),
-            (&channel, Type::TEXT),
-        ];
-        let row = tx.query_typed_one(&self.inner.sql.enqueue, &params).await?;
-        let inserted: i64 = row.get(0);
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+            params.into_iter().zip(ENQUEUE_TYPES).collect();
+        let rows = tx.query_typed(stmt.text(), &typed).await?;
+        let inserted: i64 = col(only(&rows, "n")?, "n")?;
         Ok(u64::try_from(inserted).unwrap_or(0))
     }
 }
+
+/// The types of the enqueue statement's parameters, in its order.
+const ENQUEUE_TYPES: [Type; 10] = [
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+];
 
 fn batch(messages: &[OutboxMessage]) -> Batch<'_> {
     let n = messages.len();

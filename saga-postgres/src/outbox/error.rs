@@ -11,7 +11,7 @@ use crate::error::PgError;
 #[non_exhaustive]
 pub enum OutboxError {
     /// A message's payload is over the configured cap
-    /// ([`Outbox::with_max_payload_bytes`](super::Outbox::with_max_payload_bytes)).
+    /// ([`OutboxBuilder::max_payload_bytes`](super::OutboxBuilder::max_payload_bytes)).
     /// Nothing was written.
     #[error("outbox message {id}: payload is {size} bytes, over the limit of {limit} bytes")]
     PayloadTooLarge {

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::AsyncMessage;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::dispatcher::loop_backoff;
-use super::metrics;
 use crate::error::chain;
 use crate::tls::ConnectConfig;
 
@@ -93,7 +93,8 @@ pub(crate) async fn listen(
         .await;
         let was_listening = status.borrow().listening;
         status.send_modify(|s| s.listening = false);
-        ::metrics::gauge!(metrics::LISTENER_CONNECTED, "schema" => schema.clone()).set(0.0);
+        ::metrics::gauge!(crate::metrics::OUTBOX_LISTENER_CONNECTED, "schema" => schema.clone())
+            .set(0.0);
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -103,7 +104,7 @@ pub(crate) async fn listen(
                 }
                 let delay = backoff.next().unwrap_or(MAX_RECONNECT_DELAY);
                 status.send_modify(|s| s.failures += 1);
-                ::metrics::counter!(metrics::LISTENER_FAILURES, "schema" => schema.clone())
+                ::metrics::counter!(crate::metrics::OUTBOX_LISTENER_FAILURES, "schema" => schema.clone())
                     .increment(1);
                 if was_listening {
                     tracing::warn!(channel = %channel, error = %chain(&e), retry_in = ?delay,
@@ -160,7 +161,8 @@ async fn listen_once(
             }
         }
     });
-    let _abort = AbortOnDrop(driver.abort_handle());
+    // Aborted when this connection's life ends.
+    let _driver = AbortOnDropHandle::new(driver);
     // The channel name is `<validated schema>_outbox`: a safe identifier.
     client
         .batch_execute(&format!("LISTEN \"{channel}\""))
@@ -171,8 +173,10 @@ async fn listen_once(
         s.listening = true;
         s.connections += 1;
     });
-    ::metrics::gauge!(metrics::LISTENER_CONNECTED, "schema" => schema.to_owned()).set(1.0);
-    ::metrics::counter!(metrics::LISTENER_CONNECTIONS, "schema" => schema.to_owned()).increment(1);
+    ::metrics::gauge!(crate::metrics::OUTBOX_LISTENER_CONNECTED, "schema" => schema.to_owned())
+        .set(1.0);
+    ::metrics::counter!(crate::metrics::OUTBOX_LISTENER_CONNECTIONS, "schema" => schema.to_owned())
+        .increment(1);
     tracing::debug!(channel, "outbox listener is listening");
     let mut health = tokio::time::interval(health_every);
     health.tick().await;
@@ -211,12 +215,4 @@ fn wake_up(
         also(s);
     });
     wake.send_replace(next);
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -21,14 +21,11 @@
 //!   its lease token. If it dies in between, the lease expires and another
 //!   dispatcher publishes the batch again. So a message can be delivered
 //!   more than once; it is never lost once its transaction committed.
-//!   Leases are times on each dispatcher's own clock: if the clocks of two
-//!   dispatchers disagree by more than the margin between a batch's publish
-//!   and its lease expiry, the one running ahead may take over a batch that
-//!   is still being published, and publish it again (with the same ids, so
-//!   deduplication absorbs it). Keep clocks synchronised (NTP) and
+//!   Leases, due times and availability are compared on the database
+//!   server's clock (`now()`), never a dispatcher's own, so dispatchers
+//!   whose clocks disagree cannot take over each other's live leases. Keep
 //!   [`lease_for`](DispatcherBuilder::lease_for) well above
-//!   [`publish_timeout`](DispatcherBuilder::publish_timeout) plus the
-//!   worst skew.
+//!   [`publish_timeout`](DispatcherBuilder::publish_timeout).
 //! - **Ids for deduplication.** Every message has a unique, stable id
 //!   ([`MessageId`](saga_core::MessageId)): a UUIDv7 for messages enqueued
 //!   by hand, an id derived from (instance, step, direction, index) for
@@ -69,7 +66,7 @@
 //! been due (the delivery lag; a message waiting for its
 //! [`deliver_after`](saga_core::Message::deliver_after) time does not count
 //! until then); [`Dispatcher::run`] exports them as gauges every
-//! [`stats_interval`](DispatcherConfig::stats_interval) (see [`metrics`]).
+//! [`stats_interval`](DispatcherConfig::stats_interval) (see [`crate::metrics`]).
 //!
 //! # Retries inside the dispatcher
 //!
@@ -79,13 +76,16 @@
 //! wait below is jittered up to twice its length) and with no transaction
 //! open, no row locked and no connection held while it waits:
 //!
-//! - **Settling a batch** after publishing it: the statement is guarded by
-//!   the lease token and safe to repeat, so a lost connection or a server
-//!   restart is retried (20 ms doubling to 2 s) until the waits add up to
-//!   `lease_for`. Past that the error is logged, and the batch, still
-//!   leased, is published again once its lease expires.
+//! - **Claiming and settling a batch**, through the crate's database layer
+//!   (20 ms doubling to 2 s). A claim whose reply was lost finds the rows
+//!   it leased again by its lease token and publishes them at once, rather
+//!   than leaving them leased, with an attempt spent, until the lease
+//!   expires. Settling is guarded by the lease token and safe to repeat, so
+//!   a lost connection or a server restart is retried for up to `lease_for`.
+//!   Past that the error is logged, and the batch, still leased, is
+//!   published again once its lease expires.
 //! - **A failed cycle** (the database is down): [`run`](Dispatcher::run)
-//!   logs it, counts it in [`metrics::DISPATCH_ERRORS`], and tries again
+//!   logs it, counts it in [`OUTBOX_DISPATCH_ERRORS`](crate::metrics::OUTBOX_DISPATCH_ERRORS), and tries again
 //!   after 50 ms doubling to `max(poll_interval, 5 s)`, for as long as it
 //!   runs.
 //! - **The `LISTEN` connection**: reconnected after 50 ms doubling to 10 s,
@@ -154,6 +154,7 @@
 //! ```
 
 mod admin;
+mod config;
 mod dispatcher;
 mod enqueue;
 mod error;
@@ -169,7 +170,7 @@ pub use dispatcher::{
     DeliveryOrder, DispatchReport, Dispatcher, DispatcherBuilder, DispatcherConfig,
     default_retry_policy,
 };
-pub use enqueue::Outbox;
+pub use enqueue::{Outbox, OutboxBuilder};
 pub use error::OutboxError;
 pub use in_process::{HandlerPanicked, InProcessPublisher, NoHandler};
 pub use listener::ListenerStatus;
@@ -177,34 +178,11 @@ pub use listener::ListenerStatus;
 pub use nats::NatsPublisher;
 pub use publisher::{Outgoing, PublishError, PublishErrorKind, Publisher};
 
-/// Metric names of the outbox (recorded with the `metrics` crate).
-pub mod metrics {
-    /// Counter: messages published and deleted.
-    pub const PUBLISHED: &str = "saga_outbox_published_total";
-    /// Counter: failed publishes rescheduled for a retry.
-    pub const RETRIED: &str = "saga_outbox_retried_total";
-    /// Counter: messages dead-lettered.
-    pub const DEAD_LETTERED: &str = "saga_outbox_dead_lettered_total";
-    /// Counter: dispatch cycles that failed on a database error.
-    pub const DISPATCH_ERRORS: &str = "saga_outbox_dispatch_errors_total";
-    /// Gauge (label `schema`): messages waiting to be published.
-    pub const PENDING: &str = "saga_outbox_pending";
-    /// Gauge (label `schema`): messages being published (leased).
-    pub const IN_FLIGHT: &str = "saga_outbox_in_flight";
-    /// Gauge (label `schema`): dead letters.
-    pub const DEAD: &str = "saga_outbox_dead";
-    /// Gauge (label `schema`): the delivery lag, in seconds: how long the
-    /// longest-waiting undelivered message has been due (since its enqueue,
-    /// its `deliver_after` time, or its last redrive; dead letters and
-    /// messages not yet due do not count). 0 when none is due.
-    pub const OLDEST_PENDING_AGE: &str = "saga_outbox_oldest_pending_age_seconds";
-    /// Gauge (label `schema`): 1 while the dispatcher's `LISTEN` connection
-    /// is up.
-    pub const LISTENER_CONNECTED: &str = "saga_outbox_listener_connected";
-    /// Counter (label `schema`): times the `LISTEN` connection was
-    /// (re)established.
-    pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
-    /// Counter (label `schema`): failed `LISTEN` connection attempts and
-    /// lost `LISTEN` connections (each logged with its cause).
-    pub const LISTENER_FAILURES: &str = "saga_outbox_listener_failures_total";
+/// Every statement of the outbox, for the crate's statement tests.
+pub(crate) fn statements(schema: &crate::SchemaName) -> Vec<crate::db::statement::Statement> {
+    sql::OutboxSql::new(schema)
+        .all()
+        .into_iter()
+        .cloned()
+        .collect()
 }

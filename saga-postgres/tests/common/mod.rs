@@ -16,7 +16,7 @@ use saga_core::{
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::tokio_postgres::Client;
 use saga_postgres::tokio_postgres::types::ToSql;
-use saga_postgres::{PgError, PgSagaStore, SchemaName, pool_from_config};
+use saga_postgres::{PgError, PgSagaStore, PgSagaStoreBuilder, SchemaName, pool_from_config};
 use saga_test_support::TestSchema;
 
 /// A pool on a fresh schema (not migrated yet), and its guard.
@@ -48,10 +48,13 @@ pub struct TestStore {
 }
 
 impl TestStore {
-    /// The same schema, with the store changed by `f`.
-    pub fn map(self, f: impl FnOnce(PgSagaStore) -> PgSagaStore) -> Self {
+    /// The same schema, with a store built again, changed by `f`.
+    pub fn map(self, f: impl FnOnce(PgSagaStoreBuilder) -> PgSagaStoreBuilder) -> Self {
+        let builder = PgSagaStore::builder(self.store.pool().clone(), self.store.schema().clone())
+            .clock(self.store.clock().clone())
+            .operation_deadline(self.store.operation_deadline());
         TestStore {
-            store: f(self.store),
+            store: f(builder).build(),
             ..self
         }
     }
@@ -76,9 +79,10 @@ pub async fn fresh_store(clock: Arc<dyn Clock>) -> TestStore {
     saga_postgres::migrate(&mut client, &schema).await.unwrap();
     drop(client);
     TestStore {
-        store: PgSagaStore::new(pool, schema)
-            .with_clock(clock)
-            .with_reconnect_for(Duration::from_secs(20)),
+        store: PgSagaStore::builder(pool, schema)
+            .clock(clock)
+            .operation_deadline(Duration::from_secs(20))
+            .build(),
         url,
         _guard: guard,
     }

@@ -42,7 +42,9 @@ pub async fn env() -> Env {
     let clock = Arc::new(ManualClock::new(Timestamp::from_micros(
         1_700_000_000_000_000,
     )));
-    let outbox = Outbox::new(pool.clone(), schema.clone()).with_clock(clock.clone());
+    let outbox = Outbox::builder(pool.clone(), schema.clone())
+        .clock(clock.clone())
+        .build();
     Env {
         pool,
         schema,
