@@ -23,9 +23,9 @@ pub use pool::{
     DEFAULT_MAX_CONNECTION_LIFETIME, DEFAULT_POOL_SIZE, PoolOptions, pool_from_config,
     pool_from_url, pool_with_options,
 };
-pub use tls::{ConnectConfig, RootCerts, SslMode, TlsError};
 pub use schema::{MAX_SCHEMA_LEN, SchemaName};
 pub use store::{DEFAULT_OPERATION_DEADLINE, PgSagaStore, PgSagaStoreBuilder, StoreStats};
+pub use tls::{ConnectConfig, RootCerts, SslMode, TlsError};
 
 /// Re-exported so that users build pools and clients with the same versions.
 pub use deadpool_postgres;

@@ -68,7 +68,10 @@ pub fn pool_from_url(url: &str, max_size: usize) -> Result<Pool, PgError> {
 /// A pool of `max_size` connections with `config`: a [`ConnectConfig`], or
 /// a driver configuration (secured as its own `ssl_mode` says, no
 /// certificate checked); with the default connection lifetime.
-pub fn pool_from_config(config: impl Into<ConnectConfig>, max_size: usize) -> Result<Pool, PgError> {
+pub fn pool_from_config(
+    config: impl Into<ConnectConfig>,
+    max_size: usize,
+) -> Result<Pool, PgError> {
     pool_with_options(config, PoolOptions::default().max_size(max_size))
 }
 

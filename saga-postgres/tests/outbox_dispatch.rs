@@ -16,9 +16,9 @@ use saga_postgres::outbox::{
     DispatchReport, Dispatcher, DispatcherBuilder, InProcessPublisher, Outgoing, PublishError,
     Publisher,
 };
-use saga_postgres::testing::proxy::{Cut, FaultProxy};
-use saga_postgres::testing::test_server;
 use saga_postgres::{PgSagaStore, pool_from_config};
+use saga_test_support::proxy::{Cut, FaultProxy};
+use saga_test_support::test_server;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 

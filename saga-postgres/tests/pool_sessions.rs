@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use saga_core::testing::{Script, TestState, scripted_saga};
 use saga_core::{Executor, SagaClient, StartKey, Status};
-use saga_postgres::testing::{fresh_database, test_server};
 use saga_postgres::tokio_postgres::error::SqlState;
 use saga_postgres::tokio_postgres::{Client, NoTls};
 use saga_postgres::{PgSagaStore, PoolOptions, SchemaName, pool_from_config, pool_with_options};
+use saga_test_support::{fresh_database, test_server};
 
 async fn admin() -> Client {
     let (client, connection) = test_server()
@@ -112,7 +112,7 @@ async fn backend_pid(pool: &saga_postgres::deadpool_postgres::Pool) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_its_lifetime_is_replaced() {
-    let schema = saga_postgres::testing::fresh_schema().await.unwrap();
+    let schema = saga_test_support::fresh_schema().await.unwrap();
     let lifetime = Duration::from_millis(200);
     let short = pool_with_options(
         schema.config(),
@@ -136,7 +136,7 @@ async fn a_connection_past_its_lifetime_is_replaced() {
 
 #[test]
 fn a_pool_refuses_a_zero_lifetime() {
-    let config = "postgres://u@localhost/db".parse().unwrap();
+    let config: tokio_postgres::Config = "postgres://u@localhost/db".parse().unwrap();
     assert!(
         pool_with_options(
             config,

@@ -23,10 +23,10 @@ use saga_core::{
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::outbox::{DispatcherBuilder, ListenerStatus, Outbox};
 use saga_postgres::rustls::{self, CertificateError};
-use saga_test_support::TestCluster;
 use saga_postgres::tokio_postgres::error::SqlState;
 use saga_postgres::tokio_postgres::{self, Client, NoTls};
 use saga_postgres::{ConnectConfig, PgSagaStore, SchemaName, SslMode, pool_from_url};
+use saga_test_support::TestCluster;
 use tokio::sync::{OnceCell, watch};
 
 /// The TLS-only cluster shared by this file's tests (stopped and removed
@@ -407,8 +407,9 @@ async fn a_statement_past_its_deadline_is_cancelled_over_tls() {
         ))
         .await
         .unwrap();
-    let store =
-        PgSagaStore::new(pool.clone(), schema.clone()).with_reconnect_for(Duration::from_secs(3));
+    let store = PgSagaStore::builder(pool.clone(), schema.clone())
+        .operation_deadline(Duration::from_secs(3))
+        .build();
     let saga = SagaDefinition::<u32>::builder("tls_cancel", 1)
         .step(Step::new("reserve", reserve).compensate_with(reserve))
         .build()

@@ -35,7 +35,10 @@ async fn store(
     saga_postgres::migrate(&mut pool.get().await.unwrap(), &schema)
         .await
         .unwrap();
-    (PgSagaStore::new(pool, schema).with_clock(clock), guard)
+    (
+        PgSagaStore::builder(pool, schema).clock(clock).build(),
+        guard,
+    )
 }
 
 async fn claim(store: &impl SagaStore, kind: &SagaKind) -> Option<ClaimedSaga> {
