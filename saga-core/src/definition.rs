@@ -447,7 +447,7 @@ impl<S> SagaBuilder<S, AfterPivotPhase> {
     /// Adds a step after the pivot: retried until it succeeds, or parked
     /// as `Stuck` for an operator; never compensated.
     pub fn step<C: PivotOrAfter>(self, step: Step<S, C>) -> Self {
-        self.push(step, StepKind::Retriable)
+        self.push(step, StepKind::Retryable)
     }
 }
 
