@@ -12,6 +12,7 @@ pub mod machine;
 mod memory;
 pub mod metrics;
 mod outbox;
+mod panic;
 mod retry;
 pub mod store;
 #[cfg(feature = "testing")]
@@ -42,6 +43,7 @@ pub use ids::{
 pub use machine::{Status, StepKind};
 pub use memory::InMemorySagaStore;
 pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
+pub use panic::message as panic_message;
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use store::{HistoryEntry, Outcome, SagaSnapshot, Started};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
