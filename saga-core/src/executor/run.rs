@@ -47,7 +47,7 @@ impl<St: SagaStore> Executor<St> {
     /// slot is free, waking on starts from this executor's
     /// [`client`](Executor::client), on finished steps and on the poll
     /// interval. On shutdown it stops claiming and lets in-flight steps
-    /// finish within [`ExecutorConfig::shutdown_grace`]; steps still
+    /// finish within [`ExecutorConfig::shutdown_grace`](super::ExecutorConfig::shutdown_grace); steps still
     /// running then are abandoned, and their leases expire so another
     /// worker resumes them.
     ///
