@@ -447,8 +447,7 @@ impl<St: SagaStore> Worker<St> {
             shutdown.await;
             let _ = stop.send(true);
         };
-        let (executed, (), ()) = tokio::join!(executor, dispatcher, trigger);
-        executed?;
+        let ((), (), ()) = tokio::join!(executor, dispatcher, trigger);
         Ok(())
     }
 }

@@ -293,7 +293,7 @@ impl Action<Checkout> for SendConfirmation {
 }
 
 /// The checkout saga's definition.
-pub fn definition(config: &Config) -> Result<SagaDefinition<Checkout>, saga_core::Error> {
+pub fn definition(config: &Config) -> Result<SagaDefinition<Checkout>, saga_core::BuildError> {
     let d = &config.downstream;
     let h = &config.after_effect;
     let t = config.step_timeout;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::StepContext;
-use crate::error::{DefinitionProblem, Error, InvalidName, StepError};
+use crate::error::{BuildError, DefinitionProblem, InvalidName, StepError};
 use crate::ids::{Direction, SagaKind, SagaName, StepName};
 use crate::machine::StepKind;
 use crate::retry::RetryPolicy;
@@ -359,7 +359,7 @@ pub enum AfterPivotPhase {}
 ///     .build()?;
 /// assert_eq!(checkout.step_names().collect::<Vec<_>>(),
 ///            ["validate_order", "charge_payment", "confirm_order", "send_confirmation"]);
-/// # Ok::<(), saga_core::Error>(())
+/// # Ok::<(), saga_core::BuildError>(())
 /// ```
 #[must_use = "call .build() to get the definition"]
 pub struct SagaBuilder<S, P = BeforePivotPhase> {
@@ -447,7 +447,7 @@ impl<S> SagaBuilder<S, AfterPivotPhase> {
     /// Adds a step after the pivot: retried until it succeeds, or parked
     /// as `Stuck` for an operator; never compensated.
     pub fn step<C: PivotOrAfter>(self, step: Step<S, C>) -> Self {
-        self.push(step, StepKind::Retriable)
+        self.push(step, StepKind::Retryable)
     }
 }
 
@@ -457,9 +457,9 @@ where
 {
     /// Checks the definition: valid names, at least one step, no step name
     /// (or alias) used twice, no zero timeout.
-    pub fn build(self) -> Result<SagaDefinition<S>, Error> {
+    pub fn build(self) -> Result<SagaDefinition<S>, BuildError> {
         let name = self.name?;
-        let problem = |problem| Error::InvalidDefinition {
+        let problem = |problem| BuildError::InvalidDefinition {
             saga: name.clone(),
             problem,
         };

@@ -40,7 +40,7 @@ impl<S> SagaDefinition<S> {
     /// assert!(diagram.contains("s1 -. fails .-> c0"));
     /// assert!(diagram.contains("s1 -. in doubt .-> stuck"));
     /// assert!(diagram.contains("c0 -. gives up .-> stuck"));
-    /// # Ok::<(), saga_core::Error>(())
+    /// # Ok::<(), saga_core::BuildError>(())
     /// ```
     #[must_use]
     pub fn to_mermaid(&self) -> String {
@@ -56,7 +56,7 @@ impl<S> SagaDefinition<S> {
                 StepKind::Compensatable => format!("s{i}[\"{}\"]", name(i)),
                 StepKind::NoCompensation => format!("s{i}[\"{}<br/>no compensation\"]", name(i)),
                 StepKind::Pivot => format!("s{i}{{{{\"{}<br/>pivot\"}}}}", name(i)),
-                StepKind::Retriable => format!("s{i}[\"{}<br/>retried, never undone\"]", name(i)),
+                StepKind::Retryable => format!("s{i}[\"{}<br/>retried, never undone\"]", name(i)),
             };
             let _ = writeln!(w, "    {node}");
             if i + 1 < plan.len() {
@@ -89,7 +89,7 @@ impl<S> SagaDefinition<S> {
             }
         };
         for (i, kind) in plan.iter().enumerate() {
-            if *kind == StepKind::Retriable {
+            if *kind == StepKind::Retryable {
                 let _ = writeln!(w, "    s{i} -. gives up .-> {}", stuck());
                 continue;
             }
@@ -175,12 +175,12 @@ mod tests {
                 StepKind::Pivot => {
                     let mut after = before.pivot(step);
                     for (j, kind) in steps {
-                        assert_eq!(*kind, StepKind::Retriable, "{plan:?}");
+                        assert_eq!(*kind, StepKind::Retryable, "{plan:?}");
                         after = after.step(Step::new(format!("step{j}"), ok));
                     }
                     return after.build().unwrap();
                 }
-                StepKind::Retriable => panic!("a retriable step before the pivot: {plan:?}"),
+                StepKind::Retryable => panic!("a retryable step before the pivot: {plan:?}"),
             };
         }
         before.build().unwrap()
@@ -254,7 +254,7 @@ mod tests {
     /// Every shape of saga up to three steps before the pivot and two
     /// after it.
     fn plans() -> Vec<Vec<StepKind>> {
-        use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retriable as R};
+        use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retryable as R};
         let mut plans = Vec::new();
         for before in 0..=3u32 {
             for bits in 0..(1u32 << before) {

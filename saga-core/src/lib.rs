@@ -3,7 +3,7 @@
 
 mod client;
 mod context;
-mod definition;
+pub mod definition;
 mod diagram;
 mod error;
 mod executor;
@@ -12,21 +12,25 @@ pub mod machine;
 mod memory;
 pub mod metrics;
 mod outbox;
+mod panic;
 mod retry;
-mod store;
+pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod time;
 
+// The user's vocabulary. The store implementer's contract is in [`store`];
+// the typestate markers of the definition builder are in [`definition`];
+// the pure status machine is in [`machine`].
+
 pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, count_started};
 pub use context::StepContext;
 pub use definition::{
-    Action, ActionFn, AfterPivotPhase, BeforePivot, BeforePivotPhase, BoxFuture,
-    DEFAULT_STEP_TIMEOUT, PivotOrAfter, SagaBuilder, SagaDefinition, Step, Undecided,
-    WithCompensation, WithoutCompensation, action_fn,
+    Action, ActionFn, BoxFuture, DEFAULT_STEP_TIMEOUT, SagaBuilder, SagaDefinition, Step, action_fn,
 };
 pub use error::{
-    BoxError, DefinitionProblem, Error, InvalidName, InvalidRetryPolicy, StepError, StepErrorKind,
+    BoxError, BuildError, DefinitionProblem, Error, ErrorChain, InvalidName, InvalidRetryPolicy,
+    StepError, StepErrorKind,
 };
 pub use executor::{
     AttemptTimedOut, Executor, ExecutorBuilder, ExecutorConfig, ExecutorStats, RunReport,
@@ -39,11 +43,9 @@ pub use ids::{
 pub use machine::{Status, StepKind};
 pub use memory::InMemorySagaStore;
 pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
+pub use panic::message as panic_message;
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
-pub use store::{
-    ClaimRequest, ClaimedSaga, HistoryEntry, Lease, NewSaga, Outcome, Record, SagaSnapshot,
-    SagaStore, Started,
-};
+pub use store::{HistoryEntry, Outcome, SagaSnapshot, Started};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 
 /// The repository README's examples, compiled and run as doctests.

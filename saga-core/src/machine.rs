@@ -98,6 +98,7 @@ impl FromStr for Status {
 /// The role of a step in its saga, fixed by the definition's builder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum StepKind {
     /// Before the pivot, with a compensation.
     Compensatable,
@@ -108,7 +109,7 @@ pub enum StepKind {
     Pivot,
     /// After the pivot: retried until it succeeds, or parked. Never
     /// compensated.
-    Retriable,
+    Retryable,
 }
 
 impl StepKind {
@@ -125,7 +126,7 @@ impl StepKind {
             StepKind::Compensatable => "compensatable",
             StepKind::NoCompensation => "no_compensation",
             StepKind::Pivot => "pivot",
-            StepKind::Retriable => "retriable",
+            StepKind::Retryable => "retryable",
         }
     }
 }
@@ -161,6 +162,7 @@ impl Position {
 
 /// What happened to an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// The current step (either direction) succeeded.
     Succeeded,
@@ -225,6 +227,7 @@ impl Event {
 
 /// What happens to the attempt count of the step the instance lands on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Attempts {
     /// A new step or a resumed one: the budget starts afresh.
     Reset,
@@ -236,6 +239,7 @@ pub enum Attempts {
 
 /// What the executor must persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Command {
     /// Run the step at the new position, at `at` (`None`: at once).
     Schedule {
@@ -259,6 +263,7 @@ macro_rules! transition_kinds {
     ($($(#[$doc:meta])* $kind:ident,)*) => {
         /// Every edge of the machine.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[non_exhaustive]
         pub enum TransitionKind {
             $($(#[$doc])* $kind,)*
         }
@@ -323,6 +328,7 @@ transition_kinds! {
 
 /// The machine's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Transition {
     /// Which edge was taken.
     pub kind: TransitionKind,
@@ -421,7 +427,7 @@ pub fn transition(
             schedule(Some(*until), Attempts::Refund),
         ),
         (Status::Running, Event::FailedForGood { reason, definitive }) => {
-            if plan[i] == StepKind::Retriable {
+            if plan[i] == StepKind::Retryable {
                 return to(
                     TransitionKind::ForwardFailedAfterPivot,
                     Status::Stuck,
@@ -468,7 +474,7 @@ pub fn transition(
                 ..
             },
         ) => {
-            if plan[i] == StepKind::Retriable {
+            if plan[i] == StepKind::Retryable {
                 return Err(invalid(
                     "the pivot has succeeded; the saga only goes forward",
                 ));
@@ -563,7 +569,7 @@ pub fn transition(
             ),
         },
         (Status::Stuck, Event::Cancel { .. }) => {
-            if position.direction != Direction::Forward || plan[i] == StepKind::Retriable {
+            if position.direction != Direction::Forward || plan[i] == StepKind::Retryable {
                 return Err(invalid(
                     "only a saga stuck at or before its pivot can be cancelled",
                 ));
@@ -593,6 +599,40 @@ pub fn transition(
     }
 }
 
+/// The machine's answer for an instance it cannot place: its stored step
+/// is not in the plan, the step has no side in the stored direction, or
+/// its status and position disagree. The instance is parked where it is:
+/// it keeps its stored step name and direction, which may be ones the
+/// definition does not know, so that a person sees what was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedInPlace {
+    /// [`TransitionKind::ParkForward`] or [`TransitionKind::ParkCompensation`].
+    pub kind: TransitionKind,
+    /// Always [`Status::Stuck`].
+    pub status: Status,
+    /// A [`Command::Park`] with the reason.
+    pub command: Command,
+}
+
+/// Parks an instance that is `status` at a position the machine cannot
+/// place (see [`ParkedInPlace`]). `None` unless the status is runnable
+/// (`Running` or `Compensating`): a stuck or finished instance is never
+/// claimed, so there is nothing to park.
+#[must_use]
+pub fn park_in_place(status: Status, reason: String) -> Option<ParkedInPlace> {
+    let kind = match status {
+        Status::Running => TransitionKind::ParkForward,
+        Status::Compensating => TransitionKind::ParkCompensation,
+        Status::Completed | Status::Compensated | Status::Stuck => return None,
+    };
+    Some(ParkedInPlace {
+        kind,
+        status: Status::Stuck,
+        command: Command::Park { reason },
+    })
+}
+
 /// The highest step index `<= from` that has a compensation.
 fn last_compensatable(plan: &[StepKind], from: Option<usize>) -> Option<usize> {
     let from = from?;
@@ -605,7 +645,7 @@ mod tests {
 
     use super::*;
 
-    use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retriable as R};
+    use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retryable as R};
 
     /// validate, charge, reserve, confirm (pivot), notify.
     const CHECKOUT: &[StepKind] = &[N, C, C, P, R];
@@ -1244,6 +1284,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_unplaceable_instance_is_parked_in_place_only_while_runnable() {
+        use TransitionKind as K;
+        let cases = [
+            (Status::Running, Some(K::ParkForward)),
+            (Status::Compensating, Some(K::ParkCompensation)),
+            (Status::Stuck, None),
+            (Status::Completed, None),
+            (Status::Compensated, None),
+        ];
+        for (status, kind) in cases {
+            let got = park_in_place(status, "unknown step".into());
+            let want = kind.map(|kind| ParkedInPlace {
+                kind,
+                status: Status::Stuck,
+                command: parked("unknown step"),
+            });
+            assert_eq!(got, want, "{status}");
         }
     }
 

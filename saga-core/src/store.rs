@@ -1,4 +1,6 @@
-//! The store contract.
+//! The store implementer's contract: the [`SagaStore`] trait, the records
+//! it exchanges with the executor and the client, and [`StoreFailure`] for
+//! its errors.
 //!
 //! A [`SagaStore`] keeps instances, their history and the messages their
 //! steps emit. It decides nothing: the executor computes every transition
@@ -13,9 +15,18 @@
 //! [`LeaseToken`] and an expiry, and counts the attempt. A write guarded by a
 //! lease succeeds only if the token is still the instance's current one and
 //! has not expired; otherwise it changes nothing and fails with
-//! [`Error::LeaseLost`](crate::Error::LeaseLost). An expired lease makes the
+//! [`Error::LeaseLost`]. An expired lease makes the
 //! instance claimable again, with a new token, so a stalled worker can never
 //! overwrite the work of the worker that took over.
+//!
+//! ## Evolving the contract
+//!
+//! The records exchanged with a store ([`NewSaga`], [`ClaimedSaga`],
+//! [`Lease`], [`Record`], [`HistoryEntry`], [`SagaSnapshot`]) are plain
+//! structs with public fields, deliberately not `#[non_exhaustive]`: a
+//! store persists and returns every field, so a new field is a change every
+//! store must make, and the compiler should say where. A store's own error
+//! travels as a [`StoreFailure`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +41,47 @@ use crate::ids::{
 use crate::machine::Status;
 use crate::outbox::OutboxMessage;
 use crate::time::{Clock, Timestamp};
+
+/// A store's own error, as it travels in [`Error::Store`]: callers ask it
+/// whether trying again may help and for its code without knowing the
+/// store's type.
+///
+/// Its [`Display`](std::fmt::Display) says what happened (the database's
+/// message, say), and its [`source`](std::error::Error::source) chain
+/// keeps the causes. [`Error::store`] wraps one.
+pub trait StoreFailure: std::error::Error + Send + Sync + 'static {
+    /// Whether the operation may succeed if simply tried again (a lost
+    /// connection, a serialization failure), as opposed to a failure that
+    /// will recur (a missing table, a constraint the data breaks).
+    fn is_retryable(&self) -> bool;
+
+    /// The store's code for the failure, if it has one (PostgreSQL's
+    /// five-character SQLSTATE, say).
+    fn code(&self) -> Option<&str>;
+}
+
+impl dyn StoreFailure {
+    /// The failure as the store's own type `T`, if it is one.
+    #[must_use]
+    pub fn downcast_ref<T: StoreFailure>(&self) -> Option<&T> {
+        let error: &(dyn std::error::Error + 'static) = self;
+        error.downcast_ref::<T>()
+    }
+
+    /// Whether the failure is of the store's own type `T`.
+    #[must_use]
+    pub fn is<T: StoreFailure>(&self) -> bool {
+        self.downcast_ref::<T>().is_some()
+    }
+}
+
+/// Lets [`Error::Store`] display as, and take its causes from, the failure
+/// it holds.
+impl std::error::Error for Box<dyn StoreFailure> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        (**self).source()
+    }
+}
 
 /// A new instance, as the client hands it to the store.
 #[derive(Debug, Clone)]
