@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkout::deploy::{Endpoints, Hooks, Worker, WorkerSettings};
-use saga_core::{SagaStore, SystemClock};
+use saga_core::SystemClock;
+use saga_core::store::SagaStore;
 use saga_test_support::negative::Unfenced;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -7,7 +7,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SagaStore, SystemClock};
+use saga_core::store::SagaStore;
+use saga_core::{Clock, Executor, RetryPolicy, SagaDefinition, SystemClock};
 
 use crate::audit::Schemas;
 use saga_postgres::deadpool_postgres::Pool;

@@ -94,7 +94,7 @@ async fn a_store_recovers_through_its_own_pool_once_its_database_is_writable_aga
         .build()
         .unwrap();
     executor.run_until_idle().await.unwrap();
-    let done = saga_core::SagaStore::load(&store, id)
+    let done = saga_core::store::SagaStore::load(&store, id)
         .await
         .unwrap()
         .unwrap();

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use outbox_support::{Fate, Recorder, msg};
+use saga_core::store::{ClaimRequest, SagaStore};
 use saga_core::testing::{Behavior, Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, Clock, Direction, Executor, Jitter, RetryPolicy, SagaClient, SagaStore, StartKey,
-    SystemClock, Timestamp, WorkerId,
+    Clock, Direction, Executor, Jitter, RetryPolicy, SagaClient, StartKey, SystemClock, Timestamp,
+    WorkerId,
 };
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::inbox::{ConsumerName, Delivery, Inbox};

@@ -107,13 +107,6 @@ impl TestDbError {
 }
 
 /// `error` and its causes, one line: `outer: cause: root cause`.
-pub(crate) fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
+    saga_core::ErrorChain(error).to_string()
 }

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Error, HistoryEntry, Lease, NewSaga, OutboxMessage, Record,
-    SagaId, SagaKind, SagaSnapshot, SagaStore, Started,
+    Clock, Error, HistoryEntry, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
 };
 use saga_postgres::deadpool_postgres::Pool;
-use saga_postgres::{PgSagaStore, SchemaName};
+use saga_postgres::{PgError, PgSagaStore, SchemaName};
 use uuid::Uuid;
 
 /// How long a re-pointed lease lasts: long enough for the write that
@@ -86,7 +86,11 @@ impl<St: SagaStore> Unfenced<St> {
     /// Makes `lease` the current lease of its saga again, whoever holds
     /// it now; returns whether the saga exists.
     async fn repoint(&self, lease: &Lease) -> Result<bool, Error> {
-        let client = self.pool.get().await.map_err(Error::store)?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::store(PgError::from(e)))?;
         let now = self.inner.clock().now().to_system_time();
         let n = client
             .execute(
@@ -99,7 +103,7 @@ impl<St: SagaStore> Unfenced<St> {
                 ],
             )
             .await
-            .map_err(Error::store)?;
+            .map_err(|e| Error::store(PgError::from(e)))?;
         if n > 0 {
             self.repointed.fetch_add(1, Ordering::Relaxed);
         }

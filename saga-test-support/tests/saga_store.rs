@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, Record, SagaStore};
 use saga_core::testing::{Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, ManualClock, Outcome,
-    Record, SagaClient, SagaId, SagaKind, SagaStore, StartKey, Status, StepName, Timestamp,
-    TransitionId, WorkerId,
+    Clock, Direction, Error, HistoryEntry, ManualClock, Outcome, SagaClient, SagaId, SagaKind,
+    StartKey, Status, StepName, Timestamp, TransitionId, WorkerId,
 };
 use saga_postgres::tags;
 use saga_postgres::{PgSagaStore, SchemaName, pool_from_config};

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use saga_core::SagaStore;
+use saga_core::store::SagaStore;
 use tokio::sync::{mpsc, watch};
 
 use crate::deploy::{Deployment, Progress, WorkerSettings};

@@ -571,12 +571,7 @@ impl<P: Publisher> Dispatcher<P> {
             Ok(Ok(results)) => return results,
             Ok(Err(join)) => {
                 let text = if join.is_panic() {
-                    let panic = join.into_panic();
-                    panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "(no message)".to_owned())
+                    saga_core::panic_message(&*join.into_panic()).to_owned()
                 } else {
                     "cancelled".to_owned()
                 };

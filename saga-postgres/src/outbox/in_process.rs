@@ -112,12 +112,7 @@ impl Publisher for InProcessPublisher {
                 Err(join) => {
                     let text = if join.is_panic() {
                         let id = join.id();
-                        let p = join.into_panic();
-                        let text = p
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "(no message)".to_owned());
+                        let text = saga_core::panic_message(&*join.into_panic()).to_owned();
                         (id, text)
                     } else {
                         (join.id(), "cancelled".to_owned())

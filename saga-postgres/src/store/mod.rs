@@ -13,7 +13,7 @@
 //! - `sql.rs`: the statements;
 //! - `params.rs`: what a start and a transition bind;
 //! - `rows.rs`: reading rows back;
-//! - `saga_store.rs`: the [`SagaStore`](saga_core::SagaStore) operations.
+//! - `saga_store.rs`: the [`SagaStore`](saga_core::store::SagaStore) operations.
 
 mod params;
 mod rows;
@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use saga_core::{Clock, Error, Limits, NewSaga, Record, SagaKind, Started, SystemClock};
+use saga_core::store::{NewSaga, Record};
+use saga_core::{Clock, Error, Limits, SagaKind, Started, SystemClock};
 use uuid::Uuid;
 
 use params::{StartParams, to_i32};
@@ -81,14 +82,14 @@ struct Inner {
     malformed_parked: AtomicU64,
 }
 
-/// A [`SagaStore`](saga_core::SagaStore) on PostgreSQL. Cheap to clone:
+/// A [`SagaStore`](saga_core::store::SagaStore) on PostgreSQL. Cheap to clone:
 /// clones share the pool, the configuration and the counters.
 ///
 /// Tables live in one schema (default `saga`), created by
 /// [`migrate`](crate::migrate()). Leases, due times and lease guards are
 /// compared on the database server's clock, so that workers whose clocks
 /// disagree cannot take over each other's live leases; the store's
-/// [`clock`](saga_core::SagaStore::clock), from which the executor
+/// [`clock`](saga_core::store::SagaStore::clock), from which the executor
 /// computes retry times, is the worker's clock corrected by its offset to
 /// the server's. Build one with [`PgSagaStore::builder`] (or
 /// [`new`](PgSagaStore::new) / [`connect`](PgSagaStore::connect) for the
@@ -134,7 +135,7 @@ impl PgSagaStoreBuilder {
     /// Drives time with `clock` instead of the server's (for tests: a
     /// [`ManualClock`](saga_core::ManualClock)): its time is bound into
     /// every statement, and it is the store's
-    /// [`clock`](saga_core::SagaStore::clock).
+    /// [`clock`](saga_core::store::SagaStore::clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
@@ -334,7 +335,7 @@ impl PgSagaStore {
     /// over the store's cap ([`limits`](PgSagaStoreBuilder::limits)) is
     /// refused with [`Error::TooLarge`] before anything is sent. Same
     /// idempotency on the start key as
-    /// [`SagaStore::start`](saga_core::SagaStore::start); use READ
+    /// [`SagaStore::start`](saga_core::store::SagaStore::start); use READ
     /// COMMITTED (the default) so that a start racing with another on the
     /// same key sees the winner. Nothing is retried: errors go back to the
     /// caller, whose transaction is then to be rolled back. Instances

@@ -3,7 +3,8 @@
 
 use std::time::SystemTime;
 
-use saga_core::{NewSaga, Payload, Record, Status, Timestamp};
+use saga_core::store::{NewSaga, Record};
+use saga_core::{Payload, Status, Timestamp};
 use uuid::Uuid;
 
 use crate::db::statement::Param;

@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use saga_core::store::{ClaimedSaga, Lease};
 use saga_core::{
-    ClaimedSaga, Direction, HistoryEntry, Lease, LeaseToken, MessageId, OutboxMessage, Payload,
-    SagaId, SagaKind, SagaName, SagaSnapshot, StartKey, Status, StepName, TransitionId, WorkerId,
+    Direction, HistoryEntry, LeaseToken, MessageId, OutboxMessage, Payload, SagaId, SagaKind,
+    SagaName, SagaSnapshot, StartKey, Status, StepName, TransitionId, WorkerId,
 };
 use tokio_postgres::Row;
 use uuid::Uuid;

@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Error, HistoryEntry, Lease, NewSaga, OutboxMessage, Record,
-    SagaId, SagaKind, SagaSnapshot, SagaStore, Started, TransitionId,
+    Clock, Error, HistoryEntry, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
+    TransitionId,
 };
 use tokio_postgres::Row;
 use uuid::Uuid;
