@@ -22,9 +22,10 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
+use crate::action::BoxFuture;
 use crate::client::{Limits, SagaClient};
 use crate::context::StepContext;
-use crate::definition::{BoxFuture, SagaDefinition};
+use crate::definition::SagaDefinition;
 use crate::error::{Chain, Error, StepError, StepErrorKind};
 use crate::ids::{Direction, SagaId, SagaKind, StepName, TransitionId, WorkerId};
 use crate::machine::{self, Attempts, Command, Event, Position, Status, StepKind, TransitionKind};
@@ -103,31 +104,41 @@ trait ErasedSaga: Send + Sync + 'static {
     ) -> Result<BoxFuture<'static, AttemptResult>, Error>;
 }
 
-impl<S> ErasedSaga for SagaDefinition<S>
+/// A definition bound to the dependencies its actions are handed.
+struct Registered<S, D> {
+    saga: SagaDefinition<S, D>,
+    deps: Arc<D>,
+}
+
+impl<S, D> ErasedSaga for Registered<S, D>
 where
     S: Serialize + DeserializeOwned + Send + 'static,
+    D: Send + Sync + 'static,
 {
     fn plan(&self) -> &[StepKind] {
-        SagaDefinition::plan(self)
+        self.saga.plan()
     }
 
     fn step_index(&self, name: &str) -> Option<usize> {
-        SagaDefinition::step_index(self, name)
+        self.saga.step_index(name)
     }
 
     fn step_name(&self, index: usize) -> &StepName {
-        SagaDefinition::step_name(self, index).expect("index from the definition")
+        self.saga
+            .step_name(index)
+            .expect("index from the definition")
     }
 
     fn key_name(&self, index: usize) -> &StepName {
         &self
+            .saga
             .step_def(index)
             .expect("index from the definition")
             .key_name
     }
 
     fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)> {
-        let (_, policy, timeout) = self.step_def(index)?.side(direction)?;
+        let (_, policy, timeout) = self.saga.step_def(index)?.side(direction)?;
         Some((policy, timeout))
     }
 
@@ -139,28 +150,29 @@ where
         state: serde_json::Value,
         limits: Limits,
     ) -> Result<BoxFuture<'static, AttemptResult>, Error> {
-        let Some((action, _, timeout)) = self.step_def(index).and_then(|d| d.side(direction))
+        let Some((action, _, timeout)) = self.saga.step_def(index).and_then(|d| d.side(direction))
         else {
             return Err(Error::UnknownStep {
                 id: ctx.saga_id(),
-                saga: self.kind().clone(),
+                saga: self.saga.kind().clone(),
                 step: ctx.step().clone(),
                 direction,
             });
         };
         let mut state: S =
             serde_json::from_value(state).map_err(|source| Error::DeserializeState {
-                saga: self.kind().clone(),
+                saga: self.saga.kind().clone(),
                 source,
             })?;
         let action = action.clone();
+        let deps = self.deps.clone();
         Ok(Box::pin(async move {
             // The step runs in its own task: a panic is caught as a failure.
             // The task is aborted when the attempt ends without it: on a
             // timeout, and when the attempt is dropped (its lease was lost,
             // or the executor abandoned it at shutdown).
             let mut task = tokio::spawn(async move {
-                let result = action.call(&mut ctx, &mut state).await;
+                let result = action.call(&deps, &mut ctx, &mut state).await;
                 (ctx, state, result)
             });
             let _abort_on_drop = AbortOnDrop(task.abort_handle());
@@ -252,11 +264,25 @@ pub struct ExecutorBuilder<St> {
 }
 
 impl<St: SagaStore> ExecutorBuilder<St> {
-    /// Registers a saga definition. Instances of saga kinds (name and
-    /// version) not registered here are never touched by this executor.
-    pub fn register<S>(mut self, saga: SagaDefinition<S>) -> Self
+    /// Registers a saga definition whose actions need no dependencies.
+    /// Instances of saga kinds (name and version) not registered here are
+    /// never touched by this executor. A definition that needs
+    /// dependencies is registered with [`register_with`](Self::register_with).
+    pub fn register<S>(self, saga: SagaDefinition<S>) -> Self
     where
         S: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.register_with(saga, ())
+    }
+
+    /// Registers a saga definition with the dependencies its actions are
+    /// handed on every attempt (clients, pools: see
+    /// [`Action`](crate::Action)). Instances of saga kinds (name and
+    /// version) not registered here are never touched by this executor.
+    pub fn register_with<S, D>(mut self, saga: SagaDefinition<S, D>, deps: D) -> Self
+    where
+        S: Serialize + DeserializeOwned + Send + 'static,
+        D: Send + Sync + 'static,
     {
         let kind = saga.kind().clone();
         if self.registry.sagas.contains_key(&kind) {
@@ -264,7 +290,13 @@ impl<St: SagaStore> ExecutorBuilder<St> {
             return self;
         }
         self.registry.kinds.push(kind.clone());
-        self.registry.sagas.insert(kind, Arc::new(saga));
+        self.registry.sagas.insert(
+            kind,
+            Arc::new(Registered {
+                saga,
+                deps: Arc::new(deps),
+            }),
+        );
         self
     }
 
@@ -1241,7 +1273,11 @@ mod tests {
             Timestamp::from_micros(0),
             Duration::from_secs(1),
         );
-        match ErasedSaga::attempt(saga, 0, direction, ctx, state, Limits::default()) {
+        let registered = Registered {
+            saga: saga.clone(),
+            deps: Arc::new(()),
+        };
+        match ErasedSaga::attempt(&registered, 0, direction, ctx, state, Limits::default()) {
             Ok(_) => panic!("the attempt must not be ready to run"),
             Err(e) => e,
         }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod action;
 mod client;
 mod context;
 mod definition;
@@ -8,22 +9,24 @@ mod diagram;
 mod error;
 mod executor;
 mod ids;
+mod layer;
 pub mod machine;
 mod memory;
 pub mod metrics;
 mod outbox;
 mod retry;
+mod shape;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod time;
 
+pub use action::{Action, ActionFn, BoxAction, BoxFuture, WithDeps, action_fn, with_deps};
 pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, count_started};
 pub use context::StepContext;
 pub use definition::{
-    Action, ActionFn, AfterPivotPhase, BeforePivot, BeforePivotPhase, BoxFuture,
-    DEFAULT_STEP_TIMEOUT, PivotOrAfter, SagaBuilder, SagaDefinition, Step, Undecided,
-    WithCompensation, WithoutCompensation, action_fn,
+    AfterPivotPhase, BeforePivot, BeforePivotPhase, DEFAULT_STEP_TIMEOUT, PivotOrAfter,
+    SagaBuilder, SagaDefinition, Step, Undecided, WithCompensation, WithoutCompensation,
 };
 pub use error::{
     BoxError, DefinitionProblem, Error, InvalidName, InvalidRetryPolicy, StepError, StepErrorKind,
@@ -36,10 +39,12 @@ pub use ids::{
     Direction, IdempotencyKey, LeaseToken, MAX_NAME_LEN, MAX_START_KEY_LEN, MessageId, SagaId,
     SagaKind, SagaName, StartKey, StepName, TransitionId, WorkerId,
 };
+pub use layer::{StepLayer, StepSide};
 pub use machine::{Status, StepKind};
 pub use memory::InMemorySagaStore;
 pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use shape::{SagaShape, SideShape, StepShape};
 pub use store::{
     ClaimRequest, ClaimedSaga, HistoryEntry, Lease, NewSaga, Outcome, Record, SagaSnapshot,
     SagaStore, Started,
