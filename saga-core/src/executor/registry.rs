@@ -1,0 +1,301 @@
+//! The registered saga definitions, with their state types erased so
+//! that one executor runs several, and one attempt of a step made ready
+//! to run.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::action::BoxFuture;
+use crate::client::Limits;
+use crate::context::StepContext;
+use crate::definition::SagaDefinition;
+use crate::error::{Error, StepError};
+use crate::ids::{Direction, SagaKind, StepName};
+use crate::machine::StepKind;
+use crate::outbox::OutboxMessage;
+use crate::retry::RetryPolicy;
+
+/// What one attempt produced: on success the new state and the messages
+/// the step emitted.
+pub(super) struct AttemptResult {
+    pub(super) outcome: Result<(serde_json::Value, Vec<OutboxMessage>), StepError>,
+}
+
+/// A registered definition with its state type erased.
+pub(super) trait ErasedSaga: Send + Sync + 'static {
+    fn plan(&self) -> &[StepKind];
+    fn step_index(&self, name: &str) -> Option<usize>;
+    fn step_name(&self, index: usize) -> &StepName;
+    /// The name the step's keys and message ids derive from.
+    fn key_name(&self, index: usize) -> &StepName;
+    fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)>;
+    /// Deserializes the state and returns the attempt, ready to run; or why
+    /// it cannot run ([`Error::UnknownStep`], [`Error::DeserializeState`]).
+    fn attempt(
+        &self,
+        index: usize,
+        direction: Direction,
+        ctx: StepContext,
+        state: serde_json::Value,
+        limits: Limits,
+    ) -> Result<BoxFuture<'static, AttemptResult>, Error>;
+}
+
+/// A definition bound to the dependencies its actions are handed.
+struct Registered<S, D> {
+    saga: SagaDefinition<S, D>,
+    deps: Arc<D>,
+}
+
+impl<S, D> ErasedSaga for Registered<S, D>
+where
+    S: Serialize + DeserializeOwned + Send + 'static,
+    D: Send + Sync + 'static,
+{
+    fn plan(&self) -> &[StepKind] {
+        self.saga.plan()
+    }
+
+    fn step_index(&self, name: &str) -> Option<usize> {
+        self.saga.step_index(name)
+    }
+
+    fn step_name(&self, index: usize) -> &StepName {
+        self.saga
+            .step_name(index)
+            .expect("index from the definition")
+    }
+
+    fn key_name(&self, index: usize) -> &StepName {
+        &self
+            .saga
+            .step_def(index)
+            .expect("index from the definition")
+            .key_name
+    }
+
+    fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)> {
+        let (_, policy, timeout) = self.saga.step_def(index)?.side(direction)?;
+        Some((policy, timeout))
+    }
+
+    fn attempt(
+        &self,
+        index: usize,
+        direction: Direction,
+        mut ctx: StepContext,
+        state: serde_json::Value,
+        limits: Limits,
+    ) -> Result<BoxFuture<'static, AttemptResult>, Error> {
+        let Some((action, _, timeout)) = self.saga.step_def(index).and_then(|d| d.side(direction))
+        else {
+            return Err(Error::UnknownStep {
+                id: ctx.saga_id(),
+                saga: self.saga.kind().clone(),
+                step: ctx.step().clone(),
+                direction,
+            });
+        };
+        let mut state: S =
+            serde_json::from_value(state).map_err(|source| Error::DeserializeState {
+                saga: self.saga.kind().clone(),
+                source,
+            })?;
+        let action = action.clone();
+        let deps = self.deps.clone();
+        Ok(Box::pin(async move {
+            // The step runs in its own task: a panic is caught as a failure.
+            // The task is aborted when the attempt ends without it: on a
+            // timeout, and when the attempt is dropped (its lease was lost,
+            // or the executor abandoned it at shutdown).
+            let mut task = tokio::spawn(async move {
+                let result = action.call(&deps, &mut ctx, &mut state).await;
+                (ctx, state, result)
+            });
+            let _abort_on_drop = AbortOnDrop(task.abort_handle());
+            let joined = match tokio::time::timeout(timeout, &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    return AttemptResult {
+                        outcome: Err(StepError::timeout(AttemptTimedOut(timeout))),
+                    };
+                }
+            };
+            let outcome = match joined {
+                Ok((mut ctx, state, Ok(()))) => serde_json::to_value(&state)
+                    .map_err(StepError::permanent)
+                    .and_then(|v| check_size(v, limits.max_state_bytes))
+                    .map(|v| (v, ctx.take_emitted())),
+                Ok((_, _, Err(e))) => Err(e),
+                Err(join) => Err(StepError::retryable(StepPanicked(panic_message(join)))),
+            };
+            AttemptResult { outcome }
+        }))
+    }
+}
+
+/// Aborts a task when dropped (a no-op once the task has finished).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn check_size(v: serde_json::Value, limit: usize) -> Result<serde_json::Value, StepError> {
+    let size = serde_json::to_vec(&v).map_or(0, |b| b.len());
+    if size > limit {
+        return Err(StepError::permanent(Error::TooLarge {
+            what: "saga state",
+            size,
+            limit,
+        }));
+    }
+    Ok(v)
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A step attempt ran past its timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the attempt did not finish within {0:?}")]
+pub struct AttemptTimedOut(pub Duration);
+
+/// A step panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("the step panicked: {0}")]
+pub struct StepPanicked(pub String);
+
+/// The saga definitions an executor runs, by name and version.
+#[derive(Default, Clone)]
+pub(super) struct Registry {
+    pub(super) sagas: HashMap<SagaKind, Arc<dyn ErasedSaga>>,
+    pub(super) kinds: Vec<SagaKind>,
+}
+
+impl Registry {
+    /// Adds `saga`, its actions handed `deps`; or, if its kind is already
+    /// registered, leaves the registry as it is and returns the kind.
+    pub(super) fn insert<S, D>(
+        &mut self,
+        saga: SagaDefinition<S, D>,
+        deps: D,
+    ) -> Result<(), SagaKind>
+    where
+        S: Serialize + DeserializeOwned + Send + 'static,
+        D: Send + Sync + 'static,
+    {
+        let kind = saga.kind().clone();
+        if self.sagas.contains_key(&kind) {
+            return Err(kind);
+        }
+        self.kinds.push(kind.clone());
+        let registered = Registered {
+            saga,
+            deps: Arc::new(deps),
+        };
+        self.sagas.insert(kind, Arc::new(registered));
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.kinds).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::Step;
+    use crate::error::Chain;
+    use crate::ids::SagaId;
+    use crate::time::Timestamp;
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct Order {
+        id: u32,
+    }
+
+    async fn check(_: &mut StepContext, _: &mut Order) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    fn attempt(
+        saga: &SagaDefinition<Order>,
+        direction: Direction,
+        state: serde_json::Value,
+    ) -> Error {
+        let ctx = StepContext::new(
+            SagaId::new(),
+            saga.name().clone(),
+            StepName::new("check").unwrap(),
+            direction,
+            1,
+            Timestamp::from_micros(0),
+            Duration::from_secs(1),
+        );
+        let registered = Registered {
+            saga: saga.clone(),
+            deps: Arc::new(()),
+        };
+        match ErasedSaga::attempt(&registered, 0, direction, ctx, state, Limits::default()) {
+            Ok(_) => panic!("the attempt must not be ready to run"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_state_that_does_not_deserialize_is_a_typed_error_keeping_its_cause() {
+        let saga = SagaDefinition::<Order>::builder("orders", 3)
+            .step(Step::new("check", check).no_compensation())
+            .build()
+            .unwrap();
+        let err = attempt(
+            &saga,
+            Direction::Forward,
+            serde_json::json!({ "id": "seven" }),
+        );
+        let Error::DeserializeState { saga: kind, source } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(kind, saga.kind());
+        assert!(source.is_data(), "{source}");
+        let cause = std::error::Error::source(&err).expect("the cause is kept");
+        assert!(cause.downcast_ref::<serde_json::Error>().is_some());
+        // Rendered, for the stuck reason: the message, then the cause.
+        assert_eq!(
+            Chain(&err).to_string(),
+            format!(
+                "the stored state does not deserialize as saga orders@v3's state type: {source}"
+            )
+        );
+
+        // A side the step does not have is named, not guessed at.
+        let err = attempt(&saga, Direction::Compensate, serde_json::json!({ "id": 7 }));
+        assert!(
+            matches!(
+                &err,
+                Error::UnknownStep { step, direction: Direction::Compensate, .. }
+                    if step.as_str() == "check"
+            ),
+            "{err:?}"
+        );
+    }
+}
