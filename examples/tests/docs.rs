@@ -154,7 +154,7 @@ fn the_checkout_diagram_in_the_walkthrough_draws_every_path_of_the_status_machin
 /// Every (from, to) pair of statuses the machine can take, over a plan
 /// with every kind of step.
 fn machine_edges() -> BTreeSet<(String, String)> {
-    use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retriable as R};
+    use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retryable as R};
     let plan = [N, C, C, P, R];
     let at = Timestamp::from_micros(1);
     let events = [

@@ -358,7 +358,7 @@ impl<S, D> SagaBuilder<S, D, AfterPivotPhase> {
     /// Adds a step after the pivot: retried until it succeeds, or parked
     /// as `Stuck` for an operator; never compensated.
     pub fn step<C: PivotOrAfter>(self, step: Step<S, D, C>) -> Self {
-        self.push(step, StepKind::Retriable)
+        self.push(step, StepKind::Retryable)
     }
 }
 

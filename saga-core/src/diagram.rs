@@ -66,7 +66,7 @@ impl SagaShape {
                 StepKind::Compensatable => format!("s{i}[\"{}\"]", name(i)),
                 StepKind::NoCompensation => format!("s{i}[\"{}<br/>no compensation\"]", name(i)),
                 StepKind::Pivot => format!("s{i}{{{{\"{}<br/>pivot\"}}}}", name(i)),
-                StepKind::Retriable => format!("s{i}[\"{}<br/>retried, never undone\"]", name(i)),
+                StepKind::Retryable => format!("s{i}[\"{}<br/>retried, never undone\"]", name(i)),
             };
             let _ = writeln!(w, "    {node}");
             if i + 1 < plan.len() {
@@ -99,7 +99,7 @@ impl SagaShape {
             }
         };
         for (i, kind) in plan.iter().enumerate() {
-            if *kind == StepKind::Retriable {
+            if *kind == StepKind::Retryable {
                 let _ = writeln!(w, "    s{i} -. gives up .-> {}", stuck());
                 continue;
             }
@@ -185,12 +185,12 @@ mod tests {
                 StepKind::Pivot => {
                     let mut after = before.pivot(step);
                     for (j, kind) in steps {
-                        assert_eq!(*kind, StepKind::Retriable, "{plan:?}");
+                        assert_eq!(*kind, StepKind::Retryable, "{plan:?}");
                         after = after.step(Step::new(format!("step{j}"), ok));
                     }
                     return after.build().unwrap();
                 }
-                StepKind::Retriable => panic!("a retriable step before the pivot: {plan:?}"),
+                StepKind::Retryable => panic!("a retryable step before the pivot: {plan:?}"),
             };
         }
         before.build().unwrap()
@@ -264,7 +264,7 @@ mod tests {
     /// Every shape of saga up to three steps before the pivot and two
     /// after it.
     fn plans() -> Vec<Vec<StepKind>> {
-        use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retriable as R};
+        use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retryable as R};
         let mut plans = Vec::new();
         for before in 0..=3u32 {
             for bits in 0..(1u32 << before) {

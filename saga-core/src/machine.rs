@@ -108,7 +108,7 @@ pub enum StepKind {
     Pivot,
     /// After the pivot: retried until it succeeds, or parked. Never
     /// compensated.
-    Retriable,
+    Retryable,
 }
 
 impl StepKind {
@@ -125,7 +125,7 @@ impl StepKind {
             StepKind::Compensatable => "compensatable",
             StepKind::NoCompensation => "no_compensation",
             StepKind::Pivot => "pivot",
-            StepKind::Retriable => "retriable",
+            StepKind::Retryable => "retryable",
         }
     }
 }
@@ -421,7 +421,7 @@ pub fn transition(
             schedule(Some(*until), Attempts::Refund),
         ),
         (Status::Running, Event::FailedForGood { reason, definitive }) => {
-            if plan[i] == StepKind::Retriable {
+            if plan[i] == StepKind::Retryable {
                 return to(
                     TransitionKind::ForwardFailedAfterPivot,
                     Status::Stuck,
@@ -468,7 +468,7 @@ pub fn transition(
                 ..
             },
         ) => {
-            if plan[i] == StepKind::Retriable {
+            if plan[i] == StepKind::Retryable {
                 return Err(invalid(
                     "the pivot has succeeded; the saga only goes forward",
                 ));
@@ -563,7 +563,7 @@ pub fn transition(
             ),
         },
         (Status::Stuck, Event::Cancel { .. }) => {
-            if position.direction != Direction::Forward || plan[i] == StepKind::Retriable {
+            if position.direction != Direction::Forward || plan[i] == StepKind::Retryable {
                 return Err(invalid(
                     "only a saga stuck at or before its pivot can be cancelled",
                 ));
@@ -593,6 +593,39 @@ pub fn transition(
     }
 }
 
+/// The machine's answer for an instance it cannot place: its stored step
+/// is not in the plan, the step has no side in the stored direction, or
+/// its status and position disagree. The instance is parked where it is:
+/// it keeps its stored step name and direction, which may be ones the
+/// definition does not know, so that a person sees what was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedInPlace {
+    /// [`TransitionKind::ParkForward`] or [`TransitionKind::ParkCompensation`].
+    pub kind: TransitionKind,
+    /// Always [`Status::Stuck`].
+    pub status: Status,
+    /// A [`Command::Park`] with the reason.
+    pub command: Command,
+}
+
+/// Parks an instance that is `status` at a position the machine cannot
+/// place (see [`ParkedInPlace`]). `None` unless the status is runnable
+/// (`Running` or `Compensating`): a stuck or finished instance is never
+/// claimed, so there is nothing to park.
+#[must_use]
+pub fn park_in_place(status: Status, reason: String) -> Option<ParkedInPlace> {
+    let kind = match status {
+        Status::Running => TransitionKind::ParkForward,
+        Status::Compensating => TransitionKind::ParkCompensation,
+        Status::Completed | Status::Compensated | Status::Stuck => return None,
+    };
+    Some(ParkedInPlace {
+        kind,
+        status: Status::Stuck,
+        command: Command::Park { reason },
+    })
+}
+
 /// The highest step index `<= from` that has a compensation.
 fn last_compensatable(plan: &[StepKind], from: Option<usize>) -> Option<usize> {
     let from = from?;
@@ -605,7 +638,7 @@ mod tests {
 
     use super::*;
 
-    use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retriable as R};
+    use StepKind::{Compensatable as C, NoCompensation as N, Pivot as P, Retryable as R};
 
     /// validate, charge, reserve, confirm (pivot), notify.
     const CHECKOUT: &[StepKind] = &[N, C, C, P, R];
@@ -1244,6 +1277,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_unplaceable_instance_is_parked_in_place_only_while_runnable() {
+        use TransitionKind as K;
+        let cases = [
+            (Status::Running, Some(K::ParkForward)),
+            (Status::Compensating, Some(K::ParkCompensation)),
+            (Status::Stuck, None),
+            (Status::Completed, None),
+            (Status::Compensated, None),
+        ];
+        for (status, kind) in cases {
+            let got = park_in_place(status, "unknown step".into());
+            let want = kind.map(|kind| ParkedInPlace {
+                kind,
+                status: Status::Stuck,
+                command: parked("unknown step"),
+            });
+            assert_eq!(got, want, "{status}");
         }
     }
 

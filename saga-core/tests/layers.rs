@@ -113,7 +113,7 @@ async fn a_layer_wraps_every_step_in_both_directions_and_sees_their_names() {
             "reserve:forward:Compensatable",
             "reserve:compensate:Compensatable",
             "confirm:forward:Pivot",
-            "notify:forward:Retriable",
+            "notify:forward:Retryable",
         ]
     );
     let (status, _) = run(saga, (), 1).await;

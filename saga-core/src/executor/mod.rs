@@ -3,6 +3,7 @@
 //! lease.
 
 mod config;
+mod decide;
 mod operator;
 mod process;
 mod registry;

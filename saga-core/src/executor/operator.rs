@@ -1,6 +1,7 @@
 //! Operator actions on one instance: resume and cancel.
 
 use super::Executor;
+use super::decide::Settled;
 use super::process::build_record;
 use super::report::count_status;
 use crate::error::Error;
@@ -106,7 +107,7 @@ impl<St: SagaStore> Executor<St> {
         };
         let record = build_record(
             saga.as_ref(),
-            &t,
+            &Settled::Move(t.clone()),
             now,
             snapshot.attempt,
             snapshot.first_attempt_at,

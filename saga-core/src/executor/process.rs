@@ -8,27 +8,18 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use super::Shared;
-use super::registry::{AttemptResult, ErasedSaga, StepPanicked};
+use super::decide::{Attempted, Located, Rule, Settled, Verdict, budget_spent, decide};
+use super::registry::{AttemptResult, ErasedSaga};
 use super::report::{Processed, count_status, store_error};
 use crate::action::BoxFuture;
 use crate::context::StepContext;
-use crate::error::{Chain, Error, StepErrorKind};
-use crate::ids::{Direction, TransitionId};
-use crate::machine::{self, Attempts, Command, Event, Position, Status, TransitionKind};
+use crate::error::{Chain, Error};
+use crate::ids::TransitionId;
+use crate::machine::{Attempts, Command, Position};
 use crate::metrics as m;
 use crate::outbox::OutboxMessage;
-use crate::retry::{GiveUpReason, RetryDecision, RetryPolicy};
-use crate::store::{ClaimedSaga, HistoryEntry, Lease, Outcome, Record, SagaStore};
+use crate::store::{ClaimedSaga, HistoryEntry, Lease, Record, SagaStore};
 use crate::time::Timestamp;
-
-/// Claims are spent; `what` says why the step was not run.
-fn exhausted_reason(attempt: u32, policy: &RetryPolicy) -> String {
-    format!(
-        "retry budget spent: attempt {attempt} of at most {} was claimed, earlier attempts never \
-         recorded a result (worker crashes or lost leases)",
-        policy.max_attempts()
-    )
-}
 
 /// Processes one claimed instance: run its step, record the outcome.
 pub(super) async fn process<St: SagaStore>(
@@ -70,163 +61,94 @@ async fn process_in_span<St: SagaStore>(
         ("direction", claimed.direction.as_str().to_owned()),
     ];
 
-    let mut emitted = Vec::new();
-    let mut new_state = None;
-    let mut error_text = None;
-    let (event, outcome) = 'event: {
-        // The error is logged with its causes, and rendered to text only
-        // for the stuck reason the store keeps.
-        let park = |e: Error| {
-            tracing::error!(error = %Chain(&e), "parking saga instance");
-            let reason = Chain(&e).to_string();
-            (Event::Park { reason }, Outcome::Parked)
+    let located = saga.step_index(claimed.step.as_str()).and_then(|index| {
+        let (policy, timeout) = saga.policy(index, claimed.direction)?;
+        let position = Position {
+            step: index,
+            direction: claimed.direction,
         };
-        let unknown_step = || Error::UnknownStep {
+        Some((Located { position, policy }, timeout))
+    });
+    let attempted = match located {
+        None => Attempted::Unplaced(Error::UnknownStep {
             id,
             saga: claimed.kind.clone(),
             step: claimed.step.clone(),
             direction: claimed.direction,
-        };
-        let Some(index) = saga.step_index(claimed.step.as_str()) else {
-            break 'event park(unknown_step());
-        };
-        let Some((policy, timeout)) = saga.policy(index, claimed.direction) else {
-            break 'event park(unknown_step());
-        };
-        let policy = policy.clone();
-        if claimed.attempt > policy.max_attempts() {
-            let reason = exhausted_reason(claimed.attempt, &policy);
-            attempt_metric(&labels, "exhausted");
-            error_text = Some(reason.clone());
-            break 'event (
-                Event::FailedForGood {
-                    reason,
-                    definitive: false,
-                },
-                Outcome::FailedForGood,
-            );
-        }
-        let ctx = StepContext::new(
-            id,
-            claimed.kind.name.clone(),
-            saga.step_name(index).clone(),
-            claimed.direction,
-            claimed.attempt,
-            started_at,
-            timeout,
-        )
-        .with_key_name(saga.key_name(index).clone())
-        .with_max_payload_bytes(shared.config.limits.max_payload_bytes);
-        let attempt = match saga.attempt(
-            index,
-            claimed.direction,
-            ctx,
-            claimed.state.clone(),
-            shared.config.limits,
-        ) {
-            Ok(a) => a,
-            Err(reason) => break 'event park(reason),
-        };
-
-        let timer = Instant::now();
-        let result = match run_with_heartbeat(&shared, claimed.lease, attempt).await {
-            Some(result) => result,
-            None => return lease_lost(&shared, &claimed),
-        };
-        metrics::histogram!(m::STEP_DURATION, &labels).record(timer.elapsed().as_secs_f64());
-        let now = clock.now();
-        match result.outcome {
-            Ok((state, messages)) => {
-                attempt_metric(&labels, "succeeded");
-                emitted = messages;
-                new_state = Some(state);
-                (Event::Succeeded, Outcome::Succeeded)
-            }
-            Err(err) => {
-                let label = if err.source().is_some_and(|s| s.is::<StepPanicked>()) {
-                    "panicked"
-                } else {
-                    err.kind().as_str()
-                };
-                attempt_metric(&labels, label);
-                error_text = Some(err.describe());
-                match err.kind() {
-                    StepErrorKind::Snooze(d) => {
-                        (Event::Snoozed { until: now + d }, Outcome::Snoozed)
-                    }
-                    kind => {
-                        let decision = {
-                            let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
-                            policy.decide(
-                                kind,
-                                claimed.attempt,
-                                claimed.first_attempt_at,
-                                now,
-                                &mut *rng,
-                            )
-                        };
-                        match decision {
-                            RetryDecision::RetryAt { at, delay } => {
-                                tracing::info!(error = %err, retry_in = ?delay, "step failed; retry scheduled");
-                                (Event::RetryScheduled { at }, Outcome::RetryScheduled)
-                            }
-                            RetryDecision::GiveUp(why) => {
-                                let reason = format!("{why}: {}", err.describe());
-                                tracing::warn!(%reason, "step failed for good");
-                                error_text = Some(reason.clone());
-                                let definitive = why == GiveUpReason::Permanent;
-                                (
-                                    Event::FailedForGood { reason, definitive },
-                                    Outcome::FailedForGood,
-                                )
-                            }
-                        }
-                    }
+        }),
+        Some((at, _)) if budget_spent(claimed.attempt, at.policy) => Attempted::BudgetSpent(at),
+        Some((at, timeout)) => {
+            let index = at.position.step;
+            let ctx = StepContext::new(
+                id,
+                claimed.kind.name.clone(),
+                saga.step_name(index).clone(),
+                claimed.direction,
+                claimed.attempt,
+                started_at,
+                timeout,
+            )
+            .with_key_name(saga.key_name(index).clone())
+            .with_max_payload_bytes(shared.config.limits.max_payload_bytes);
+            match saga.attempt(
+                index,
+                claimed.direction,
+                ctx,
+                claimed.state.clone(),
+                shared.config.limits,
+            ) {
+                Err(problem) => Attempted::NotReady(at.position, problem),
+                Ok(attempt) => {
+                    let timer = Instant::now();
+                    let Some(result) = run_with_heartbeat(&shared, claimed.lease, attempt).await
+                    else {
+                        return lease_lost(&shared, &claimed);
+                    };
+                    metrics::histogram!(m::STEP_DURATION, &labels)
+                        .record(timer.elapsed().as_secs_f64());
+                    Attempted::Ran(at, result.outcome)
                 }
             }
         }
     };
 
-    let index = saga.step_index(claimed.step.as_str()).unwrap_or(0);
-    let position = Position {
-        step: index,
-        direction: claimed.direction,
+    let decided = {
+        let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+        decide(&claimed, saga.plan(), attempted, clock.now(), &mut *rng)
     };
-    let t = match machine::transition(saga.plan(), claimed.status, position, &event) {
-        Ok(t) => t,
-        Err(invalid) => {
-            // A stored row the machine cannot place (an unknown step, a
-            // status and direction that disagree): park it for a person.
-            let reason = format!("cannot continue: {invalid}");
-            tracing::error!(%reason, "parking saga instance");
-            let stuck = machine::Transition {
-                kind: if claimed.direction == Direction::Forward {
-                    TransitionKind::ParkForward
-                } else {
-                    TransitionKind::ParkCompensation
-                },
-                status: Status::Stuck,
-                position,
-                command: Command::Park { reason },
+    let verdict = match decided {
+        Ok(verdict) => verdict,
+        Err(not_runnable) => {
+            // Claims only return runnable rows; give this one back if not.
+            tracing::error!(error = %not_runnable, "giving the claim back");
+            return match shared.store.release(&claimed.lease).await {
+                Ok(()) => Processed::Released,
+                Err(_) => Processed::StoreError,
             };
-            return record(
-                &shared,
-                &saga,
-                &claimed,
-                stuck,
-                started_at,
-                Outcome::Parked,
-                None,
-                None,
-                Vec::new(),
-            )
-            .await;
         }
     };
-    record(
-        &shared, &saga, &claimed, t, started_at, outcome, error_text, new_state, emitted,
-    )
-    .await
+    if let Some(label) = verdict.attempt_label {
+        attempt_metric(&labels, label);
+    }
+    let reason = match verdict.settled.command() {
+        Command::Park { reason } => reason.as_str(),
+        _ => "",
+    };
+    match verdict.rule {
+        Rule::UnknownStep | Rule::NotReady | Rule::MachineRefused => {
+            tracing::error!(%reason, "parking saga instance");
+        }
+        Rule::RetryScheduled => {
+            let error = verdict.error.as_deref().unwrap_or_default();
+            tracing::info!(%error, retry_in = ?verdict.retry_in, "step failed; retry scheduled");
+        }
+        Rule::GaveUpPermanent | Rule::GaveUpAttempts | Rule::GaveUpElapsed => {
+            let reason = verdict.error.as_deref().unwrap_or_default();
+            tracing::warn!(%reason, "step failed for good");
+        }
+        Rule::BudgetSpent | Rule::Succeeded | Rule::Snoozed => {}
+    }
+    record(&shared, &saga, &claimed, verdict, started_at).await
 }
 
 fn attempt_metric(labels: &[(&'static str, String); 3], outcome: &'static str) {
@@ -275,28 +197,24 @@ async fn run_with_heartbeat<St: SagaStore>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn record<St: SagaStore>(
     shared: &Shared<St>,
     saga: &Arc<dyn ErasedSaga>,
     claimed: &ClaimedSaga,
-    t: machine::Transition,
+    verdict: Verdict,
     started_at: Timestamp,
-    outcome: Outcome,
-    error: Option<String>,
-    new_state: Option<serde_json::Value>,
-    emitted: Vec<OutboxMessage>,
 ) -> Processed {
     let now = shared.store.clock().now();
+    let t = verdict.settled;
     let history = HistoryEntry {
         transition_id: TransitionId::new(),
         step: claimed.step.clone(),
         direction: claimed.direction,
         attempt: claimed.attempt,
-        outcome,
-        error,
+        outcome: verdict.outcome,
+        error: verdict.error,
         from_status: Some(claimed.status),
-        to_status: t.status,
+        to_status: t.status(),
         started_at,
         finished_at: now,
     };
@@ -306,21 +224,21 @@ async fn record<St: SagaStore>(
         now,
         claimed.attempt,
         Some(claimed.first_attempt_at),
-        new_state,
-        emitted,
+        verdict.state,
+        verdict.emitted,
         history,
     );
     let id = claimed.lease.saga_id;
     match shared.store.record(&claimed.lease, record).await {
         Ok(()) => {
             shared.counters.recorded.fetch_add(1, Ordering::Relaxed);
-            count_status(&claimed.kind, t.status);
-            tracing::debug!(transition = ?t.kind, status = %t.status, "recorded");
-            if matches!(t.command, Command::Schedule { at: None, .. }) {
+            count_status(&claimed.kind, t.status());
+            tracing::debug!(transition = ?t.kind(), status = %t.status(), "recorded");
+            if matches!(t.command(), Command::Schedule { at: None, .. }) {
                 // The next step is due now: make sure a worker looks.
                 shared.wake.notify_one();
             }
-            Processed::Recorded(id, t.kind)
+            Processed::Recorded(id, t.kind())
         }
         Err(Error::LeaseLost(_)) => lease_lost(shared, claimed),
         Err(e) => {
@@ -331,11 +249,11 @@ async fn record<St: SagaStore>(
     }
 }
 
-/// Turns a transition into the write that persists it.
+/// Turns a settled decision into the write that persists it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn build_record(
     saga: &dyn ErasedSaga,
-    t: &machine::Transition,
+    t: &Settled,
     now: Timestamp,
     attempt: u32,
     first_attempt_at: Option<Timestamp>,
@@ -343,7 +261,7 @@ pub(super) fn build_record(
     outbox: Vec<OutboxMessage>,
     history: HistoryEntry,
 ) -> Record {
-    let (attempt, first_attempt_at, next_run_at, stuck_reason) = match &t.command {
+    let (attempt, first_attempt_at, next_run_at, stuck_reason) = match t.command() {
         Command::Schedule { at, attempts } => {
             let (attempt, first) = match attempts {
                 Attempts::Reset => (0, None),
@@ -367,15 +285,18 @@ pub(super) fn build_record(
     };
     // Parking never moves an instance: keep the stored step name, which may
     // be one the definition no longer knows.
-    let step = match &t.command {
-        Command::Park { .. } => history.step.clone(),
-        _ => saga.step_name(t.position.step).clone(),
+    let (step, direction) = match t {
+        Settled::Move(t) if !matches!(t.command, Command::Park { .. }) => (
+            saga.step_name(t.position.step).clone(),
+            t.position.direction,
+        ),
+        _ => (history.step.clone(), history.direction),
     };
     Record {
         transition_id: history.transition_id,
-        status: t.status,
+        status: t.status(),
         step,
-        direction: t.position.direction,
+        direction,
         attempt,
         first_attempt_at,
         next_run_at,
