@@ -98,7 +98,7 @@ impl<S: Send + 'static, D: 'static> Step<S, D, Undecided> {
     /// Pairs the step with the action that undoes it. The compensation must
     /// tolerate "nothing to undo": it runs even when the forward action
     /// failed or timed out, and gets the forward action's idempotency key
-    /// ([`StepContext::forward_key`]) to look up what happened.
+    /// ([`StepContext::forward_key`](crate::StepContext::forward_key)) to look up what happened.
     pub fn compensate_with(self, compensation: impl Action<S, D>) -> Step<S, D, WithCompensation> {
         Step {
             compensation: Some(BoxAction::new(compensation)),
@@ -564,8 +564,8 @@ impl<S, D> SagaDefinition<S, D> {
     /// concern (metrics, a fault injected by a test) is added from outside
     /// the code that defines the saga. Each call wraps what is there, so
     /// the last layer given is the outermost: it runs first and sees the
-    /// result last. The [shape](Self::shape) is unchanged. Instances
-    /// already registered on an executor keep the actions they were
+    /// result last. The [shape](Self::shape) is unchanged. An executor
+    /// the definition was already registered on keeps the actions it was
     /// registered with.
     ///
     /// ```
