@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use saga_core::{Direction, HistoryEntry, Outcome, SagaId, SagaStore, Status};
+use saga_core::store::SagaStore;
+use saga_core::{Direction, HistoryEntry, Outcome, SagaId, Status};
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::{Audit, Violation};

@@ -442,8 +442,7 @@ impl Worker {
             shutdown.await;
             let _ = stop.send(true);
         };
-        let (executed, (), ()) = tokio::join!(executor, dispatcher, trigger);
-        executed?;
+        let ((), (), ()) = tokio::join!(executor, dispatcher, trigger);
         Ok(())
     }
 }

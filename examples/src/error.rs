@@ -7,6 +7,9 @@ pub enum Error {
     /// The saga engine failed.
     #[error(transparent)]
     Saga(#[from] saga_core::Error),
+    /// A saga definition or the executor's configuration was refused.
+    #[error(transparent)]
+    Build(#[from] saga_core::BuildError),
     /// The Postgres store failed.
     #[error(transparent)]
     Store(#[from] saga_postgres::PgError),
@@ -39,13 +42,6 @@ pub enum Error {
 /// An error and its causes on one line, `: `-separated, for a CLI's last
 /// word.
 #[must_use]
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    saga_core::ErrorChain(error).to_string()
 }

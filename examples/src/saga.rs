@@ -234,7 +234,9 @@ async fn send_confirmation(ctx: &mut StepContext, s: &mut Checkout) -> Result<()
 /// # Ok(())
 /// # }
 /// ```
-pub fn definition(policies: &Policies) -> Result<SagaDefinition<Checkout, Deps>, saga_core::Error> {
+pub fn definition(
+    policies: &Policies,
+) -> Result<SagaDefinition<Checkout, Deps>, saga_core::BuildError> {
     let t = policies.step_timeout;
     SagaDefinition::builder(NAME, VERSION)
         .step(

@@ -4,7 +4,8 @@
 //! transaction (`PgSagaStore::start_in_tx`): there is never an order
 //! without a saga, nor a saga without an order.
 
-use saga_core::{Limits, NewSaga, SagaDefinition, StartKey, Started};
+use saga_core::store::NewSaga;
+use saga_core::{Limits, SagaDefinition, StartKey, Started};
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::{PgSagaStore, SchemaName};
 
@@ -73,7 +74,7 @@ impl Shop {
             key,
             &Checkout::new(order.clone()),
             &Limits::default(),
-            saga_core::SagaStore::clock(store).now(),
+            saga_core::store::SagaStore::clock(store).now(),
         )?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;

@@ -100,7 +100,7 @@ where
 ///     .pivot(Step::new("charge_payment", charge))
 ///     .build()?;
 /// # let _ = saga;
-/// # Ok::<(), saga_core::Error>(())
+/// # Ok::<(), saga_core::BuildError>(())
 /// ```
 pub fn action_fn<S, F>(f: F) -> F
 where
@@ -130,7 +130,7 @@ where
 ///     .pivot(Step::new("charge_payment", charge))
 ///     .build()?;
 /// # let _ = saga;
-/// # Ok::<(), saga_core::Error>(())
+/// # Ok::<(), saga_core::BuildError>(())
 /// ```
 pub fn with_deps<S, D, F>(f: F) -> WithDeps<F>
 where

@@ -19,11 +19,24 @@ pub const DEFAULT_MAX_BYTES: usize = 256 * 1024;
 
 /// Size caps, checked before anything is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest serialized saga input or state, in bytes.
     pub max_state_bytes: usize,
     /// Largest outbox message payload, in bytes.
     pub max_payload_bytes: usize,
+}
+
+impl Limits {
+    /// Caps of `max_state_bytes` on a saga's serialized input and state and
+    /// `max_payload_bytes` on an outbox payload.
+    #[must_use]
+    pub const fn new(max_state_bytes: usize, max_payload_bytes: usize) -> Self {
+        Limits {
+            max_state_bytes,
+            max_payload_bytes,
+        }
+    }
 }
 
 impl Default for Limits {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::action::{Action, BoxAction};
-use crate::error::{DefinitionProblem, Error, InvalidName};
+use crate::error::{BuildError, DefinitionProblem, InvalidName};
 use crate::ids::{Direction, SagaKind, SagaName, StepName};
 use crate::layer::{StepLayer, StepSide};
 use crate::machine::StepKind;
@@ -269,7 +269,7 @@ pub enum AfterPivotPhase {}
 ///     .build()?;
 /// assert_eq!(checkout.step_names().collect::<Vec<_>>(),
 ///            ["validate_order", "charge_payment", "confirm_order", "send_confirmation"]);
-/// # Ok::<(), saga_core::Error>(())
+/// # Ok::<(), saga_core::BuildError>(())
 /// ```
 #[must_use = "call .build() to get the definition"]
 pub struct SagaBuilder<S, D = (), P = BeforePivotPhase> {
@@ -368,9 +368,9 @@ where
 {
     /// Checks the definition: valid names, at least one step, no step name
     /// (or alias) used twice, no zero timeout.
-    pub fn build(self) -> Result<SagaDefinition<S, D>, Error> {
+    pub fn build(self) -> Result<SagaDefinition<S, D>, BuildError> {
         let name = self.name?;
-        let problem = |problem| Error::InvalidDefinition {
+        let problem = |problem| BuildError::InvalidDefinition {
             saga: name.clone(),
             problem,
         };
@@ -585,7 +585,7 @@ impl<S, D> SagaDefinition<S, D> {
     ///     }
     /// });
     /// assert_eq!(quiet.shape(), saga.shape());
-    /// # Ok::<(), saga_core::Error>(())
+    /// # Ok::<(), saga_core::BuildError>(())
     /// ```
     #[must_use]
     pub fn layer(self, layer: impl StepLayer<S, D>) -> Self {

@@ -50,7 +50,7 @@ impl SagaShape {
     /// assert!(diagram.contains("s1 -. fails .-> c0"));
     /// assert!(diagram.contains("s1 -. in doubt .-> stuck"));
     /// assert!(diagram.contains("c0 -. gives up .-> stuck"));
-    /// # Ok::<(), saga_core::Error>(())
+    /// # Ok::<(), saga_core::BuildError>(())
     /// ```
     #[must_use]
     pub fn to_mermaid(&self) -> String {

@@ -1,4 +1,7 @@
-//! Errors: the crate's [`Error`], and [`StepError`], which steps return.
+//! Errors: [`BuildError`] for what is refused when a definition, policy or
+//! executor is built; [`Error`] for what fails at run time; [`StepError`],
+//! which steps return; and [`ErrorChain`], which renders any error with its
+//! causes.
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
@@ -7,18 +10,18 @@ use std::time::Duration;
 
 use crate::ids::{Direction, SagaId, SagaKind, SagaName, StartKey, StepName};
 use crate::machine::{InvalidTransition, Status};
+use crate::store::StoreFailure;
 
 /// A boxed error that keeps its concrete type for `downcast_ref`.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
-/// Everything that can go wrong in this crate, and in a store behind it.
-///
-/// Store implementations put their own error (with its SQLSTATE, say) in
-/// [`Error::Store`] as the source, so it can be downcast and inspected.
-#[derive(Debug, thiserror::Error)]
+/// What is refused when a saga definition, a retry policy or an executor is
+/// built: the program is wrong, and nothing ran. Returned by the `build()`
+/// methods; what fails at run time is an [`Error`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
-    /// A name or key failed validation.
+pub enum BuildError {
+    /// A name failed validation.
     #[error(transparent)]
     InvalidName(#[from] InvalidName),
 
@@ -38,6 +41,25 @@ pub enum Error {
     /// The same saga name and version was registered twice on one executor.
     #[error("saga {0} is already registered")]
     DuplicateRegistration(SagaKind),
+
+    /// An executor configuration value makes no sense.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
+}
+
+/// What can go wrong at run time in this crate, and in a store behind it.
+///
+/// A store's own error (with its SQLSTATE, say) travels in
+/// [`Error::Store`]: ask it [`is_retryable`](Error::is_retryable) and
+/// [`code`](Error::code) directly, or
+/// [`downcast_ref`](crate::store::StoreFailure#method.downcast_ref) it to the
+/// store's type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A name or key failed validation.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
 
     /// A saga's state, input or an outbox payload exceeds the configured cap.
     /// Nothing was written.
@@ -134,31 +156,69 @@ pub enum Error {
         direction: Direction,
     },
 
-    /// An executor or store configuration value makes no sense.
-    #[error("invalid configuration: {0}")]
-    InvalidConfig(&'static str),
-
     /// The instance's saga name and version are not registered here.
     #[error("saga {0} is not registered here")]
     UnknownSaga(SagaKind),
 
-    /// The store failed; the source is the backend's own error.
-    #[error("saga store error")]
-    Store(#[source] BoxError),
+    /// The store failed. Displays as the store's own error, whose causes
+    /// follow as this error's sources.
+    #[error(transparent)]
+    Store(Box<dyn StoreFailure>),
 }
 
 impl Error {
-    /// Wraps a backend error.
-    pub fn store(e: impl Into<BoxError>) -> Self {
-        Error::Store(e.into())
+    /// Wraps a store's error.
+    pub fn store(failure: impl StoreFailure) -> Self {
+        Error::Store(Box::new(failure))
+    }
+
+    /// Whether the same call may succeed if simply made again: a store
+    /// failure its store calls retryable (a lost connection, a
+    /// serialization failure), or a [`Conflict`](Error::Conflict) with a
+    /// concurrent write.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Store(failure) => failure.is_retryable(),
+            Error::Conflict(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The store's code for a store failure (PostgreSQL's SQLSTATE, say).
+    #[must_use]
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Store(failure) => failure.code(),
+            _ => None,
+        }
     }
 }
 
 /// Displays an error followed by its chain of causes, `: `-separated: for
-/// logs, and for the reasons persisted in the store.
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn StdError + 'static));
+/// logs, for a program's last word, and for the reasons the executor keeps
+/// in the store.
+///
+/// ```
+/// use saga_core::ErrorChain;
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("charge failed")]
+/// struct ChargeFailed(#[source] std::io::Error);
+///
+/// let err = ChargeFailed(std::io::Error::other("connection reset"));
+/// assert_eq!(ErrorChain(&err).to_string(), "charge failed: connection reset");
+/// ```
+#[derive(Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn StdError + 'static));
 
-impl fmt::Display for Chain<'_> {
+impl fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)?;
         let mut next = self.0.source();
@@ -361,7 +421,7 @@ impl StepError {
             kind => kind.as_str().to_owned(),
         };
         match &self.source {
-            Some(e) => format!("{kind}: {}", Chain(e.as_ref())),
+            Some(e) => format!("{kind}: {}", ErrorChain(e.as_ref())),
             None => kind,
         }
     }
@@ -422,6 +482,46 @@ mod tests {
         let err = StepError::permanent(Gateway503);
         assert_eq!(err.kind(), StepErrorKind::Permanent);
         assert!(err.into_source().unwrap().downcast::<Gateway503>().is_ok());
+    }
+
+    /// A store's error, as a backend would define it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("serialization failure (SQLSTATE 40001)")]
+    struct Backend {
+        #[source]
+        cause: std::io::Error,
+    }
+
+    impl StoreFailure for Backend {
+        fn is_retryable(&self) -> bool {
+            true
+        }
+        fn code(&self) -> Option<&str> {
+            Some("40001")
+        }
+    }
+
+    #[test]
+    fn a_store_error_says_what_happened_and_answers_without_downcasting() {
+        let err = Error::store(Backend {
+            cause: std::io::Error::other("could not serialize access"),
+        });
+        assert_eq!(err.to_string(), "serialization failure (SQLSTATE 40001)");
+        assert_eq!(
+            ErrorChain(&err).to_string(),
+            "serialization failure (SQLSTATE 40001): could not serialize access"
+        );
+        assert!(err.is_retryable());
+        assert_eq!(err.code(), Some("40001"));
+        let Error::Store(failure) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(failure.is::<Backend>());
+        assert!(failure.downcast_ref::<Backend>().is_some());
+
+        let not_found = Error::NotFound(crate::ids::SagaId::new());
+        assert!(!not_found.is_retryable());
+        assert_eq!(not_found.code(), None);
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub struct StepSide<'a> {
 ///         Direction::Compensate => inner,
 ///     });
 /// # let _ = (saga, done);
-/// # Ok::<(), saga_core::Error>(())
+/// # Ok::<(), saga_core::BuildError>(())
 /// ```
 pub trait StepLayer<S, D = ()> {
     /// The action to run for `side` instead of `inner`.

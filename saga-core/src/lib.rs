@@ -4,7 +4,7 @@
 mod action;
 mod client;
 mod context;
-mod definition;
+pub mod definition;
 mod diagram;
 mod error;
 mod executor;
@@ -16,20 +16,22 @@ pub mod metrics;
 mod outbox;
 mod retry;
 mod shape;
-mod store;
+pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod time;
 
+// The user's vocabulary. The store implementer's contract is in [`store`];
+// the typestate markers of the definition builder are in [`definition`];
+// the pure status machine is in [`machine`].
+
 pub use action::{Action, ActionFn, BoxAction, BoxFuture, WithDeps, action_fn, with_deps};
 pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, count_started};
 pub use context::StepContext;
-pub use definition::{
-    AfterPivotPhase, BeforePivot, BeforePivotPhase, DEFAULT_STEP_TIMEOUT, PivotOrAfter,
-    SagaBuilder, SagaDefinition, Step, Undecided, WithCompensation, WithoutCompensation,
-};
+pub use definition::{DEFAULT_STEP_TIMEOUT, SagaBuilder, SagaDefinition, Step};
 pub use error::{
-    BoxError, DefinitionProblem, Error, InvalidName, InvalidRetryPolicy, StepError, StepErrorKind,
+    BoxError, BuildError, DefinitionProblem, Error, ErrorChain, InvalidName, InvalidRetryPolicy,
+    StepError, StepErrorKind,
 };
 pub use executor::{
     AttemptTimedOut, Executor, ExecutorBuilder, ExecutorConfig, ExecutorStats, RunReport,
@@ -45,10 +47,7 @@ pub use memory::InMemorySagaStore;
 pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use shape::{SagaShape, SideShape, StepShape};
-pub use store::{
-    ClaimRequest, ClaimedSaga, HistoryEntry, Lease, NewSaga, Outcome, Record, SagaSnapshot,
-    SagaStore, Started,
-};
+pub use store::{HistoryEntry, Outcome, SagaSnapshot, Started};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 
 /// The repository README's examples, compiled and run as doctests.

@@ -98,6 +98,7 @@ impl FromStr for Status {
 /// The role of a step in its saga, fixed by the definition's builder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum StepKind {
     /// Before the pivot, with a compensation.
     Compensatable,
@@ -161,6 +162,7 @@ impl Position {
 
 /// What happened to an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// The current step (either direction) succeeded.
     Succeeded,
@@ -225,6 +227,7 @@ impl Event {
 
 /// What happens to the attempt count of the step the instance lands on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Attempts {
     /// A new step or a resumed one: the budget starts afresh.
     Reset,
@@ -236,6 +239,7 @@ pub enum Attempts {
 
 /// What the executor must persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Command {
     /// Run the step at the new position, at `at` (`None`: at once).
     Schedule {
@@ -259,6 +263,7 @@ macro_rules! transition_kinds {
     ($($(#[$doc:meta])* $kind:ident,)*) => {
         /// Every edge of the machine.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[non_exhaustive]
         pub enum TransitionKind {
             $($(#[$doc])* $kind,)*
         }
@@ -323,6 +328,7 @@ transition_kinds! {
 
 /// The machine's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Transition {
     /// Which edge was taken.
     pub kind: TransitionKind,
@@ -599,6 +605,7 @@ pub fn transition(
 /// it keeps its stored step name and direction, which may be ones the
 /// definition does not know, so that a person sees what was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ParkedInPlace {
     /// [`TransitionKind::ParkForward`] or [`TransitionKind::ParkCompensation`].
     pub kind: TransitionKind,

@@ -21,6 +21,7 @@ use crate::time::Timestamp;
 /// With `base = min(max_delay, initial_delay × multiplier^(attempt-1))`:
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Jitter {
     /// Exactly `base`.
     None,
@@ -123,6 +124,7 @@ pub enum RetryDecision {
 
 /// Why a failure is final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum GiveUpReason {
     /// The error was permanent.
     Permanent,

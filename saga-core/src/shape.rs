@@ -35,7 +35,7 @@ use crate::retry::RetryPolicy;
 /// assert!(shape.steps[1].compensation.is_none());
 /// let json = serde_json::to_string(shape).unwrap();
 /// assert_eq!(&serde_json::from_str::<saga_core::SagaShape>(&json).unwrap(), shape);
-/// # Ok::<(), saga_core::Error>(())
+/// # Ok::<(), saga_core::BuildError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -31,6 +31,47 @@ use crate::machine::Status;
 use crate::outbox::OutboxMessage;
 use crate::time::{Clock, Timestamp};
 
+/// A store's own error, as it travels in [`Error::Store`]: callers ask it
+/// whether trying again may help and for its code without knowing the
+/// store's type.
+///
+/// Its [`Display`](std::fmt::Display) says what happened (the database's
+/// message, say), and its [`source`](std::error::Error::source) chain
+/// keeps the causes. [`Error::store`] wraps one.
+pub trait StoreFailure: std::error::Error + Send + Sync + 'static {
+    /// Whether the operation may succeed if simply tried again (a lost
+    /// connection, a serialization failure), as opposed to a failure that
+    /// will recur (a missing table, a constraint the data breaks).
+    fn is_retryable(&self) -> bool;
+
+    /// The store's code for the failure, if it has one (PostgreSQL's
+    /// five-character SQLSTATE, say).
+    fn code(&self) -> Option<&str>;
+}
+
+impl dyn StoreFailure {
+    /// The failure as the store's own type `T`, if it is one.
+    #[must_use]
+    pub fn downcast_ref<T: StoreFailure>(&self) -> Option<&T> {
+        let error: &(dyn std::error::Error + 'static) = self;
+        error.downcast_ref::<T>()
+    }
+
+    /// Whether the failure is of the store's own type `T`.
+    #[must_use]
+    pub fn is<T: StoreFailure>(&self) -> bool {
+        self.downcast_ref::<T>().is_some()
+    }
+}
+
+/// Lets [`Error::Store`] display as, and take its causes from, the failure
+/// it holds.
+impl std::error::Error for Box<dyn StoreFailure> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        (**self).source()
+    }
+}
+
 /// A new instance, as the client hands it to the store.
 #[derive(Debug, Clone)]
 pub struct NewSaga {

@@ -5,12 +5,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
 use saga_core::testing::{Behavior, Gate, LEASE, Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, DefinitionProblem, Direction, Error, Executor, HistoryEntry,
-    InMemorySagaStore, Lease, Limits, ManualClock, Message, OutboxMessage, Outcome, Record,
-    SagaDefinition, SagaId, SagaKind, SagaSnapshot, SagaStore, StartKey, Started, Status, Step,
-    StepContext, StepError, Timestamp,
+    BuildError, Clock, DefinitionProblem, Direction, Error, Executor, HistoryEntry,
+    InMemorySagaStore, Limits, ManualClock, Message, OutboxMessage, Outcome, SagaDefinition,
+    SagaId, SagaKind, SagaSnapshot, StartKey, Started, Status, Step, StepContext, StepError,
+    Timestamp,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -66,14 +67,11 @@ fn key(order: u32) -> StartKey {
     StartKey::new(format!("order-{order}")).unwrap()
 }
 
-/// Runs `exec` in a task until `stop` is sent (or dropped); the task
-/// returns what [`Executor::run`] returned.
+/// Runs `exec` in a task until `stop` is sent (or dropped); the task ends
+/// when [`Executor::run`] returns.
 fn spawn_run<St: SagaStore>(
     exec: &Executor<St>,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), Error>>,
-) {
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
     let exec = exec.clone();
     let running = tokio::spawn(async move {
@@ -163,7 +161,7 @@ impl SagaStore for SignallingStore {
     fn clock(&self) -> &Arc<dyn Clock> {
         self.inner.clock()
     }
-    async fn start(&self, new: saga_core::NewSaga) -> Result<Started, Error> {
+    async fn start(&self, new: NewSaga) -> Result<Started, Error> {
         self.inner.start(new).await
     }
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<ClaimedSaga>, Error> {
@@ -275,7 +273,6 @@ async fn run_stops_claiming_on_shutdown_and_lets_the_step_in_flight_finish() {
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("run returns after shutdown")
-        .unwrap()
         .unwrap();
     let snap = s.store.load(id).await.unwrap().unwrap();
     assert_eq!(
@@ -309,7 +306,7 @@ async fn steps_still_running_after_the_grace_period_are_abandoned_and_resumed_el
     let (stop, running) = spawn_run(&exec);
     never_opened.entered().await;
     stop.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     // Abandoned: still leased, nothing recorded.
     assert!(s.store.load(id).await.unwrap().unwrap().lease.is_some());
     assert!(s.executor().run_until_idle().await.unwrap().claimed == 0);
@@ -361,10 +358,7 @@ async fn no_more_steps_run_at_once_than_the_concurrency_allows() {
 #[tokio::test]
 async fn an_oversized_input_is_refused_before_anything_is_written() {
     let s = setup();
-    let client = s.executor().client().with_limits(Limits {
-        max_state_bytes: 64,
-        max_payload_bytes: 64,
-    });
+    let client = s.executor().client().with_limits(Limits::new(64, 64));
     let mut big = TestState::order(1);
     big.done = vec!["x".repeat(100)];
     let err = client.start(&s.saga, key(1), &big).await.unwrap_err();
@@ -418,10 +412,7 @@ async fn a_state_or_payload_grown_past_the_cap_fails_the_step_for_good() {
         .step(Step::new("emit", emit_big))
         .build()
         .unwrap();
-    let limits = Limits {
-        max_state_bytes: 512,
-        max_payload_bytes: 512,
-    };
+    let limits = Limits::new(512, 512);
     let exec = Executor::builder_from_arc(store.clone())
         .register(grows.clone())
         .register(shouts.clone())
@@ -471,8 +462,8 @@ async fn a_state_or_payload_grown_past_the_cap_fails_the_step_for_good() {
 
 #[test]
 fn definitions_refuse_bad_names_no_steps_and_duplicates() {
-    let problem = |built: Result<SagaDefinition<Vec<String>>, Error>| match built {
-        Err(Error::InvalidDefinition { saga, problem }) => {
+    let problem = |built: Result<SagaDefinition<Vec<String>>, BuildError>| match built {
+        Err(BuildError::InvalidDefinition { saga, problem }) => {
             assert_eq!(saga.as_str(), "s");
             problem
         }
@@ -502,7 +493,7 @@ fn definitions_refuse_bad_names_no_steps_and_duplicates() {
         .step(Step::new("a", ok).no_compensation())
         .build()
         .unwrap_err();
-    assert!(matches!(bad, Error::InvalidName(_)), "{bad:?}");
+    assert!(matches!(bad, BuildError::InvalidName(_)), "{bad:?}");
     let zero = SagaDefinition::<Vec<String>>::builder("s", 1)
         .step(Step::new("a", ok).timeout(Duration::ZERO).no_compensation())
         .build();
@@ -590,23 +581,26 @@ fn the_executor_refuses_bad_configuration() {
         .register(s.saga.clone())
         .build()
         .unwrap_err();
-    assert!(matches!(dup, Error::DuplicateRegistration(_)), "{dup:?}");
+    assert!(
+        matches!(dup, BuildError::DuplicateRegistration(_)),
+        "{dup:?}"
+    );
     let hb = Executor::builder_from_arc(s.store.clone())
         .lease_duration(Duration::from_secs(10))
         .heartbeat_interval(Duration::from_secs(10))
         .build()
         .unwrap_err();
-    assert!(matches!(hb, Error::InvalidConfig(_)), "{hb:?}");
+    assert!(matches!(hb, BuildError::InvalidConfig(_)), "{hb:?}");
     let zero = Executor::builder_from_arc(s.store.clone())
         .concurrency(0)
         .build()
         .unwrap_err();
-    assert!(matches!(zero, Error::InvalidConfig(_)), "{zero:?}");
+    assert!(matches!(zero, BuildError::InvalidConfig(_)), "{zero:?}");
     let zero = Executor::builder_from_arc(s.store.clone())
         .unregistered_check_interval(Duration::ZERO)
         .build()
         .unwrap_err();
-    assert!(matches!(zero, Error::InvalidConfig(_)), "{zero:?}");
+    assert!(matches!(zero, BuildError::InvalidConfig(_)), "{zero:?}");
 }
 
 #[test]
@@ -983,7 +977,7 @@ async fn a_step_abandoned_at_shutdown_is_stopped() {
     let (stop, running) = spawn_run(&exec);
     entered.notified().await;
     stop.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
         .expect("the abandoned step was stopped")
@@ -1003,8 +997,7 @@ async fn run_claims_nothing_once_shutdown_has_been_asked_for() {
         .id;
     tokio::time::timeout(Duration::from_secs(30), exec.run(std::future::ready(())))
         .await
-        .expect("run returns at once")
-        .unwrap();
+        .expect("run returns at once");
     assert_eq!(exec.stats().claimed, 0);
     let snap = s.store.load(id).await.unwrap().unwrap();
     assert_eq!((snap.attempt, snap.lease), (0, None));
@@ -1034,7 +1027,6 @@ async fn a_shutdown_that_arrives_with_a_wake_up_claims_nothing() {
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("run returns")
-        .unwrap()
         .unwrap();
     assert_eq!(exec.stats().claimed, 0);
     assert_eq!(store.load(id).await.unwrap().unwrap().attempt, 0);
@@ -1140,7 +1132,6 @@ async fn run_keeps_at_most_concurrency_steps_in_flight_and_refills_freed_slots()
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("run returns")
-        .unwrap()
         .unwrap();
     for id in &ids {
         assert_eq!(
@@ -1354,7 +1345,7 @@ fn a_busy_executor_checks_for_unregistered_kinds_on_its_timer_and_zeroes_those_g
             let leased = store.load(hung).await.unwrap().unwrap().lease.is_some();
             assert!(leased, "the step was in flight throughout");
             stop.send(()).unwrap();
-            running.await.unwrap().unwrap();
+            running.await.unwrap();
             checks
         })
     });

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use saga_core::testing::{Behavior, Script, TestState, scripted_saga};
 use saga_core::{
-    Action, BoxAction, Direction, Executor, InMemorySagaStore, SagaDefinition, SagaStore, StartKey,
-    Status, Step, StepContext, StepError, StepKind, StepSide, action_fn,
+    Action, BoxAction, Direction, Executor, InMemorySagaStore, SagaDefinition, StartKey, Status,
+    Step, StepContext, StepError, StepKind, StepSide, action_fn,
 };
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -93,7 +93,7 @@ async fn run<D: Send + Sync + 'static>(
         .unwrap()
         .id;
     exec.run_until_idle().await.unwrap();
-    let snap = exec.client().store().load(id).await.unwrap().unwrap();
+    let snap = exec.client().get(id).await.unwrap();
     (snap.status, serde_json::from_value(snap.state).unwrap())
 }
 

@@ -6,12 +6,11 @@ use std::io;
 
 use tokio_postgres::error::SqlState;
 
-/// A boxed error that keeps its concrete type.
-pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+pub use saga_core::BoxError;
 
 /// Everything that can go wrong in `saga-postgres`.
 ///
-/// Inside the [`SagaStore`](saga_core::SagaStore) methods it travels as the
+/// Inside the [`SagaStore`](saga_core::store::SagaStore) methods it travels as the
 /// source of [`saga_core::Error::Store`]; downcast it to inspect
 /// [`PgError::code`] or [`PgError::is_connection_error`].
 #[derive(Debug, thiserror::Error)]
@@ -178,20 +177,42 @@ impl PgError {
 }
 
 /// An error and its causes on one line (for stored reasons and logs; the
-/// error itself keeps the chain).
-pub(crate) fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// error itself keeps the chain), as [`saga_core::ErrorChain`] renders it.
+pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
+    saga_core::ErrorChain(error).to_string()
+}
+
+impl saga_core::store::StoreFailure for PgError {
+    fn is_retryable(&self) -> bool {
+        PgError::is_retryable(self)
     }
-    text
+
+    fn code(&self) -> Option<&str> {
+        PgError::code(self).map(SqlState::code)
+    }
 }
 
 impl From<PgError> for saga_core::Error {
     fn from(e: PgError) -> Self {
         saga_core::Error::store(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pg_error_answers_as_a_store_failure() {
+        let err = saga_core::Error::from(PgError::InvalidSchemaName {
+            name: "x;".into(),
+            reason: "not an identifier",
+        });
+        assert!(!err.is_retryable());
+        assert_eq!(err.code(), None);
+        assert_eq!(
+            err.to_string(),
+            r#"invalid schema name "x;": not an identifier"#
+        );
     }
 }

@@ -41,10 +41,11 @@ use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, LeaseToken, Limits,
-    MessageId, NewSaga, OutboxMessage, Payload, Record, SagaId, SagaKind, SagaName, SagaSnapshot,
-    SagaStore, StartKey, Started, Status, StepName, SystemClock, Timestamp, TransitionId, WorkerId,
+    Clock, Direction, Error, HistoryEntry, LeaseToken, Limits, MessageId, OutboxMessage, Payload,
+    SagaId, SagaKind, SagaName, SagaSnapshot, StartKey, Started, Status, StepName, SystemClock,
+    Timestamp, TransitionId, WorkerId,
 };
 use tokio::time::Instant;
 use tokio_postgres::NoTls;

@@ -9,10 +9,11 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, SagaStore};
 use saga_core::testing::{Behavior, Gate, Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, Executor, ManualClock, Outcome, SagaClient,
-    SagaId, SagaKind, SagaStore, StartKey, Status, WorkerId,
+    Clock, Direction, Error, Executor, ManualClock, Outcome, SagaClient, SagaId, SagaKind,
+    StartKey, Status, WorkerId,
 };
 use saga_postgres::deadpool_postgres::Object;
 use saga_postgres::testing::proxy::{Cut, FaultProxy};
@@ -114,7 +115,7 @@ enum Write {
 
 /// An instance ready for a transition of kind `write`: claimed if leased.
 /// Returns its id and the lease, if any.
-async fn ready(setup: &Setup, write: Write) -> (SagaId, Option<saga_core::Lease>) {
+async fn ready(setup: &Setup, write: Write) -> (SagaId, Option<saga_core::store::Lease>) {
     let id = setup.start(1).await;
     match write {
         Write::Leased => {
@@ -131,9 +132,9 @@ async fn write_transition(
     store: &PgSagaStore,
     write: Write,
     id: SagaId,
-    lease: Option<saga_core::Lease>,
+    lease: Option<saga_core::store::Lease>,
     version: u64,
-    record: saga_core::Record,
+    record: saga_core::store::Record,
 ) -> Result<(), Error> {
     match write {
         Write::Leased => store.record(&lease.unwrap(), record).await,

@@ -5,10 +5,11 @@ mod common;
 
 use std::sync::Arc;
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, NewSaga, SagaStore};
 use saga_core::testing::{Script, TestState, scripted_saga};
 use saga_core::{
-    ClaimRequest, ClaimedSaga, DEFAULT_MAX_BYTES, Error, Limits, ManualClock, Message, MessageId,
-    NewSaga, SagaClient, SagaDefinition, SagaKind, SagaStore, StartKey, Status, WorkerId,
+    DEFAULT_MAX_BYTES, Error, Limits, ManualClock, Message, MessageId, SagaClient, SagaDefinition,
+    SagaKind, StartKey, Status, WorkerId,
 };
 use saga_postgres::tokio_postgres::error::SqlState;
 use saga_postgres::{PgError, PgSagaStore};
@@ -221,10 +222,7 @@ async fn the_default_cap_is_256_kib_and_one_byte_more_is_refused() {
 /// itself could hand the store.
 fn unchecked_start(store: &PgSagaStore, size: usize) -> NewSaga {
     let saga = scripted_saga(&Script::new(), 1);
-    let unlimited = Limits {
-        max_state_bytes: usize::MAX,
-        max_payload_bytes: usize::MAX,
-    };
+    let unlimited = Limits::new(usize::MAX, usize::MAX);
     NewSaga::new(
         &saga,
         StartKey::new("order-1").unwrap(),
@@ -271,12 +269,7 @@ async fn the_store_refuses_an_oversized_input_it_was_handed_unchecked() {
 #[tokio::test]
 async fn the_store_refuses_an_oversized_state_or_payload_in_a_transition() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
-    let store = store.map(|s| {
-        s.with_limits(Limits {
-            max_state_bytes: 4096,
-            max_payload_bytes: 1024,
-        })
-    });
+    let store = store.map(|s| s.with_limits(Limits::new(4096, 1024)));
     let claimed = started_and_claimed(&store, 1).await;
     let id = claimed.lease.saga_id;
     let before = store.load(id).await.unwrap().unwrap();
@@ -335,10 +328,7 @@ async fn the_store_refuses_an_oversized_state_or_payload_in_a_transition() {
 async fn an_oversized_input_is_refused_and_nothing_is_written() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
     let saga = scripted_saga(&Script::new(), 1);
-    let client = SagaClient::new(store.store.clone()).with_limits(Limits {
-        max_state_bytes: 1024,
-        max_payload_bytes: 1024,
-    });
+    let client = SagaClient::new(store.store.clone()).with_limits(Limits::new(1024, 1024));
     let mut big = TestState::order(1);
     big.done = vec!["x".repeat(2000)];
     let err = client
@@ -483,7 +473,7 @@ async fn a_saga_started_in_the_callers_transaction_exists_only_if_it_commits() {
         .await
         .unwrap();
     let new = |n: u32| {
-        saga_core::NewSaga::new(
+        saga_core::store::NewSaga::new(
             &saga,
             StartKey::new(format!("order-{n}")).unwrap(),
             &TestState::order(n),

@@ -16,12 +16,13 @@ use super::report::Counters;
 use super::{Executor, Shared};
 use crate::client::Limits;
 use crate::definition::SagaDefinition;
-use crate::error::Error;
+use crate::error::BuildError;
 use crate::ids::{SagaKind, WorkerId};
 use crate::store::SagaStore;
 
 /// How an executor runs.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ExecutorConfig {
     /// Steps run at once, at most (default 16).
     pub concurrency: usize,
@@ -161,12 +162,12 @@ impl<St: SagaStore> ExecutorBuilder<St> {
     }
 
     /// Checks the configuration and builds the executor.
-    pub fn build(self) -> Result<Executor<St>, Error> {
+    pub fn build(self) -> Result<Executor<St>, BuildError> {
         if let Some(kind) = self.duplicate {
-            return Err(Error::DuplicateRegistration(kind));
+            return Err(BuildError::DuplicateRegistration(kind));
         }
         let c = &self.config;
-        let bad = |what: &'static str| Err(Error::InvalidConfig(what));
+        let bad = |what: &'static str| Err(BuildError::InvalidConfig(what));
         if c.concurrency == 0 {
             return bad("concurrency must be at least 1");
         }

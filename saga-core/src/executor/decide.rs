@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::error::{Chain, Error, StepError, StepErrorKind};
+use crate::error::{Error, ErrorChain, StepError, StepErrorKind};
 use crate::machine::{self, Command, Event, ParkedInPlace, Position, StepKind, Transition};
 use crate::machine::{Status, TransitionKind};
 use crate::outbox::OutboxMessage;
@@ -194,7 +194,7 @@ pub(super) fn decide<R: Rng + ?Sized>(
     };
     let pending = match attempted {
         Attempted::Unplaced(problem) => {
-            let reason = Chain(&problem).to_string();
+            let reason = ErrorChain(&problem).to_string();
             return park_in_place(claimed, Rule::UnknownStep, reason);
         }
         Attempted::BudgetSpent(at) => {
@@ -214,7 +214,7 @@ pub(super) fn decide<R: Rng + ?Sized>(
             }
         }
         Attempted::NotReady(position, problem) => {
-            let reason = Chain(&problem).to_string();
+            let reason = ErrorChain(&problem).to_string();
             verdict(
                 Rule::NotReady,
                 Event::Park { reason },

@@ -13,7 +13,7 @@ use super::registry::{AttemptResult, ErasedSaga};
 use super::report::{Processed, count_status, store_error};
 use crate::action::BoxFuture;
 use crate::context::StepContext;
-use crate::error::{Chain, Error};
+use crate::error::{Error, ErrorChain};
 use crate::ids::TransitionId;
 use crate::machine::{Attempts, Command, Position};
 use crate::metrics as m;
@@ -189,7 +189,7 @@ async fn run_with_heartbeat<St: SagaStore>(
                     Err(Error::LeaseLost(_)) => return None,
                     Err(e) => {
                         store_error("heartbeat");
-                        tracing::warn!(error = %Chain(&e), "lease heartbeat failed; will retry");
+                        tracing::warn!(error = %ErrorChain(&e), "lease heartbeat failed; will retry");
                     }
                 }
             }
@@ -243,7 +243,7 @@ async fn record<St: SagaStore>(
         Err(Error::LeaseLost(_)) => lease_lost(shared, claimed),
         Err(e) => {
             shared.counters.store_failed("record");
-            tracing::error!(error = %Chain(&e), "recording the step's outcome failed; the step will run again when the lease expires");
+            tracing::error!(error = %ErrorChain(&e), "recording the step's outcome failed; the step will run again when the lease expires");
             Processed::StoreError
         }
     }

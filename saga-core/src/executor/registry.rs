@@ -224,7 +224,7 @@ impl fmt::Debug for Registry {
 mod tests {
     use super::*;
     use crate::definition::Step;
-    use crate::error::Chain;
+    use crate::error::ErrorChain;
     use crate::ids::SagaId;
     use crate::time::Timestamp;
 
@@ -281,7 +281,7 @@ mod tests {
         assert!(cause.downcast_ref::<serde_json::Error>().is_some());
         // Rendered, for the stuck reason: the message, then the cause.
         assert_eq!(
-            Chain(&err).to_string(),
+            ErrorChain(&err).to_string(),
             format!(
                 "the stored state does not deserialize as saga orders@v3's state type: {source}"
             )

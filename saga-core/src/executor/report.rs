@@ -28,6 +28,7 @@ impl Counters {
 
 /// What an executor has done since it was built (all its clones together).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExecutorStats {
     /// Instances claimed.
     pub claimed: u64,
@@ -41,6 +42,7 @@ pub struct ExecutorStats {
 
 /// What a call to [`Executor::run_until_idle`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RunReport {
     /// Instances claimed.
     pub claimed: usize,

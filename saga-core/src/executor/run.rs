@@ -15,7 +15,7 @@ use tokio::time::MissedTickBehavior;
 use super::Executor;
 use super::process::process;
 use super::report::{Processed, RunReport};
-use crate::error::{Chain, Error};
+use crate::error::{Error, ErrorChain};
 use crate::ids::SagaKind;
 use crate::metrics as m;
 use crate::store::{ClaimRequest, ClaimedSaga, SagaStore};
@@ -53,9 +53,9 @@ impl<St: SagaStore> Executor<St> {
     /// running then are abandoned, and their leases expire so another
     /// worker resumes them.
     ///
-    /// Store errors are logged, counted and retried with backoff; they do
-    /// not end the loop.
-    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    /// It cannot fail: store errors are logged, counted and retried with
+    /// backoff; they do not end the loop.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
         let cfg = &self.shared.config;
         let mut shutdown = pin!(shutdown);
         let mut tasks: JoinSet<Processed> = JoinSet::new();
@@ -91,7 +91,7 @@ impl<St: SagaStore> Executor<St> {
                     }
                     Err(e) => {
                         wait = backoff.next().unwrap_or(cfg.poll_interval);
-                        tracing::warn!(error = %Chain(&e), retry_in = ?wait, "claiming due sagas failed");
+                        tracing::warn!(error = %ErrorChain(&e), retry_in = ?wait, "claiming due sagas failed");
                     }
                 }
             }
@@ -100,7 +100,7 @@ impl<St: SagaStore> Executor<St> {
                 () = &mut shutdown => break,
                 _ = unregistered_check.tick() => {
                     if let Err(e) = self.check_unregistered().await {
-                        tracing::warn!(error = %Chain(&e), "checking for unregistered sagas failed");
+                        tracing::warn!(error = %ErrorChain(&e), "checking for unregistered sagas failed");
                     }
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_processed(done),
@@ -125,7 +125,6 @@ impl<St: SagaStore> Executor<St> {
             while tasks.join_next().await.is_some() {}
         }
         tracing::info!("executor stopped");
-        Ok(())
     }
 
     async fn claim(&self, limit: usize) -> Result<Vec<ClaimedSaga>, Error> {

@@ -7,11 +7,12 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
+use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
 use saga_core::testing::TestState;
 use saga_core::{
-    ClaimRequest, ClaimedSaga, Clock, Direction, Error, HistoryEntry, Lease, Message, MessageId,
-    NewSaga, OutboxMessage, Outcome, Record, SagaClient, SagaDefinition, SagaId, SagaKind,
-    SagaSnapshot, SagaStore, StartKey, Started, Status, StepName, Timestamp, TransitionId,
+    Clock, Direction, Error, HistoryEntry, Message, MessageId, OutboxMessage, Outcome, SagaClient,
+    SagaDefinition, SagaId, SagaKind, SagaSnapshot, StartKey, Started, Status, StepName, Timestamp,
+    TransitionId,
 };
 use saga_postgres::deadpool_postgres::Pool;
 use saga_postgres::testing::TestSchema;
