@@ -39,6 +39,28 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// Refuses a saga input or state (`what`) whose serialized form is
+    /// over [`max_state_bytes`](Limits::max_state_bytes), with
+    /// [`Error::TooLarge`]. The one size check of saga state, for starts and
+    /// for the state a step leaves.
+    pub(crate) fn check_state(
+        &self,
+        what: &'static str,
+        state: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let size = serde_json::to_vec(state).map_or(0, |b| b.len());
+        if size > self.max_state_bytes {
+            return Err(Error::TooLarge {
+                what,
+                size,
+                limit: self.max_state_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -163,14 +185,7 @@ impl NewSaga {
             saga: saga.name().clone(),
             source,
         })?;
-        let size = serde_json::to_vec(&state).map_or(0, |b| b.len());
-        if size > limits.max_state_bytes {
-            return Err(Error::TooLarge {
-                what: "saga input",
-                size,
-                limit: limits.max_state_bytes,
-            });
-        }
+        limits.check_state("saga input", &state)?;
         let first_step = saga
             .step_name(0)
             .expect("a built definition has at least one step")

@@ -1,4 +1,6 @@
-//! The store contract.
+//! The store implementer's contract: the [`SagaStore`] trait, the records
+//! it exchanges with the executor and the client, and [`StoreFailure`] for
+//! its errors.
 //!
 //! A [`SagaStore`] keeps instances, their history and the messages their
 //! steps emit. It decides nothing: the executor computes every transition
@@ -13,9 +15,18 @@
 //! [`LeaseToken`] and an expiry, and counts the attempt. A write guarded by a
 //! lease succeeds only if the token is still the instance's current one and
 //! has not expired; otherwise it changes nothing and fails with
-//! [`Error::LeaseLost`](crate::Error::LeaseLost). An expired lease makes the
+//! [`Error::LeaseLost`]. An expired lease makes the
 //! instance claimable again, with a new token, so a stalled worker can never
 //! overwrite the work of the worker that took over.
+//!
+//! ## Evolving the contract
+//!
+//! The records exchanged with a store ([`NewSaga`], [`ClaimedSaga`],
+//! [`Lease`], [`Record`], [`HistoryEntry`], [`SagaSnapshot`]) are plain
+//! structs with public fields, deliberately not `#[non_exhaustive]`: a
+//! store persists and returns every field, so a new field is a change every
+//! store must make, and the compiler should say where. A store's own error
+//! travels as a [`StoreFailure`].
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,8 +1,5 @@
-//! Metric names of this crate, in one place (see also `saga_core::metrics`).
+//! Metric names of the PostgreSQL store. Every metric name of the
+//! workspace is owned, with its description, by [`saga_core::metrics`];
+//! these are re-exported from there.
 
-/// Counter: database operations retried after a lost connection, a restart,
-/// a serialization failure or a deadlock (label `operation`).
-pub const STORE_RETRIES: &str = "saga_postgres_retries_total";
-/// Counter: transitions whose commit was ambiguous (the connection dropped
-/// with the statement in flight); each is resolved by looking it up.
-pub const AMBIGUOUS_COMMITS: &str = "saga_postgres_ambiguous_commits_total";
+pub use saga_core::metrics::{AMBIGUOUS_COMMITS, STORE_RETRIES};

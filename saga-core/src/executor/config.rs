@@ -18,6 +18,7 @@ use crate::client::Limits;
 use crate::definition::SagaDefinition;
 use crate::error::BuildError;
 use crate::ids::{SagaKind, WorkerId};
+use crate::retry::{Jitter, RetryPolicy};
 use crate::store::SagaStore;
 
 /// How an executor runs.
@@ -183,6 +184,14 @@ impl<St: SagaStore> ExecutorBuilder<St> {
         if c.unregistered_check_interval.is_zero() {
             return bad("unregistered_check_interval must be above zero");
         }
+        let claim_backoff = RetryPolicy::builder()
+            .initial_delay(c.poll_interval)
+            .multiplier(2.0)
+            .max_delay(c.poll_interval.max(Duration::from_secs(30)))
+            .max_attempts(u32::MAX)
+            .no_max_elapsed()
+            .jitter(Jitter::Equal)
+            .build()?;
         let rng = match self.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -196,6 +205,7 @@ impl<St: SagaStore> ExecutorBuilder<St> {
                 rng: Mutex::new(rng),
                 wake: Arc::new(Notify::new()),
                 counters: Counters::default(),
+                claim_backoff,
                 unregistered: Mutex::new(HashSet::new()),
             }),
         })

@@ -23,6 +23,7 @@ pub use report::{ExecutorStats, RunReport};
 
 use crate::client::SagaClient;
 use crate::ids::{SagaKind, WorkerId};
+use crate::retry::RetryPolicy;
 use crate::store::SagaStore;
 use registry::Registry;
 use report::Counters;
@@ -35,6 +36,9 @@ struct Shared<St> {
     rng: Mutex<StdRng>,
     wake: Arc<Notify>,
     counters: Counters,
+    /// The delays between claims that fail in a row: from the poll
+    /// interval, doubling, to at least 30 s.
+    claim_backoff: RetryPolicy,
     /// The unregistered kinds the last check found due, whose gauges are
     /// zeroed once they are no longer found.
     unregistered: Mutex<HashSet<SagaKind>>,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::action::BoxFuture;
 use crate::client::Limits;
@@ -113,11 +114,10 @@ where
             // The task is aborted when the attempt ends without it: on a
             // timeout, and when the attempt is dropped (its lease was lost,
             // or the executor abandoned it at shutdown).
-            let mut task = tokio::spawn(async move {
+            let mut task = AbortOnDropHandle::new(tokio::spawn(async move {
                 let result = action.call(&deps, &mut ctx, &mut state).await;
                 (ctx, state, result)
-            });
-            let _abort_on_drop = AbortOnDrop(task.abort_handle());
+            }));
             let joined = match tokio::time::timeout(timeout, &mut task).await {
                 Ok(joined) => joined,
                 Err(_) => {
@@ -129,7 +129,12 @@ where
             let outcome = match joined {
                 Ok((mut ctx, state, Ok(()))) => serde_json::to_value(&state)
                     .map_err(StepError::permanent)
-                    .and_then(|v| check_size(v, limits.max_state_bytes))
+                    .and_then(|v| {
+                        limits
+                            .check_state("saga state", &v)
+                            .map_err(StepError::permanent)?;
+                        Ok(v)
+                    })
                     .map(|v| (v, ctx.take_emitted())),
                 Ok((_, _, Err(e))) => Err(e),
                 Err(join) => Err(StepError::retryable(StepPanicked(panic_message(join)))),
@@ -139,34 +144,11 @@ where
     }
 }
 
-/// Aborts a task when dropped (a no-op once the task has finished).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn check_size(v: serde_json::Value, limit: usize) -> Result<serde_json::Value, StepError> {
-    let size = serde_json::to_vec(&v).map_or(0, |b| b.len());
-    if size > limit {
-        return Err(StepError::permanent(Error::TooLarge {
-            what: "saga state",
-            size,
-            limit,
-        }));
-    }
-    Ok(v)
-}
-
+/// What a step's task ended with other than a result: its panic's
+/// message, or why it was cancelled.
 fn panic_message(join: tokio::task::JoinError) -> String {
     match join.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".to_owned()),
+        Ok(payload) => crate::panic::message(payload.as_ref()).to_owned(),
         Err(e) => e.to_string(),
     }
 }

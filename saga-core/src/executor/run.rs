@@ -6,9 +6,7 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Duration;
 
-use backon::BackoffBuilder;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
@@ -49,7 +47,7 @@ impl<St: SagaStore> Executor<St> {
     /// slot is free, waking on starts from this executor's
     /// [`client`](Executor::client), on finished steps and on the poll
     /// interval. On shutdown it stops claiming and lets in-flight steps
-    /// finish within [`ExecutorConfig::shutdown_grace`]; steps still
+    /// finish within [`ExecutorConfig::shutdown_grace`](super::ExecutorConfig::shutdown_grace); steps still
     /// running then are abandoned, and their leases expire so another
     /// worker resumes them.
     ///
@@ -63,12 +61,8 @@ impl<St: SagaStore> Executor<St> {
         // too. The first tick is at once.
         let mut unregistered_check = tokio::time::interval(cfg.unregistered_check_interval);
         unregistered_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let backoff_builder = backon::ExponentialBuilder::default()
-            .with_min_delay(cfg.poll_interval)
-            .with_max_delay(cfg.poll_interval.max(Duration::from_secs(30)))
-            .with_jitter()
-            .without_max_times();
-        let mut backoff = backoff_builder.build();
+        // Claims that failed in a row, for the backoff.
+        let mut failed_claims = 0u32;
         tracing::info!(worker = %self.shared.worker, sagas = ?self.shared.registry, "executor started");
         loop {
             while let Some(done) = tasks.try_join_next() {
@@ -84,13 +78,17 @@ impl<St: SagaStore> Executor<St> {
             if free > 0 {
                 match self.claim(free).await {
                     Ok(batch) => {
-                        backoff = backoff_builder.build();
+                        failed_claims = 0;
                         for claimed in batch {
                             tasks.spawn(process(self.shared.clone(), claimed));
                         }
                     }
                     Err(e) => {
-                        wait = backoff.next().unwrap_or(cfg.poll_interval);
+                        failed_claims = failed_claims.saturating_add(1);
+                        wait = {
+                            let mut rng = self.shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+                            self.shared.claim_backoff.delay(failed_claims, &mut *rng)
+                        };
                         tracing::warn!(error = %ErrorChain(&e), retry_in = ?wait, "claiming due sagas failed");
                     }
                 }

@@ -177,31 +177,15 @@ pub use listener::ListenerStatus;
 pub use nats::NatsPublisher;
 pub use publisher::{Outgoing, PublishError, PublishErrorKind, Publisher};
 
-/// Metric names of the outbox (recorded with the `metrics` crate).
+/// Metric names of the outbox, re-exported from [`saga_core::metrics`],
+/// which owns every metric name of the workspace.
 pub mod metrics {
-    /// Counter: messages published and deleted.
-    pub const PUBLISHED: &str = "saga_outbox_published_total";
-    /// Counter: failed publishes rescheduled for a retry.
-    pub const RETRIED: &str = "saga_outbox_retried_total";
-    /// Counter: messages dead-lettered.
-    pub const DEAD_LETTERED: &str = "saga_outbox_dead_lettered_total";
-    /// Counter: dispatch cycles that failed on a database error.
-    pub const DISPATCH_ERRORS: &str = "saga_outbox_dispatch_errors_total";
-    /// Gauge (label `schema`): messages waiting to be published.
-    pub const PENDING: &str = "saga_outbox_pending";
-    /// Gauge (label `schema`): messages being published (leased).
-    pub const IN_FLIGHT: &str = "saga_outbox_in_flight";
-    /// Gauge (label `schema`): dead letters.
-    pub const DEAD: &str = "saga_outbox_dead";
-    /// Gauge (label `schema`): the delivery lag, in seconds: how long the
-    /// longest-waiting undelivered message has been due (since its enqueue,
-    /// its `deliver_after` time, or its last redrive; dead letters and
-    /// messages not yet due do not count). 0 when none is due.
-    pub const OLDEST_PENDING_AGE: &str = "saga_outbox_oldest_pending_age_seconds";
-    /// Gauge (label `schema`): 1 while the dispatcher's `LISTEN` connection
-    /// is up.
-    pub const LISTENER_CONNECTED: &str = "saga_outbox_listener_connected";
-    /// Counter (label `schema`): times the `LISTEN` connection was
-    /// (re)established.
-    pub const LISTENER_CONNECTIONS: &str = "saga_outbox_listener_connections_total";
+    pub use saga_core::metrics::{
+        OUTBOX_DEAD as DEAD, OUTBOX_DEAD_LETTERED as DEAD_LETTERED,
+        OUTBOX_DISPATCH_ERRORS as DISPATCH_ERRORS, OUTBOX_IN_FLIGHT as IN_FLIGHT,
+        OUTBOX_LISTENER_CONNECTED as LISTENER_CONNECTED,
+        OUTBOX_LISTENER_CONNECTIONS as LISTENER_CONNECTIONS,
+        OUTBOX_OLDEST_PENDING_AGE as OLDEST_PENDING_AGE, OUTBOX_PENDING as PENDING,
+        OUTBOX_PUBLISHED as PUBLISHED, OUTBOX_RETRIED as RETRIED,
+    };
 }
