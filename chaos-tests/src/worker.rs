@@ -265,7 +265,7 @@ pub async fn main(spec: WorkerSpec) -> Result<(), checkout::Error> {
     let effect_hook = {
         let armed = armed.clone();
         let resume = resume.clone();
-        Arc::new(move |point: checkout::saga::EffectPoint| {
+        Arc::new(move |point: checkout::faults::EffectPoint| {
             let action = armed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -277,7 +277,7 @@ pub async fn main(spec: WorkerSpec) -> Result<(), checkout::Error> {
                 emit(&WorkerEvent::EffectPoint {
                     action,
                     order_id: point.order_id,
-                    step: point.step.to_owned(),
+                    step: point.step.to_string(),
                 });
                 match action {
                     PointAction::Crash => std::future::pending::<()>().await,

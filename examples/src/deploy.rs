@@ -19,9 +19,9 @@ use saga_test_support::TestCluster;
 use crate::audit::Audit;
 use crate::clients::Downstream;
 use crate::model::Checkout;
-use crate::saga;
 use crate::services::{self, Service, email::HttpPublisher};
 use crate::shop::Shop;
+use crate::{faults, saga};
 
 /// Where the database is.
 pub enum Database {
@@ -107,8 +107,9 @@ pub struct Endpoints {
 /// Where a worker can be made to stall or die on purpose.
 #[derive(Clone, Default)]
 pub struct Hooks {
-    /// After each downstream effect, before its step is recorded.
-    pub after_effect: Option<saga::EffectHook>,
+    /// After each downstream effect, before its step is recorded (applied
+    /// as a [`faults::AfterEffect`] layer).
+    pub after_effect: Option<faults::EffectHook>,
     /// After each delivered outbox batch, before it is deleted.
     pub after_publish: Option<services::email::PublishHook>,
 }
@@ -210,8 +211,8 @@ impl Deployment {
     pub fn saga(
         &self,
         settings: &WorkerSettings,
-    ) -> Result<SagaDefinition<Checkout>, crate::Error> {
-        definition(&self.endpoints(), settings, self.shop.clone(), None)
+    ) -> Result<SagaDefinition<Checkout, saga::Deps>, crate::Error> {
+        Ok(saga::definition(&policies(settings))?)
     }
 
     /// A worker with its own connection pool: an executor running checkout
@@ -342,29 +343,29 @@ pub struct Worker<St = PgSagaStore> {
     store: PgSagaStore,
 }
 
-fn definition(
-    endpoints: &Endpoints,
-    settings: &WorkerSettings,
-    shop: Shop,
-    after_effect: Option<saga::EffectHook>,
-) -> Result<SagaDefinition<Checkout>, crate::Error> {
-    let mut downstream = Downstream::new(
-        endpoints.payment_url.clone(),
-        endpoints.inventory_url.clone(),
-        settings.http_timeout,
-    )?;
-    downstream.fresh_key_per_attempt = settings.fresh_key_per_attempt;
-    Ok(saga::definition(&saga::Config {
-        downstream,
-        shop,
+fn policies(settings: &WorkerSettings) -> saga::Policies {
+    saga::Policies {
         retry: settings.retry.clone(),
         compensation_retry: settings.compensation_retry.clone(),
         step_timeout: settings.step_timeout,
-        publish_directly_to: settings
-            .publish_directly
-            .then(|| endpoints.email_url.clone()),
-        after_effect,
-    })?)
+    }
+}
+
+/// The definition a worker runs: the checkout saga, with the faults its
+/// settings and hooks ask for layered over it from outside.
+fn definition(
+    endpoints: &Endpoints,
+    settings: &WorkerSettings,
+    after_effect: Option<faults::EffectHook>,
+) -> Result<SagaDefinition<Checkout, saga::Deps>, crate::Error> {
+    let mut saga = saga::definition(&policies(settings))?;
+    if let Some(hook) = after_effect {
+        saga = saga.layer(faults::AfterEffect::new(hook));
+    }
+    if settings.publish_directly {
+        saga = saga.layer(faults::PublishDirectly::to(endpoints.email_url.clone()));
+    }
+    Ok(saga)
 }
 
 impl Worker {
@@ -395,14 +396,23 @@ impl<St: SagaStore> Worker<St> {
         let db_config = ConnectConfig::from_url(&endpoints.database_url)
             .map_err(saga_postgres::PgError::from)?;
         let pool = pool_from_config(db_config.clone(), settings.concurrency + 4)?;
-        let shop = Shop::new(pool.clone(), schemas.shop.clone());
+        let mut downstream = Downstream::new(
+            endpoints.payment_url.clone(),
+            endpoints.inventory_url.clone(),
+            settings.http_timeout,
+        )?;
+        downstream.fresh_key_per_attempt = settings.fresh_key_per_attempt;
+        let deps = saga::Deps {
+            downstream,
+            shop: Shop::new(pool.clone(), schemas.shop.clone()),
+        };
         // The worker's clock is its local one: leases and due times are the
         // server's (see saga-postgres's "the server's clock").
         let store = PgSagaStore::builder(pool.clone(), schemas.saga.clone())
             .local_clock(clock.clone())
             .build();
         let executor = Executor::builder(layer(store.clone()))
-            .register(definition(endpoints, settings, shop, hooks.after_effect)?)
+            .register_with(definition(endpoints, settings, hooks.after_effect)?, deps)
             .concurrency(settings.concurrency)
             .lease_duration(settings.lease)
             .heartbeat_interval(settings.lease / 3)
@@ -455,7 +465,45 @@ impl<St: SagaStore> Worker<St> {
 
 #[cfg(test)]
 mod tests {
-    use super::Database;
+    use super::{Database, Endpoints, WorkerSettings, definition};
+    use crate::saga;
+
+    #[test]
+    fn the_checkout_shape_is_built_without_infrastructure_and_is_what_workers_register() {
+        // A plain test: no runtime, no database, no service, no client.
+        let shape = saga::shape();
+        assert_eq!(
+            shape
+                .steps
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "validate_order",
+                "charge_payment",
+                "reserve_inventory",
+                "confirm_order",
+                "send_confirmation"
+            ]
+        );
+        assert_eq!(saga::diagram(), shape.to_mermaid());
+        // What a worker registers, with every fault layered over it, has
+        // the same shape. The URLs are never dialled.
+        let endpoints = Endpoints {
+            database_url: "postgres://nowhere.invalid/none".to_owned(),
+            prefix: "none".to_owned(),
+            payment_url: "http://nowhere.invalid".to_owned(),
+            inventory_url: "http://nowhere.invalid".to_owned(),
+            email_url: "http://nowhere.invalid".to_owned(),
+        };
+        let settings = WorkerSettings {
+            publish_directly: true,
+            ..WorkerSettings::default()
+        };
+        let hook: crate::faults::EffectHook = std::sync::Arc::new(|_| Box::pin(async {}));
+        let registered = definition(&endpoints, &settings, Some(hook)).unwrap();
+        assert_eq!(registered.shape(), &shape);
+    }
 
     #[test]
     fn a_database_url_is_debugged_without_its_password() {

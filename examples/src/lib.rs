@@ -12,6 +12,7 @@ pub mod clients;
 pub mod demo;
 pub mod deploy;
 mod error;
+pub mod faults;
 pub mod model;
 pub mod saga;
 pub mod services;

@@ -70,5 +70,17 @@ pub struct OrderConfirmed {
     pub total_cents: i64,
 }
 
+impl OrderConfirmed {
+    /// The message confirming `order`.
+    #[must_use]
+    pub fn of(order: &Order) -> Self {
+        OrderConfirmed {
+            order_id: order.id.clone(),
+            email: order.email.clone(),
+            total_cents: order.total_cents,
+        }
+    }
+}
+
 /// The topic of [`OrderConfirmed`] messages.
 pub const ORDER_CONFIRMED: &str = "order.confirmed";

@@ -62,10 +62,10 @@ impl Shop {
 
     /// Writes the order and starts its checkout saga in one transaction.
     /// Placing the same order again returns the saga already started.
-    pub async fn place(
+    pub async fn place<D>(
         &self,
         store: &PgSagaStore,
-        saga: &SagaDefinition<Checkout>,
+        saga: &SagaDefinition<Checkout, D>,
         order: &Order,
     ) -> Result<Started, crate::Error> {
         let key = StartKey::new(&order.id)?;

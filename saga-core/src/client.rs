@@ -130,9 +130,9 @@ impl<St: SagaStore> SagaClient<St> {
     /// `created == false`; with a different input it fails with
     /// [`Error::StartKeyConflict`]. An input over the size cap fails with
     /// [`Error::TooLarge`]. Either way nothing is written.
-    pub async fn start<S: Serialize>(
+    pub async fn start<S: Serialize, D>(
         &self,
-        saga: &SagaDefinition<S>,
+        saga: &SagaDefinition<S, D>,
         key: StartKey,
         input: &S,
     ) -> Result<Started, Error> {
@@ -174,8 +174,8 @@ impl NewSaga {
     /// and size-checks the input, digests it, and fills in the first step
     /// and the `Created` history row. Used by [`SagaClient::start`] and by
     /// stores that start instances inside the caller's own transaction.
-    pub fn new<S: Serialize>(
-        saga: &SagaDefinition<S>,
+    pub fn new<S: Serialize, D>(
+        saga: &SagaDefinition<S, D>,
         key: StartKey,
         input: &S,
         limits: &Limits,

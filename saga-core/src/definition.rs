@@ -2,132 +2,24 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::context::StepContext;
-use crate::error::{BuildError, DefinitionProblem, InvalidName, StepError};
+use crate::action::{Action, BoxAction};
+use crate::error::{BuildError, DefinitionProblem, InvalidName};
 use crate::ids::{Direction, SagaKind, SagaName, StepName};
+use crate::layer::{StepLayer, StepSide};
 use crate::machine::StepKind;
 use crate::retry::RetryPolicy;
-
-/// A boxed, sendable future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use crate::shape::{SagaShape, SideShape, StepShape};
 
 /// The default per-attempt timeout of a step or compensation: generous, so
 /// that a slow first call (a cold start) is not cut short.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What a step (or a compensation) does: an async function of the step's
-/// context and the saga's state.
-///
-/// Implemented for `async fn(&mut StepContext, &mut S) -> Result<(), StepError>`
-/// items, for closures wrapped in [`action_fn`], and by hand for structs
-/// holding clients:
-///
-/// ```
-/// use saga_core::{Action, StepContext, StepError};
-///
-/// struct Charge { gateway: String }
-///
-/// impl Action<u64> for Charge {
-///     async fn run(&self, ctx: &mut StepContext, amount: &mut u64) -> Result<(), StepError> {
-///         let _ = (&self.gateway, ctx.idempotency_key(), amount);
-///         Ok(())
-///     }
-/// }
-/// ```
-pub trait Action<S>: Send + Sync + 'static {
-    /// Runs one attempt. Changes to `state` are kept only if it succeeds.
-    fn run<'a>(
-        &'a self,
-        ctx: &'a mut StepContext,
-        state: &'a mut S,
-    ) -> impl Future<Output = Result<(), StepError>> + Send + 'a;
-}
-
-/// The shape of an `async fn(&mut StepContext, &mut S)`: names the future it
-/// returns for each lifetime. Implemented automatically; you never need to
-/// name it.
-pub trait ActionFn<'a, S: 'a>: Fn(&'a mut StepContext, &'a mut S) -> Self::Fut {
-    /// The future returned.
-    type Fut: Future<Output = Result<(), StepError>> + Send + 'a;
-}
-
-impl<'a, S: 'a, F, Fut> ActionFn<'a, S> for F
-where
-    F: Fn(&'a mut StepContext, &'a mut S) -> Fut,
-    Fut: Future<Output = Result<(), StepError>> + Send + 'a,
-{
-    type Fut = Fut;
-}
-
-impl<S, F> Action<S> for F
-where
-    S: Send + 'static,
-    F: for<'a> ActionFn<'a, S> + Send + Sync + 'static,
-{
-    fn run<'a>(
-        &'a self,
-        ctx: &'a mut StepContext,
-        state: &'a mut S,
-    ) -> impl Future<Output = Result<(), StepError>> + Send + 'a {
-        (self)(ctx, state)
-    }
-}
-
-/// Turns a closure returning a boxed future into an [`Action`], so it can
-/// capture clients:
-///
-/// ```
-/// use std::sync::Arc;
-/// use saga_core::{action_fn, Step};
-///
-/// let gateway = Arc::new(String::from("https://pay.example"));
-/// let charge = action_fn(move |ctx, amount: &mut u64| {
-///     let gateway = gateway.clone();
-///     Box::pin(async move {
-///         let _ = (gateway, ctx.idempotency_key(), amount);
-///         Ok(())
-///     })
-/// });
-/// let step = Step::new("charge_payment", charge);
-/// # let _ = step;
-/// ```
-pub fn action_fn<S, F>(f: F) -> F
-where
-    F: for<'a> Fn(&'a mut StepContext, &'a mut S) -> BoxFuture<'a, Result<(), StepError>>
-        + Send
-        + Sync
-        + 'static,
-{
-    f
-}
-
-/// An [`Action`] behind a pointer.
-pub(crate) trait DynAction<S>: Send + Sync + 'static {
-    fn call<'a>(
-        &'a self,
-        ctx: &'a mut StepContext,
-        state: &'a mut S,
-    ) -> BoxFuture<'a, Result<(), StepError>>;
-}
-
-impl<S, A: Action<S>> DynAction<S> for A {
-    fn call<'a>(
-        &'a self,
-        ctx: &'a mut StepContext,
-        state: &'a mut S,
-    ) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(self.run(ctx, state))
-    }
-}
 
 mod sealed {
     pub trait Sealed {}
@@ -172,12 +64,13 @@ impl PivotOrAfter for Undecided {}
 /// `C` records whether its compensation has been decided; the saga builder
 /// uses it to refuse, at compile time, a step before the pivot without a
 /// decision and a compensation after the pivot.
+/// `D` is what its actions are handed to reach the world (see [`Action`]).
 #[must_use = "a step does nothing until added to a saga builder"]
-pub struct Step<S, C = Undecided> {
+pub struct Step<S, D = (), C = Undecided> {
     name: Result<StepName, InvalidName>,
     aliases: Vec<Result<StepName, InvalidName>>,
-    forward: Arc<dyn DynAction<S>>,
-    compensation: Option<Arc<dyn DynAction<S>>>,
+    forward: BoxAction<S, D>,
+    compensation: Option<BoxAction<S, D>>,
     retry: RetryPolicy,
     compensation_retry: RetryPolicy,
     timeout: Duration,
@@ -185,14 +78,14 @@ pub struct Step<S, C = Undecided> {
     _decision: PhantomData<fn() -> C>,
 }
 
-impl<S: Send + 'static> Step<S, Undecided> {
+impl<S: Send + 'static, D: 'static> Step<S, D, Undecided> {
     /// A step named `name` (1 to 64 ASCII letters, digits, `_`, `-`, `.`;
     /// checked by [`SagaBuilder::build`]) running `action`.
-    pub fn new(name: impl AsRef<str>, action: impl Action<S>) -> Self {
+    pub fn new(name: impl AsRef<str>, action: impl Action<S, D>) -> Self {
         Step {
             name: StepName::new(name),
             aliases: Vec::new(),
-            forward: Arc::new(action),
+            forward: BoxAction::new(action),
             compensation: None,
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::compensation_default(),
@@ -205,20 +98,22 @@ impl<S: Send + 'static> Step<S, Undecided> {
     /// Pairs the step with the action that undoes it. The compensation must
     /// tolerate "nothing to undo": it runs even when the forward action
     /// failed or timed out, and gets the forward action's idempotency key
-    /// ([`StepContext::forward_key`]) to look up what happened.
-    pub fn compensate_with(self, compensation: impl Action<S>) -> Step<S, WithCompensation> {
+    /// ([`StepContext::forward_key`](crate::StepContext::forward_key)) to look up what happened.
+    pub fn compensate_with(self, compensation: impl Action<S, D>) -> Step<S, D, WithCompensation> {
         Step {
-            compensation: Some(Arc::new(compensation)),
+            compensation: Some(BoxAction::new(compensation)),
             ..self.decided()
         }
     }
 
     /// Declares that the step changes nothing that would need undoing.
-    pub fn no_compensation(self) -> Step<S, WithoutCompensation> {
+    pub fn no_compensation(self) -> Step<S, D, WithoutCompensation> {
         self.decided()
     }
+}
 
-    fn decided<D>(self) -> Step<S, D> {
+impl<S, D, C> Step<S, D, C> {
+    fn decided<E>(self) -> Step<S, D, E> {
         Step {
             name: self.name,
             aliases: self.aliases,
@@ -231,9 +126,7 @@ impl<S: Send + 'static> Step<S, Undecided> {
             _decision: PhantomData,
         }
     }
-}
 
-impl<S, C> Step<S, C> {
     /// The forward action's retry policy (default: [`RetryPolicy::default`]).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -259,7 +152,7 @@ impl<S, C> Step<S, C> {
     }
 }
 
-impl<S> Step<S, WithCompensation> {
+impl<S, D> Step<S, D, WithCompensation> {
     /// The compensation's retry policy (default:
     /// [`RetryPolicy::compensation_default`]). Past it the instance is
     /// parked as `Stuck`.
@@ -275,7 +168,7 @@ impl<S> Step<S, WithCompensation> {
     }
 }
 
-impl<S, C> fmt::Debug for Step<S, C> {
+impl<S, D, C> fmt::Debug for Step<S, D, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Step")
             .field("name", &self.name)
@@ -286,25 +179,41 @@ impl<S, C> fmt::Debug for Step<S, C> {
 }
 
 /// A step as it sits in a built definition.
-pub(crate) struct StepDef<S> {
+pub(crate) struct StepDef<S, D> {
     pub(crate) name: StepName,
     /// What keys and message ids derive from: the oldest name.
     pub(crate) key_name: StepName,
     pub(crate) kind: StepKind,
-    pub(crate) forward: Arc<dyn DynAction<S>>,
-    pub(crate) compensation: Option<Arc<dyn DynAction<S>>>,
+    pub(crate) forward: BoxAction<S, D>,
+    pub(crate) compensation: Option<BoxAction<S, D>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) compensation_retry: RetryPolicy,
     pub(crate) timeout: Duration,
     pub(crate) compensation_timeout: Duration,
 }
 
-impl<S> StepDef<S> {
+impl<S, D> Clone for StepDef<S, D> {
+    fn clone(&self) -> Self {
+        StepDef {
+            name: self.name.clone(),
+            key_name: self.key_name.clone(),
+            kind: self.kind,
+            forward: self.forward.clone(),
+            compensation: self.compensation.clone(),
+            retry: self.retry.clone(),
+            compensation_retry: self.compensation_retry.clone(),
+            timeout: self.timeout,
+            compensation_timeout: self.compensation_timeout,
+        }
+    }
+}
+
+impl<S, D> StepDef<S, D> {
     /// The action, policy and timeout for one direction.
     pub(crate) fn side(
         &self,
         direction: Direction,
-    ) -> Option<(&Arc<dyn DynAction<S>>, &RetryPolicy, Duration)> {
+    ) -> Option<(&BoxAction<S, D>, &RetryPolicy, Duration)> {
         match direction {
             Direction::Forward => Some((&self.forward, &self.retry, self.timeout)),
             Direction::Compensate => self
@@ -324,8 +233,9 @@ pub enum AfterPivotPhase {}
 
 /// Builds a [`SagaDefinition`].
 ///
-/// A definition is a named, versioned list of steps over a state type `S`.
-/// The builder is a typestate: before the pivot, a step cannot be added
+/// A definition is a named, versioned list of steps over a state type `S`,
+/// whose actions are handed dependencies `D` when they run (see
+/// [`Action`]; `()` when they need none). The builder is a typestate: before the pivot, a step cannot be added
 /// until it has a compensation or is declared to need none; after the
 /// pivot, a step cannot be given one. Both mistakes are compile errors.
 ///
@@ -362,22 +272,22 @@ pub enum AfterPivotPhase {}
 /// # Ok::<(), saga_core::BuildError>(())
 /// ```
 #[must_use = "call .build() to get the definition"]
-pub struct SagaBuilder<S, P = BeforePivotPhase> {
+pub struct SagaBuilder<S, D = (), P = BeforePivotPhase> {
     name: Result<SagaName, InvalidName>,
     version: u32,
-    steps: Vec<Added<S>>,
+    steps: Vec<Added<S, D>>,
     _phase: PhantomData<fn() -> P>,
 }
 
 /// A step added to a builder, its role fixed.
-struct Added<S> {
-    step: Step<S, ()>,
+struct Added<S, D> {
+    step: Step<S, D, ()>,
     kind: StepKind,
     aliases: Vec<Result<StepName, InvalidName>>,
 }
 
-impl<S, P> SagaBuilder<S, P> {
-    fn push<C>(mut self, step: Step<S, C>, kind: StepKind) -> Self {
+impl<S, D, P> SagaBuilder<S, D, P> {
+    fn push<C>(mut self, step: Step<S, D, C>, kind: StepKind) -> Self {
         let Step {
             name,
             aliases,
@@ -408,7 +318,7 @@ impl<S, P> SagaBuilder<S, P> {
         self
     }
 
-    fn phase<Q>(self) -> SagaBuilder<S, Q> {
+    fn phase<Q>(self) -> SagaBuilder<S, D, Q> {
         SagaBuilder {
             name: self.name,
             version: self.version,
@@ -418,10 +328,10 @@ impl<S, P> SagaBuilder<S, P> {
     }
 }
 
-impl<S> SagaBuilder<S, BeforePivotPhase> {
+impl<S, D> SagaBuilder<S, D, BeforePivotPhase> {
     /// Adds a step before the pivot. It must have a compensation, or be
     /// declared to need none.
-    pub fn step<C: BeforePivot>(self, step: Step<S, C>) -> Self {
+    pub fn step<C: BeforePivot>(self, step: Step<S, D, C>) -> Self {
         let kind = if step.compensation.is_some() {
             StepKind::Compensatable
         } else {
@@ -437,27 +347,28 @@ impl<S> SagaBuilder<S, BeforePivotPhase> {
     /// timeouts or lost attempts), it may have taken effect: the saga is
     /// parked as `Stuck` for a person, who resumes it or, knowing it did not
     /// happen, cancels it. Give the pivot a patient retry policy, and return
-    /// [`StepError::permanent`] when you know it did not happen.
-    pub fn pivot<C: PivotOrAfter>(self, step: Step<S, C>) -> SagaBuilder<S, AfterPivotPhase> {
+    /// [`StepError::permanent`](crate::StepError::permanent) when you know
+    /// it did not happen.
+    pub fn pivot<C: PivotOrAfter>(self, step: Step<S, D, C>) -> SagaBuilder<S, D, AfterPivotPhase> {
         self.push(step, StepKind::Pivot).phase()
     }
 }
 
-impl<S> SagaBuilder<S, AfterPivotPhase> {
+impl<S, D> SagaBuilder<S, D, AfterPivotPhase> {
     /// Adds a step after the pivot: retried until it succeeds, or parked
     /// as `Stuck` for an operator; never compensated.
-    pub fn step<C: PivotOrAfter>(self, step: Step<S, C>) -> Self {
+    pub fn step<C: PivotOrAfter>(self, step: Step<S, D, C>) -> Self {
         self.push(step, StepKind::Retryable)
     }
 }
 
-impl<S, P> SagaBuilder<S, P>
+impl<S, D, P> SagaBuilder<S, D, P>
 where
     S: Serialize + DeserializeOwned + Send + 'static,
 {
     /// Checks the definition: valid names, at least one step, no step name
     /// (or alias) used twice, no zero timeout.
-    pub fn build(self) -> Result<SagaDefinition<S>, BuildError> {
+    pub fn build(self) -> Result<SagaDefinition<S, D>, BuildError> {
         let name = self.name?;
         let problem = |problem| BuildError::InvalidDefinition {
             saga: name.clone(),
@@ -468,6 +379,7 @@ where
         }
         let mut index = HashMap::new();
         let mut steps = Vec::with_capacity(self.steps.len());
+        let mut shapes = Vec::with_capacity(self.steps.len());
         for (
             i,
             Added {
@@ -480,21 +392,34 @@ where
             let step_name = step
                 .name
                 .map_err(|e| problem(DefinitionProblem::InvalidName(e)))?;
-            let mut key_name = None;
+            let mut valid_aliases = Vec::with_capacity(aliases.len());
             for n in std::iter::once(Ok(step_name.clone())).chain(aliases) {
                 let n = n.map_err(|e| problem(DefinitionProblem::InvalidName(e)))?;
                 if index.insert(n.clone(), i).is_some() {
                     return Err(problem(DefinitionProblem::DuplicateStep(n)));
                 }
-                if n != step_name && key_name.is_none() {
-                    key_name = Some(n);
+                if n != step_name {
+                    valid_aliases.push(n);
                 }
             }
             if step.timeout.is_zero() || step.compensation_timeout.is_zero() {
                 return Err(problem(DefinitionProblem::ZeroTimeout(step_name)));
             }
+            let shape = StepShape {
+                name: step_name.clone(),
+                aliases: valid_aliases,
+                kind,
+                forward: SideShape {
+                    retry: step.retry.clone(),
+                    timeout: step.timeout,
+                },
+                compensation: step.compensation.as_ref().map(|_| SideShape {
+                    retry: step.compensation_retry.clone(),
+                    timeout: step.compensation_timeout,
+                }),
+            };
             steps.push(StepDef {
-                key_name: key_name.unwrap_or_else(|| step_name.clone()),
+                key_name: shape.key_name().clone(),
                 name: step_name,
                 kind,
                 forward: step.forward,
@@ -504,14 +429,20 @@ where
                 timeout: step.timeout,
                 compensation_timeout: step.compensation_timeout,
             });
+            shapes.push(shape);
         }
         let plan = steps.iter().map(|s| s.kind).collect();
+        let kind = SagaKind {
+            name,
+            version: self.version,
+        };
         Ok(SagaDefinition {
             inner: Arc::new(Inner {
-                kind: SagaKind {
-                    name,
-                    version: self.version,
+                shape: SagaShape {
+                    kind: kind.clone(),
+                    steps: shapes,
                 },
+                kind,
                 steps,
                 plan,
                 index,
@@ -520,19 +451,28 @@ where
     }
 }
 
-struct Inner<S> {
+struct Inner<S, D> {
     kind: SagaKind,
-    steps: Vec<StepDef<S>>,
+    shape: SagaShape,
+    steps: Vec<StepDef<S, D>>,
     plan: Vec<StepKind>,
     index: HashMap<StepName, usize>,
 }
 
 /// A built saga definition: cheap to clone, shared by clients and executors.
-pub struct SagaDefinition<S> {
-    inner: Arc<Inner<S>>,
+///
+/// `D` is the dependencies its actions are handed when they run (clients,
+/// pools; `()` when they need none). The definition holds none of them:
+/// they are supplied where it is registered on an executor
+/// ([`ExecutorBuilder::register_with`](crate::ExecutorBuilder::register_with);
+/// [`register`](crate::ExecutorBuilder::register) when `D` is `()`), so a
+/// definition is built, drawn ([`to_mermaid`](Self::to_mermaid)) and
+/// compared ([`shape`](Self::shape)) with no infrastructure at all.
+pub struct SagaDefinition<S, D = ()> {
+    inner: Arc<Inner<S, D>>,
 }
 
-impl<S> Clone for SagaDefinition<S> {
+impl<S, D> Clone for SagaDefinition<S, D> {
     fn clone(&self) -> Self {
         SagaDefinition {
             inner: self.inner.clone(),
@@ -540,7 +480,7 @@ impl<S> Clone for SagaDefinition<S> {
     }
 }
 
-impl<S> fmt::Debug for SagaDefinition<S> {
+impl<S, D> fmt::Debug for SagaDefinition<S, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SagaDefinition")
             .field("kind", &self.inner.kind)
@@ -557,11 +497,11 @@ impl<S> fmt::Debug for SagaDefinition<S> {
     }
 }
 
-impl<S> SagaDefinition<S> {
+impl<S, D> SagaDefinition<S, D> {
     /// Starts a definition named `name` (validated by `build`) at `version`.
     /// Bump the version whenever the steps change in a way that running
     /// instances must not see.
-    pub fn builder(name: impl AsRef<str>, version: u32) -> SagaBuilder<S, BeforePivotPhase> {
+    pub fn builder(name: impl AsRef<str>, version: u32) -> SagaBuilder<S, D, BeforePivotPhase> {
         SagaBuilder {
             name: SagaName::new(name),
             version,
@@ -588,6 +528,14 @@ impl<S> SagaDefinition<S> {
         self.inner.kind.version
     }
 
+    /// What the definition is, apart from what its actions do: names,
+    /// aliases, roles, order, retry policies and timeouts. A plain value;
+    /// see [`SagaShape`].
+    #[must_use]
+    pub fn shape(&self) -> &SagaShape {
+        &self.inner.shape
+    }
+
     /// The role of each step, in order: what the status machine needs.
     #[must_use]
     pub fn plan(&self) -> &[StepKind] {
@@ -611,7 +559,67 @@ impl<S> SagaDefinition<S> {
         self.inner.index.get(name).copied()
     }
 
-    pub(crate) fn step_def(&self, index: usize) -> Option<&StepDef<S>> {
+    /// The definition with each of its actions (every step, both
+    /// directions) wrapped, or replaced, by `layer`: how a cross-cutting
+    /// concern (metrics, a fault injected by a test) is added from outside
+    /// the code that defines the saga. Each call wraps what is there, so
+    /// the last layer given is the outermost: it runs first and sees the
+    /// result last. The [shape](Self::shape) is unchanged. An executor
+    /// the definition was already registered on keeps the actions it was
+    /// registered with.
+    ///
+    /// ```
+    /// use saga_core::{BoxAction, SagaDefinition, Step, StepContext, StepError, StepSide, action_fn};
+    /// async fn ok(_: &mut StepContext, _: &mut u8) -> Result<(), StepError> { Ok(()) }
+    ///
+    /// let saga = SagaDefinition::<u8>::builder("pay", 1)
+    ///     .pivot(Step::new("charge", ok))
+    ///     .step(Step::new("notify", ok))
+    ///     .build()?;
+    /// // Replace one step's action; leave the others as they are.
+    /// let quiet = saga.clone().layer(|side: StepSide<'_>, inner: BoxAction<u8>| {
+    ///     if side.step.as_str() == "notify" {
+    ///         BoxAction::new(action_fn(|_, _: &mut u8| Box::pin(async { Ok(()) })))
+    ///     } else {
+    ///         inner
+    ///     }
+    /// });
+    /// assert_eq!(quiet.shape(), saga.shape());
+    /// # Ok::<(), saga_core::BuildError>(())
+    /// ```
+    #[must_use]
+    pub fn layer(self, layer: impl StepLayer<S, D>) -> Self {
+        let inner = &self.inner;
+        let steps = inner
+            .steps
+            .iter()
+            .map(|def| {
+                let side = |direction| StepSide {
+                    saga: &inner.kind,
+                    step: &def.name,
+                    kind: def.kind,
+                    direction,
+                };
+                let mut def = def.clone();
+                def.forward = layer.layer(side(Direction::Forward), def.forward);
+                def.compensation = def
+                    .compensation
+                    .map(|c| layer.layer(side(Direction::Compensate), c));
+                def
+            })
+            .collect();
+        SagaDefinition {
+            inner: Arc::new(Inner {
+                kind: inner.kind.clone(),
+                shape: inner.shape.clone(),
+                steps,
+                plan: inner.plan.clone(),
+                index: inner.index.clone(),
+            }),
+        }
+    }
+
+    pub(crate) fn step_def(&self, index: usize) -> Option<&StepDef<S, D>> {
         self.inner.steps.get(index)
     }
 }

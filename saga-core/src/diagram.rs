@@ -4,11 +4,21 @@ use std::fmt::Write;
 
 use crate::definition::SagaDefinition;
 use crate::machine::StepKind;
+use crate::shape::SagaShape;
 
 /// The node where a saga is parked for a person, as first drawn.
 const STUCK: &str = "stuck[/\"stuck: for an operator\"/]";
 
-impl<S> SagaDefinition<S> {
+impl<S, D> SagaDefinition<S, D> {
+    /// The definition as a Mermaid flowchart: its
+    /// [shape](SagaDefinition::shape) drawn by [`SagaShape::to_mermaid`].
+    #[must_use]
+    pub fn to_mermaid(&self) -> String {
+        self.shape().to_mermaid()
+    }
+}
+
+impl SagaShape {
     /// The definition as a Mermaid flowchart: the forward path left to
     /// right (the pivot as a hexagon), then, dotted, where each failure
     /// leads, as [`machine::transition`](crate::machine::transition)
@@ -44,12 +54,12 @@ impl<S> SagaDefinition<S> {
     /// ```
     #[must_use]
     pub fn to_mermaid(&self) -> String {
-        let plan = self.plan();
-        let name = |i: usize| self.step_name(i).map(|n| n.as_str()).unwrap_or("?");
+        let plan: Vec<StepKind> = self.plan().collect();
+        let name = |i: usize| self.steps[i].name.as_str();
         let mut out = String::new();
         let w = &mut out;
         let _ = writeln!(w, "flowchart LR");
-        let _ = writeln!(w, "    %% {} v{}", self.name(), self.version());
+        let _ = writeln!(w, "    %% {} v{}", self.kind.name, self.kind.version);
         let _ = writeln!(w, "    start((start)) --> s0");
         for (i, kind) in plan.iter().enumerate() {
             let node = match kind {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod action;
 mod client;
 mod context;
 pub mod definition;
@@ -8,12 +9,14 @@ mod diagram;
 mod error;
 mod executor;
 mod ids;
+mod layer;
 pub mod machine;
 mod memory;
 pub mod metrics;
 mod outbox;
 mod panic;
 mod retry;
+mod shape;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -23,11 +26,10 @@ mod time;
 // the typestate markers of the definition builder are in [`definition`];
 // the pure status machine is in [`machine`].
 
+pub use action::{Action, ActionFn, BoxAction, BoxFuture, WithDeps, action_fn, with_deps};
 pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, count_started};
 pub use context::StepContext;
-pub use definition::{
-    Action, ActionFn, BoxFuture, DEFAULT_STEP_TIMEOUT, SagaBuilder, SagaDefinition, Step, action_fn,
-};
+pub use definition::{DEFAULT_STEP_TIMEOUT, SagaBuilder, SagaDefinition, Step};
 pub use error::{
     BoxError, BuildError, DefinitionProblem, Error, ErrorChain, InvalidName, InvalidRetryPolicy,
     StepError, StepErrorKind,
@@ -40,11 +42,13 @@ pub use ids::{
     Direction, IdempotencyKey, LeaseToken, MAX_NAME_LEN, MAX_START_KEY_LEN, MessageId, SagaId,
     SagaKind, SagaName, StartKey, StepName, TransitionId, WorkerId,
 };
+pub use layer::{StepLayer, StepSide};
 pub use machine::{Status, StepKind};
 pub use memory::InMemorySagaStore;
 pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
 pub use panic::message as panic_message;
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use shape::{SagaShape, SideShape, StepShape};
 pub use store::{HistoryEntry, Outcome, SagaSnapshot, Started};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 

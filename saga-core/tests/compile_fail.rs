@@ -1,5 +1,6 @@
-//! The saga builder refuses, at compile time, a step before the pivot with
-//! no compensation decision, and a compensation after the pivot.
+//! Refused at compile time: a step before the pivot with no compensation
+//! decision, a compensation after the pivot, and a definition whose actions
+//! need dependencies registered (or built) without them.
 
 #[test]
 fn builder_refusals() {

@@ -51,7 +51,7 @@ pub(super) async fn drive(
         None => Crash::NotAsked,
     };
     let (crashed_tx, mut crashed_rx) = mpsc::unbounded_channel();
-    let hook = crash_order.map(|order| crate::saga::CrashHook::new(order, crashed_tx));
+    let hook = crash_order.map(|order| crate::faults::CrashHook::new(order, crashed_tx));
     let (stop, stopped) = watch::channel(false);
     let mut workers = Vec::new();
     for i in 0..options.workers.max(1) {

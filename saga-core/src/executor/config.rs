@@ -75,19 +75,29 @@ pub struct ExecutorBuilder<St> {
 }
 
 impl<St: SagaStore> ExecutorBuilder<St> {
-    /// Registers a saga definition. Instances of saga kinds (name and
-    /// version) not registered here are never touched by this executor.
-    pub fn register<S>(mut self, saga: SagaDefinition<S>) -> Self
+    /// Registers a saga definition whose actions need no dependencies.
+    /// Instances of saga kinds (name and version) not registered here are
+    /// never touched by this executor. A definition whose actions need
+    /// dependencies is registered with [`register_with`](Self::register_with).
+    pub fn register<S>(self, saga: SagaDefinition<S>) -> Self
     where
         S: Serialize + DeserializeOwned + Send + 'static,
     {
-        let kind = saga.kind().clone();
-        if self.registry.sagas.contains_key(&kind) {
+        self.register_with(saga, ())
+    }
+
+    /// Registers a saga definition with the dependencies its actions are
+    /// handed on every attempt (clients, pools; see
+    /// [`Action`](crate::Action)). Instances of saga kinds (name and
+    /// version) not registered here are never touched by this executor.
+    pub fn register_with<S, D>(mut self, saga: SagaDefinition<S, D>, deps: D) -> Self
+    where
+        S: Serialize + DeserializeOwned + Send + 'static,
+        D: Send + Sync + 'static,
+    {
+        if let Err(kind) = self.registry.insert(saga, deps) {
             self.duplicate.get_or_insert(kind);
-            return self;
         }
-        self.registry.kinds.push(kind.clone());
-        self.registry.sagas.insert(kind, Arc::new(saga));
         self
     }
 

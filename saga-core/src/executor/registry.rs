@@ -11,9 +11,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::action::BoxFuture;
 use crate::client::Limits;
 use crate::context::StepContext;
-use crate::definition::{BoxFuture, SagaDefinition};
+use crate::definition::SagaDefinition;
 use crate::error::{Error, StepError};
 use crate::ids::{Direction, SagaKind, StepName};
 use crate::machine::StepKind;
@@ -46,31 +47,41 @@ pub(super) trait ErasedSaga: Send + Sync + 'static {
     ) -> Result<BoxFuture<'static, AttemptResult>, Error>;
 }
 
-impl<S> ErasedSaga for SagaDefinition<S>
+/// A definition bound to the dependencies its actions are handed.
+struct Registered<S, D> {
+    saga: SagaDefinition<S, D>,
+    deps: Arc<D>,
+}
+
+impl<S, D> ErasedSaga for Registered<S, D>
 where
     S: Serialize + DeserializeOwned + Send + 'static,
+    D: Send + Sync + 'static,
 {
     fn plan(&self) -> &[StepKind] {
-        SagaDefinition::plan(self)
+        self.saga.plan()
     }
 
     fn step_index(&self, name: &str) -> Option<usize> {
-        SagaDefinition::step_index(self, name)
+        self.saga.step_index(name)
     }
 
     fn step_name(&self, index: usize) -> &StepName {
-        SagaDefinition::step_name(self, index).expect("index from the definition")
+        self.saga
+            .step_name(index)
+            .expect("index from the definition")
     }
 
     fn key_name(&self, index: usize) -> &StepName {
         &self
+            .saga
             .step_def(index)
             .expect("index from the definition")
             .key_name
     }
 
     fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)> {
-        let (_, policy, timeout) = self.step_def(index)?.side(direction)?;
+        let (_, policy, timeout) = self.saga.step_def(index)?.side(direction)?;
         Some((policy, timeout))
     }
 
@@ -82,28 +93,29 @@ where
         state: serde_json::Value,
         limits: Limits,
     ) -> Result<BoxFuture<'static, AttemptResult>, Error> {
-        let Some((action, _, timeout)) = self.step_def(index).and_then(|d| d.side(direction))
+        let Some((action, _, timeout)) = self.saga.step_def(index).and_then(|d| d.side(direction))
         else {
             return Err(Error::UnknownStep {
                 id: ctx.saga_id(),
-                saga: self.kind().clone(),
+                saga: self.saga.kind().clone(),
                 step: ctx.step().clone(),
                 direction,
             });
         };
         let mut state: S =
             serde_json::from_value(state).map_err(|source| Error::DeserializeState {
-                saga: self.kind().clone(),
+                saga: self.saga.kind().clone(),
                 source,
             })?;
         let action = action.clone();
+        let deps = self.deps.clone();
         Ok(Box::pin(async move {
             // The step runs in its own task: a panic is caught as a failure.
             // The task is aborted when the attempt ends without it: on a
             // timeout, and when the attempt is dropped (its lease was lost,
             // or the executor abandoned it at shutdown).
             let mut task = AbortOnDropHandle::new(tokio::spawn(async move {
-                let result = action.call(&mut ctx, &mut state).await;
+                let result = action.call(&deps, &mut ctx, &mut state).await;
                 (ctx, state, result)
             }));
             let joined = match tokio::time::timeout(timeout, &mut task).await {
@@ -158,6 +170,32 @@ pub(super) struct Registry {
     pub(super) kinds: Vec<SagaKind>,
 }
 
+impl Registry {
+    /// Adds `saga`, its actions handed `deps`; or, if its kind is already
+    /// registered, leaves the registry as it is and returns the kind.
+    pub(super) fn insert<S, D>(
+        &mut self,
+        saga: SagaDefinition<S, D>,
+        deps: D,
+    ) -> Result<(), SagaKind>
+    where
+        S: Serialize + DeserializeOwned + Send + 'static,
+        D: Send + Sync + 'static,
+    {
+        let kind = saga.kind().clone();
+        if self.sagas.contains_key(&kind) {
+            return Err(kind);
+        }
+        self.kinds.push(kind.clone());
+        let registered = Registered {
+            saga,
+            deps: Arc::new(deps),
+        };
+        self.sagas.insert(kind, Arc::new(registered));
+        Ok(())
+    }
+}
+
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(&self.kinds).finish()
@@ -195,7 +233,11 @@ mod tests {
             Timestamp::from_micros(0),
             Duration::from_secs(1),
         );
-        match ErasedSaga::attempt(saga, 0, direction, ctx, state, Limits::default()) {
+        let registered = Registered {
+            saga: saga.clone(),
+            deps: Arc::new(()),
+        };
+        match ErasedSaga::attempt(&registered, 0, direction, ctx, state, Limits::default()) {
             Ok(_) => panic!("the attempt must not be ready to run"),
             Err(e) => e,
         }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::action::Action;
 use crate::context::StepContext;
-use crate::definition::{Action, SagaDefinition, Step};
+use crate::definition::{SagaDefinition, Step};
 use crate::error::StepError;
 use crate::ids::{Direction, IdempotencyKey, SagaId};
 use crate::outbox::Message;
@@ -187,7 +188,12 @@ struct Scripted {
 }
 
 impl Action<TestState> for Scripted {
-    async fn run(&self, ctx: &mut StepContext, state: &mut TestState) -> Result<(), StepError> {
+    async fn run(
+        &self,
+        _: &(),
+        ctx: &mut StepContext,
+        state: &mut TestState,
+    ) -> Result<(), StepError> {
         let behavior = self.script.next(ctx, state.order, self.step);
         // Scribble on the state first: only a success may persist it.
         state.done.push(format!(

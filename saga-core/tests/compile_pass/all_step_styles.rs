@@ -13,7 +13,7 @@ struct Refund {
 }
 
 impl Action<u64> for Refund {
-    async fn run(&self, ctx: &mut StepContext, amount: &mut u64) -> Result<(), StepError> {
+    async fn run(&self, _: &(), ctx: &mut StepContext, amount: &mut u64) -> Result<(), StepError> {
         let _ = (&self.gateway, ctx.forward_key(), amount);
         Ok(())
     }
