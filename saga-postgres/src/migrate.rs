@@ -68,6 +68,7 @@ pub fn latest_version() -> i32 {
 
 /// What [`migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct MigrationReport {
     /// Versions applied by this call.
     pub applied: Vec<i32>,

@@ -33,6 +33,7 @@ pub struct DeadLetter {
 
 /// How many messages are where, for dashboards and alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct OutboxStats {
     /// Messages waiting to be published: due now, delayed, or waiting for
     /// a retry.

@@ -9,6 +9,7 @@ use super::Dispatcher;
 
 /// Which order messages are published in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum DeliveryOrder {
     /// No order: every due message may be published at once, by any
     /// dispatcher. The fastest.

@@ -40,6 +40,7 @@ impl Outgoing {
 
 /// Whether a failed publish may succeed if tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum PublishErrorKind {
     /// Try again later, per the dispatcher's retry policy (a broker outage,
     /// a timeout, a handler that failed).
