@@ -263,10 +263,7 @@ impl InboxBuilder {
             inner: Arc::new(Inner {
                 db: Db::new(self.pool, self.operation_deadline),
                 schema: self.schema,
-                clock: match self.clock {
-                    Some(clock) => DbClock::injected(clock),
-                    None => DbClock::server(Arc::new(SystemClock)),
-                },
+                clock: DbClock::new(self.clock, Arc::new(SystemClock)),
                 retention: self.retention,
                 sql,
             }),

@@ -88,6 +88,16 @@ pub(crate) struct DbClock {
 }
 
 impl DbClock {
+    /// What a builder was given: the `injected` clock if there is one
+    /// ([`injected`](Self::injected)), else the server's time with `local`
+    /// as the process's own clock ([`server`](Self::server)).
+    pub(crate) fn new(injected: Option<Arc<dyn Clock>>, local: Arc<dyn Clock>) -> Self {
+        match injected {
+            Some(clock) => DbClock::injected(clock),
+            None => DbClock::server(local),
+        }
+    }
+
     /// The server's time; the reported clock is `local` corrected by the
     /// offset learned from the server.
     pub(crate) fn server(local: Arc<dyn Clock>) -> Self {

@@ -87,10 +87,7 @@ impl OutboxBuilder {
     /// The outbox.
     pub fn build(self) -> Outbox {
         let sql = OutboxSql::new(&self.schema);
-        let clock = match self.clock {
-            Some(clock) => DbClock::injected(clock),
-            None => DbClock::server(self.local_clock),
-        };
+        let clock = DbClock::new(self.clock, self.local_clock);
         Outbox {
             inner: Arc::new(OutboxInner {
                 db: Db::new(self.pool, self.operation_deadline),

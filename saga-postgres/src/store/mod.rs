@@ -179,10 +179,7 @@ impl PgSagaStoreBuilder {
     /// [`check_schema`](PgSagaStore::check_schema).
     pub fn build(self) -> PgSagaStore {
         let sql = Sql::new(&self.schema);
-        let clock = match self.clock {
-            Some(clock) => DbClock::injected(clock),
-            None => DbClock::server(self.local_clock),
-        };
+        let clock = DbClock::new(self.clock, self.local_clock);
         PgSagaStore {
             inner: Arc::new(Inner {
                 db: Db::new(self.pool, self.operation_deadline),
