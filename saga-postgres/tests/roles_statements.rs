@@ -137,7 +137,11 @@ fn statements(schema: &saga_postgres::SchemaName) -> Vec<(String, String, usize)
         ("guide.cleanup", "DELETE FROM saga.saga_instances", 0),
     ] {
         let text = sql_block(needle);
-        all.push((name.into(), text.trim().trim_end_matches(';').to_owned(), params));
+        all.push((
+            name.into(),
+            text.trim().trim_end_matches(';').to_owned(),
+            params,
+        ));
     }
     all
 }
@@ -153,7 +157,9 @@ async fn explain(conn: &Client, text: &str, params: usize) -> Result<(), String>
     } else {
         format!("({})", vec!["NULL"; params].join(", "))
     };
-    let explained = conn.batch_execute(&format!("EXPLAIN EXECUTE probe{args}")).await;
+    let explained = conn
+        .batch_execute(&format!("EXPLAIN EXECUTE probe{args}"))
+        .await;
     conn.batch_execute("DEALLOCATE probe").await.unwrap();
     explained.map_err(|e| {
         let code = e.code().map(|c| c.code().to_owned());
@@ -300,9 +306,11 @@ async fn the_grant_block_names_every_table_and_rerunning_it_leaves_exactly_its_r
     assert!(tables.len() >= 5, "{tables:?}");
     let block = sql_block(GRANT_BLOCK);
     for table in &tables {
-        let named = block.match_indices(&format!("saga.{table}")).any(|(at, m)| {
-            !block[at + m.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-        });
+        let named = block
+            .match_indices(&format!("saga.{table}"))
+            .any(|(at, m)| {
+                !block[at + m.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            });
         assert!(
             named,
             "the guide's grant block does not grant saga.{table} to anyone: a migration \

@@ -11,9 +11,10 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 
 use saga_postgres::deadpool_postgres::{Object, Pool};
+use saga_postgres::outbox::OutboxError;
 use saga_postgres::tokio_postgres::Client;
 use saga_postgres::tokio_postgres::error::SqlState;
-use saga_postgres::{SchemaName, migrate, pool_from_config};
+use saga_postgres::{PgError, SchemaName, migrate, pool_from_config};
 use saga_test_support::TestDatabase;
 
 /// `docs/operations.md`.
@@ -126,11 +127,8 @@ impl Roles {
 
     /// The guide's `block`, for these roles on database `db`.
     pub fn substitute(&self, block: &str, db: &str) -> String {
-        let mut names: Vec<(&str, &str)> = self
-            .names
-            .iter()
-            .map(|(g, n)| (*g, n.as_str()))
-            .collect();
+        let mut names: Vec<(&str, &str)> =
+            self.names.iter().map(|(g, n)| (*g, n.as_str())).collect();
         names.push(("shop", db));
         substitute(block, &names, &self.password)
     }
@@ -246,7 +244,11 @@ impl Deployment {
 
 /// Asserts that `result` failed with SQLSTATE 42501
 /// (`insufficient_privilege`); `what` names the attempt.
-pub fn refused<T: Debug, E: Debug>(what: &str, result: Result<T, E>, code: impl Fn(&E) -> Option<String>) {
+pub fn refused<T: Debug, E: Debug>(
+    what: &str,
+    result: Result<T, E>,
+    code: impl Fn(&E) -> Option<String>,
+) {
     match result {
         Ok(v) => panic!("{what}: allowed ({v:?}), should be refused"),
         Err(e) => assert_eq!(
@@ -263,4 +265,15 @@ pub async fn sql_refused(conn: &Client, sql: &str) {
     refused(sql, conn.batch_execute(sql).await, |e| {
         e.code().map(|c| c.code().to_owned())
     });
+}
+
+/// The SQLSTATE of each error type, for [`refused`].
+pub fn pg_code(e: &PgError) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+pub fn outbox_code(e: &OutboxError) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+pub fn core_code(e: &saga_core::Error) -> Option<String> {
+    e.code().map(str::to_owned)
 }
