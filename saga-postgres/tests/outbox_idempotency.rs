@@ -56,7 +56,10 @@ async fn an_id_reused_for_a_different_message_is_a_typed_conflict_and_nothing_is
     let env = env().await;
     let id = MessageId::new();
     let first = message(&env, id, serde_json::json!({"amount": 10}));
-    assert_eq!(enqueue(&env, std::slice::from_ref(&first)).await.unwrap(), 1);
+    assert_eq!(
+        enqueue(&env, std::slice::from_ref(&first)).await.unwrap(),
+        1
+    );
 
     // A different payload under the same id, beside a new message.
     let other = MessageId::new();
@@ -68,8 +71,15 @@ async fn an_id_reused_for_a_different_message_is_a_typed_conflict_and_nothing_is
         Err(OutboxError::Conflict { ids }) => assert_eq!(ids, vec![id]),
         other => panic!("expected a conflict, got {other:?}"),
     }
-    assert_eq!(stored(&env, id).await, Some(serde_json::json!({"amount": 10})));
-    assert_eq!(stored(&env, other).await, None, "nothing of the call is written");
+    assert_eq!(
+        stored(&env, id).await,
+        Some(serde_json::json!({"amount": 10}))
+    );
+    assert_eq!(
+        stored(&env, other).await,
+        None,
+        "nothing of the call is written"
+    );
 
     // Each field of the message counts, the delivery time does not.
     let mut topic = first.clone();
@@ -204,7 +214,11 @@ async fn a_concurrent_enqueue_of_the_id_is_compared_once_it_commits() {
         tx_a.commit().await.unwrap();
         let result = tokio::time::timeout(WAIT, b).await.unwrap().unwrap();
         if same {
-            assert_eq!(result.unwrap(), 1, "the fresh one is written, the same one skipped");
+            assert_eq!(
+                result.unwrap(),
+                1,
+                "the fresh one is written, the same one skipped"
+            );
             assert!(stored(&env, fresh).await.is_some());
         } else {
             match result {
@@ -216,10 +230,7 @@ async fn a_concurrent_enqueue_of_the_id_is_compared_once_it_commits() {
         assert_eq!(stored(&env, id).await, Some(serde_json::json!({"v": 1})));
         // Clean up for the next round.
         watcher
-            .execute(
-                &format!("DELETE FROM {}.outbox", env.schema.quoted()),
-                &[],
-            )
+            .execute(&format!("DELETE FROM {}.outbox", env.schema.quoted()), &[])
             .await
             .unwrap();
     }
@@ -246,7 +257,11 @@ async fn once_delivered_an_id_is_forgotten_and_enqueued_again_as_a_new_message()
         1
     );
     assert_eq!(dispatcher.run_until_idle().await.unwrap().published, 1);
-    assert_eq!(recorder.published_ids(), vec![id, id], "same id, delivered twice");
+    assert_eq!(
+        recorder.published_ids(),
+        vec![id, id],
+        "same id, delivered twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

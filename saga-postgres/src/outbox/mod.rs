@@ -154,6 +154,7 @@
 //! ```
 
 mod admin;
+mod builder;
 mod config;
 mod dispatcher;
 mod enqueue;
@@ -162,14 +163,16 @@ mod in_process;
 mod listener;
 #[cfg(feature = "nats")]
 pub mod nats;
+mod outage;
 mod publisher;
 mod sql;
 
 pub use admin::{DeadLetter, OutboxStats};
-pub use dispatcher::{
-    DeliveryOrder, DispatchReport, Dispatcher, DispatcherBuilder, DispatcherConfig,
-    default_retry_policy,
+pub use builder::DispatcherBuilder;
+pub use config::{
+    DeliveryOrder, DispatchReport, DispatcherConfig, default_outage_backoff, default_retry_policy,
 };
+pub use dispatcher::Dispatcher;
 pub use enqueue::{Outbox, OutboxBuilder};
 pub use error::OutboxError;
 pub use in_process::{HandlerPanicked, InProcessPublisher, NoHandler};

@@ -243,10 +243,14 @@ impl OutboxSql {
                 &["now", "lease_for_us", "token"],
             ),
             // Published ids, then the failed (id, error, retry_at; NULL
-            // retry_at: dead-letter). Both halves are guarded by the lease
-            // token, so a dispatcher whose lease was taken over changes
-            // nothing, and repeating the statement after a lost connection
-            // is harmless.
+            // retry_at: dead-letter; release: put back without spending
+            // the attempt the claim counted, the broker being unavailable).
+            // Both halves are guarded by the lease token, so a dispatcher
+            // whose lease was taken over changes nothing, and repeating the
+            // statement after a lost connection is harmless. A released
+            // message back at zero attempts has its first attempt forgotten
+            // too, so that a policy's `max_elapsed` does not count the
+            // outage.
             settle: Statement::new(
                 "settle",
                 &format!(
@@ -261,15 +265,21 @@ impl OutboxSql {
                             lease_token = NULL,
                             lease_expires_at = NULL,
                             available_at = coalesce(f.retry_at, o.available_at),
-                            dead_at = CASE WHEN f.retry_at IS NULL THEN {NOW} END
+                            dead_at = CASE WHEN f.retry_at IS NULL THEN {NOW} END,
+                            attempts = CASE WHEN f.release THEN greatest(o.attempts - 1, 0)
+                                ELSE o.attempts END,
+                            first_attempt_at = CASE WHEN f.release AND o.attempts <= 1 THEN NULL
+                                ELSE o.first_attempt_at END
                         FROM unnest($failed_ids::uuid[], $failed_errors::text[],
-                            $failed_retry_at::timestamptz[]) AS f(id, error, retry_at)
+                            $failed_retry_at::timestamptz[], $failed_release::bool[])
+                            AS f(id, error, retry_at, release)
                         WHERE o.id = f.id AND o.lease_token = $token::uuid
-                        RETURNING f.retry_at IS NULL AS dead
+                        RETURNING f.retry_at IS NULL AS dead, f.release
                     )
                     SELECT (SELECT count(*) FROM done) AS published,
-                        (SELECT count(*) FROM failed WHERE NOT dead) AS retried,
-                        (SELECT count(*) FROM failed WHERE dead) AS dead"
+                        (SELECT count(*) FROM failed WHERE NOT dead AND NOT release) AS retried,
+                        (SELECT count(*) FROM failed WHERE dead) AS dead,
+                        (SELECT count(*) FROM failed WHERE release AND NOT dead) AS released"
                 ),
                 &[
                     "published",
@@ -278,6 +288,7 @@ impl OutboxSql {
                     "failed_ids",
                     "failed_errors",
                     "failed_retry_at",
+                    "failed_release",
                 ],
             ),
             // A cursor (dead_at, id) or NULLs.
