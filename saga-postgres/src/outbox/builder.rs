@@ -63,7 +63,7 @@ impl<P: Publisher> DispatcherBuilder<P> {
         self
     }
 
-    /// Backoff and attempt budget (default [`default_retry_policy`]).
+    /// Backoff and attempt budget (default [`default_retry_policy`](super::default_retry_policy)).
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.config.retry = policy;
         self
@@ -101,7 +101,7 @@ impl<P: Publisher> DispatcherBuilder<P> {
     /// from the same URL as the pool, `sslmode` and all) or a driver
     /// configuration (secured as its own `ssl_mode` says). A connection
     /// that fails is logged with its cause, counted in
-    /// [`ListenerStatus::failures`], and retried; polling delivers
+    /// [`ListenerStatus::failures`](super::ListenerStatus::failures), and retried; polling delivers
     /// meanwhile.
     pub fn listen(mut self, config: impl Into<ConnectConfig>) -> Self {
         self.listen = Some(config.into());
