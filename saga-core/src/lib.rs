@@ -45,7 +45,9 @@ pub use ids::{
 pub use layer::{StepLayer, StepSide};
 pub use machine::{Status, StepKind};
 pub use memory::InMemorySagaStore;
-pub use outbox::{MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload};
+pub use outbox::{
+    MAX_DELIVERY_DELAY, MAX_TOPIC_LEN, Message, MessageError, OutboxMessage, Payload,
+};
 pub use panic::message as panic_message;
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use shape::{SagaShape, SideShape, StepShape};

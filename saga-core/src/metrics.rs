@@ -48,6 +48,13 @@ pub const OUTBOX_PUBLISHED: &str = "saga_outbox_published_total";
 pub const OUTBOX_RETRIED: &str = "saga_outbox_retried_total";
 /// Counter: outbox messages dead-lettered.
 pub const OUTBOX_DEAD_LETTERED: &str = "saga_outbox_dead_lettered_total";
+/// Counter: outbox messages put back without spending an attempt because
+/// the broker was unavailable.
+pub const OUTBOX_RELEASED: &str = "saga_outbox_released_total";
+/// Counter: dispatch cycles that found the broker unavailable (nothing
+/// published, the publisher said so) and backed off as a whole. Alert on
+/// its rate: it counts up through a broker outage.
+pub const OUTBOX_BROKER_UNAVAILABLE: &str = "saga_outbox_broker_unavailable_total";
 /// Counter: dispatch cycles that failed on a database error.
 pub const OUTBOX_DISPATCH_ERRORS: &str = "saga_outbox_dispatch_errors_total";
 /// Gauge (label `schema`): messages waiting to be published.
@@ -108,6 +115,16 @@ pub fn describe() {
         OUTBOX_DEAD_LETTERED,
         Unit::Count,
         "Outbox messages dead-lettered"
+    );
+    describe_counter!(
+        OUTBOX_RELEASED,
+        Unit::Count,
+        "Outbox messages put back, attempt not counted, the broker being unavailable"
+    );
+    describe_counter!(
+        OUTBOX_BROKER_UNAVAILABLE,
+        Unit::Count,
+        "Outbox dispatch cycles that found the broker unavailable and backed off"
     );
     describe_counter!(
         OUTBOX_DISPATCH_ERRORS,

@@ -18,6 +18,12 @@ use crate::time::Timestamp;
 /// The longest topic, message key, header name or header value accepted.
 pub const MAX_TOPIC_LEN: usize = 255;
 
+/// The longest delay [`Message::deliver_after`] accepts: 366 days. A
+/// longer one is almost surely a mistake (`Duration::MAX` used as "never",
+/// seconds given as milliseconds), and a message that is never due would
+/// sit in the outbox unseen; schedule such far-off work elsewhere.
+pub const MAX_DELIVERY_DELAY: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
 /// A message body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
@@ -143,10 +149,22 @@ impl Message {
         Ok(self)
     }
 
-    /// Do not deliver before `delay` has passed from the commit.
-    pub fn deliver_after(mut self, delay: Duration) -> Self {
+    /// Do not deliver before `delay` has passed from the enqueue (for a
+    /// message a step emits: from the start of the step's attempt).
+    ///
+    /// # Errors
+    ///
+    /// [`MessageError::DelayTooLong`] if `delay` is over
+    /// [`MAX_DELIVERY_DELAY`] (366 days).
+    pub fn deliver_after(mut self, delay: Duration) -> Result<Self, MessageError> {
+        if delay > MAX_DELIVERY_DELAY {
+            return Err(MessageError::DelayTooLong {
+                delay,
+                max: MAX_DELIVERY_DELAY,
+            });
+        }
         self.delay = delay;
-        self
+        Ok(self)
     }
 
     /// The topic.
@@ -211,6 +229,15 @@ pub enum MessageError {
         /// The configured cap.
         limit: usize,
     },
+    /// A [`deliver_after`](Message::deliver_after) delay over
+    /// [`MAX_DELIVERY_DELAY`].
+    #[error("a delivery delay of {delay:?} is over the maximum of {max:?}")]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: Duration,
+        /// The maximum, [`MAX_DELIVERY_DELAY`].
+        max: Duration,
+    },
 }
 
 #[cfg(test)]
@@ -225,6 +252,20 @@ mod tests {
         assert!(m.clone().key("k".repeat(256)).is_err());
         assert!(m.clone().header("h", "v\r\n").is_err());
         assert!(m.header("h", "v").is_ok());
+    }
+
+    #[test]
+    fn delivery_delays_are_capped() {
+        let m = Message::bytes("t", b"x".to_vec()).unwrap();
+        assert!(m.clone().deliver_after(MAX_DELIVERY_DELAY).is_ok());
+        for too_long in [MAX_DELIVERY_DELAY + Duration::from_micros(1), Duration::MAX] {
+            match m.clone().deliver_after(too_long) {
+                Err(MessageError::DelayTooLong { delay, max }) => {
+                    assert_eq!((delay, max), (too_long, MAX_DELIVERY_DELAY));
+                }
+                other => panic!("expected DelayTooLong, got {other:?}"),
+            }
+        }
     }
 
     #[test]

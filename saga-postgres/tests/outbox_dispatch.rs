@@ -279,7 +279,11 @@ async fn a_dead_letter_redriven_long_after_its_enqueue_gets_a_fresh_time_budget(
 async fn a_message_delayed_past_the_time_cap_gets_its_budget_from_its_first_attempt() {
     let env = env().await;
     let id = env
-        .enqueue(vec![msg("t", 0).deliver_after(Duration::from_secs(3600))])
+        .enqueue(vec![
+            msg("t", 0)
+                .deliver_after(Duration::from_secs(3600))
+                .unwrap(),
+        ])
         .await[0];
     let recorder = Recorder::new();
     recorder.set_fate(id, Fate::FailTimes(1));
@@ -302,7 +306,9 @@ async fn the_lag_counts_from_when_a_message_fell_due_and_ignores_those_not_due_y
     let recorder = Recorder::new();
     let d = dispatcher(&env, &recorder).build().unwrap();
     // Delayed by a day: pending, but not late.
-    let later = env.enqueue(vec![msg("t", 0).deliver_after(day)]).await[0];
+    let later = env
+        .enqueue(vec![msg("t", 0).deliver_after(day).unwrap()])
+        .await[0];
     // A dead letter: not counted either.
     let dead = env.enqueue(vec![msg("t", 1)]).await[0];
     recorder.set_fate(dead, Fate::Permanent);
@@ -458,7 +464,9 @@ fn stats_count_pending_in_flight_and_dead_messages_and_the_oldest_age_also_as_ga
 async fn delayed_messages_wait_for_their_time() {
     let env = env().await;
     let later = env
-        .enqueue(vec![msg("t", 0).deliver_after(Duration::from_secs(30))])
+        .enqueue(vec![
+            msg("t", 0).deliver_after(Duration::from_secs(30)).unwrap(),
+        ])
         .await[0];
     let now = env.enqueue(vec![msg("t", 1)]).await[0];
     let recorder = Recorder::new();

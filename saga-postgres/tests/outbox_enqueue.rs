@@ -55,7 +55,8 @@ async fn an_enqueued_message_commits_with_the_business_write() {
         .unwrap()
         .header("content-type", "application/json")
         .unwrap()
-        .deliver_after(Duration::from_secs(5));
+        .deliver_after(Duration::from_secs(5))
+        .unwrap();
     let id = env.outbox.enqueue_in_tx(&tx, message).await.unwrap();
     tx.commit().await.unwrap();
 

@@ -146,8 +146,10 @@ async fn run_exports_the_outbox_gauges_every_stats_interval() {
     // And later refreshes follow what changes, with nobody asking.
     assert_eq!(env.outbox.purge_all(None).await.unwrap(), 2);
     gauges.wait(m::OUTBOX_DEAD, &env, 0.0).await;
-    env.enqueue(vec![msg("t", 2).deliver_after(Duration::from_secs(60))])
-        .await;
+    env.enqueue(vec![
+        msg("t", 2).deliver_after(Duration::from_secs(60)).unwrap(),
+    ])
+    .await;
     gauges.wait(m::OUTBOX_PENDING, &env, 1.0).await;
     assert_eq!(gauges.get(m::OUTBOX_OLDEST_PENDING_AGE, &env), Some(0.0));
     env.clock.advance(Duration::from_secs(75));

@@ -42,6 +42,22 @@ pub fn default_retry_policy() -> RetryPolicy {
         .expect("the default outbox retry policy is valid")
 }
 
+/// The dispatcher's default backoff while the broker is unavailable: 1 s
+/// doubling to at most 60 s, equal jitter. Only its delays are used (its
+/// attempt budget is not: an outage never gives up).
+#[must_use]
+pub fn default_outage_backoff() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_delay(Duration::from_secs(1))
+        .multiplier(2.0)
+        .max_delay(Duration::from_secs(60))
+        .max_attempts(u32::MAX)
+        .no_max_elapsed()
+        .jitter(Jitter::Equal)
+        .build()
+        .expect("the default outage backoff is valid")
+}
+
 /// How a [`Dispatcher`] works. Build one with [`Dispatcher::builder`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -63,6 +79,14 @@ pub struct DispatcherConfig {
     /// message's first claim, so a message delayed with `deliver_after` or
     /// a dead letter redriven long after its enqueue gets the whole budget.
     pub retry: RetryPolicy,
+    /// The backoff while the broker is unavailable (a publisher reported
+    /// [`PublishError::unavailable`](super::PublishError::unavailable) and
+    /// nothing of the batch was published): the batch is released without
+    /// spending the messages' attempts, due again after
+    /// `delay(n)` for the `n`th consecutive such cycle, and this
+    /// dispatcher's loop waits as long before claiming again. Only the
+    /// policy's delays are used. Default [`default_outage_backoff`].
+    pub outage_backoff: RetryPolicy,
     /// Unordered, or ordered per key.
     pub order: DeliveryOrder,
     /// Batches this dispatcher works on at once (each its own
@@ -83,6 +107,7 @@ impl Default for DispatcherConfig {
             publish_timeout: Duration::from_secs(20),
             poll_interval: Duration::from_secs(1),
             retry: default_retry_policy(),
+            outage_backoff: default_outage_backoff(),
             order: DeliveryOrder::Unordered,
             concurrency: 1,
             stats_interval: Some(Duration::from_secs(15)),
@@ -105,6 +130,12 @@ pub struct DispatchReport {
     /// Messages dead-lettered (failed past their budget, failed
     /// permanently, or abandoned by dispatchers past their budget).
     pub dead_lettered: u64,
+    /// Messages put back without spending an attempt because the broker
+    /// was unavailable (due again after the outage backoff).
+    pub released: u64,
+    /// Cycles that found the broker unavailable (nothing published, the
+    /// publisher said so) and backed off as a whole.
+    pub outages: u64,
     /// Messages whose lease was taken over by another dispatcher before
     /// this one could settle them (they will be published again).
     pub lost_leases: u64,
@@ -117,5 +148,7 @@ impl std::ops::AddAssign for DispatchReport {
         self.retried += o.retried;
         self.dead_lettered += o.dead_lettered;
         self.lost_leases += o.lost_leases;
+        self.released += o.released;
+        self.outages += o.outages;
     }
 }

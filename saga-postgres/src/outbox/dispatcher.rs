@@ -5,19 +5,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
-use rand::SeedableRng;
 use rand::rngs::StdRng;
-use saga_core::{RetryDecision, RetryPolicy, StepErrorKind, Timestamp};
+use saga_core::{RetryDecision, StepErrorKind, Timestamp};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use super::admin::read_message;
-pub use super::config::{DeliveryOrder, DispatchReport, DispatcherConfig, default_retry_policy};
+use super::builder::DispatcherBuilder;
+use super::config::{DeliveryOrder, DispatchReport, DispatcherConfig};
 use super::enqueue::Outbox;
 use super::error::OutboxError;
 use super::listener::{ListenerStatus, listen};
+use super::outage::{Disposal, Fared, OutageStreak, Verdict, disposal, verdict};
 use super::publisher::{Outgoing, PublishError, Publisher};
 use crate::db::Budget;
 use crate::db::ambiguity::{AmbiguityCounters, claim_once};
@@ -36,6 +37,7 @@ struct Inner<P> {
     rng: Mutex<StdRng>,
     status: watch::Sender<ListenerStatus>,
     ambiguity: AmbiguityCounters,
+    outage: OutageStreak,
 }
 
 /// Publishes outbox messages through a [`Publisher`], at least once.
@@ -68,137 +70,12 @@ impl<P> std::fmt::Debug for Dispatcher<P> {
     }
 }
 
-/// Builds a [`Dispatcher`].
-#[must_use]
-pub struct DispatcherBuilder<P> {
-    outbox: Outbox,
-    publisher: Arc<P>,
-    config: DispatcherConfig,
-    listen: Option<ConnectConfig>,
-    seed: Option<u64>,
-}
-
-impl<P> std::fmt::Debug for DispatcherBuilder<P> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DispatcherBuilder")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<P: Publisher> DispatcherBuilder<P> {
-    /// Replaces the whole configuration.
-    pub fn config(mut self, config: DispatcherConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// Most messages per batch (default 100).
-    pub fn batch_size(mut self, n: usize) -> Self {
-        self.config.batch_size = n;
-        self
-    }
-
-    /// Lease on a claimed batch (default 60 s).
-    pub fn lease_for(mut self, d: Duration) -> Self {
-        self.config.lease_for = d;
-        self
-    }
-
-    /// Longest wait for the publisher (default 20 s).
-    pub fn publish_timeout(mut self, d: Duration) -> Self {
-        self.config.publish_timeout = d;
-        self
-    }
-
-    /// How often an idle dispatcher polls (default 1 s).
-    pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.config.poll_interval = d;
-        self
-    }
-
-    /// Backoff and attempt budget (default [`default_retry_policy`]).
-    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
-        self.config.retry = policy;
-        self
-    }
-
-    /// Unordered (default) or ordered per key.
-    pub fn order(mut self, order: DeliveryOrder) -> Self {
-        self.config.order = order;
-        self
-    }
-
-    /// Batches worked on at once (default 1).
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.config.concurrency = n;
-        self
-    }
-
-    /// How often to refresh the outbox gauges (default 15 s; `None`: never).
-    pub fn stats_interval(mut self, d: Option<Duration>) -> Self {
-        self.config.stats_interval = d;
-        self
-    }
-
-    /// Listens for `NOTIFY` on its own connection made with `config`, to
-    /// wake up as soon as a transaction enqueues messages. Without it the
-    /// dispatcher only polls. `config` is a [`ConnectConfig`] (e.g. parsed
-    /// from the same URL as the pool, `sslmode` and all) or a driver
-    /// configuration (secured as its own `ssl_mode` says). A connection
-    /// that fails is logged with its cause, counted in
-    /// [`ListenerStatus::failures`], and retried; polling delivers
-    /// meanwhile.
-    pub fn listen(mut self, config: impl Into<ConnectConfig>) -> Self {
-        self.listen = Some(config.into());
-        self
-    }
-
-    /// Seeds the jitter of the retry delays (for reproducible tests).
-    pub fn rng_seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
-        self
-    }
-
-    /// Validates the configuration.
-    pub fn build(self) -> Result<Dispatcher<P>, OutboxError> {
-        let c = &self.config;
-        if c.batch_size == 0 {
-            return Err(OutboxError::InvalidConfig("batch_size must be at least 1"));
-        }
-        if c.concurrency == 0 {
-            return Err(OutboxError::InvalidConfig("concurrency must be at least 1"));
-        }
-        if c.publish_timeout.is_zero() || c.publish_timeout >= c.lease_for {
-            return Err(OutboxError::InvalidConfig(
-                "publish_timeout must be above zero and below lease_for",
-            ));
-        }
-        if c.poll_interval.is_zero() {
-            return Err(OutboxError::InvalidConfig(
-                "poll_interval must be above zero",
-            ));
-        }
-        if c.listen_health_interval.is_zero() || c.stats_interval.is_some_and(|d| d.is_zero()) {
-            return Err(OutboxError::InvalidConfig("intervals must be above zero"));
-        }
-        let rng = match self.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
-        let (status, _) = watch::channel(ListenerStatus::default());
-        Ok(Dispatcher {
-            inner: Arc::new(Inner {
-                outbox: self.outbox,
-                publisher: self.publisher,
-                config: self.config,
-                listen: self.listen,
-                rng: Mutex::new(rng),
-                status,
-                ambiguity: AmbiguityCounters::default(),
-            }),
-        })
-    }
+/// What one settle statement did, row counts.
+struct Settled {
+    published: u64,
+    retried: u64,
+    dead: u64,
+    released: u64,
 }
 
 /// Why a publish attempt as a whole failed.
@@ -236,6 +113,29 @@ pub(crate) fn loop_backoff(max: Duration) -> impl Iterator<Item = Duration> + Se
 }
 
 impl<P: Publisher> Dispatcher<P> {
+    /// A dispatcher of a validated configuration (by the builder).
+    pub(super) fn assemble(
+        outbox: Outbox,
+        publisher: Arc<P>,
+        config: DispatcherConfig,
+        listen: Option<ConnectConfig>,
+        rng: StdRng,
+    ) -> Self {
+        let (status, _) = watch::channel(ListenerStatus::default());
+        Dispatcher {
+            inner: Arc::new(Inner {
+                outbox,
+                publisher,
+                config,
+                listen,
+                rng: Mutex::new(rng),
+                status,
+                ambiguity: AmbiguityCounters::default(),
+                outage: OutageStreak::default(),
+            }),
+        }
+    }
+
     /// A builder for a dispatcher of `outbox`'s messages through
     /// `publisher`.
     pub fn builder(outbox: Outbox, publisher: P) -> DispatcherBuilder<P> {
@@ -269,15 +169,19 @@ impl<P: Publisher> Dispatcher<P> {
 
     /// One cycle: claims up to a batch of due messages, publishes them, and
     /// settles them (deletes the published, reschedules or dead-letters the
-    /// failed). Two statements in all (claim, settle), neither open while
-    /// publishing.
+    /// failed, releases those the broker was unavailable for). Two
+    /// statements in all (claim, settle), neither open while publishing.
+    /// It never waits for a backoff: a cycle that finds the broker down
+    /// (counted in [`DispatchReport::outages`]) makes its messages due
+    /// after the outage backoff instead.
     pub async fn dispatch_once(&self) -> Result<DispatchReport, OutboxError> {
         Ok(self.cycle().await?.0)
     }
 
     /// [`dispatch_once`](Dispatcher::dispatch_once), also returning how
-    /// many rows the claim returned.
-    async fn cycle(&self) -> Result<(DispatchReport, u64), OutboxError> {
+    /// many rows the claim returned, and how long to back off if the
+    /// broker was found down.
+    async fn cycle(&self) -> Result<(DispatchReport, u64, Option<Duration>), OutboxError> {
         let inner = &*self.inner;
         let outbox = &inner.outbox.inner;
         let config = &inner.config;
@@ -338,7 +242,7 @@ impl<P: Publisher> Dispatcher<P> {
         let now = outbox.clock.clock().now();
         let rows_claimed = u64::try_from(rows.len()).unwrap_or(u64::MAX);
         if rows.is_empty() {
-            return Ok((report, 0));
+            return Ok((report, 0, None));
         }
         let mut batch = Vec::with_capacity(rows.len());
         // When each message of `batch` was first claimed (the retry policy's
@@ -347,6 +251,7 @@ impl<P: Publisher> Dispatcher<P> {
         let mut failed_ids = Vec::new();
         let mut failed_errors = Vec::new();
         let mut failed_retry_at: Vec<Option<SystemTime>> = Vec::new();
+        let mut failed_release = Vec::new();
         for row in &rows {
             let id: Uuid = col(row, "id")?;
             if col::<bool>(row, "abandoned")? {
@@ -375,6 +280,7 @@ impl<P: Publisher> Dispatcher<P> {
                     failed_ids.push(id);
                     failed_errors.push(truncate(format!("unreadable row: {text}")));
                     failed_retry_at.push(None);
+                    failed_release.push(false);
                 }
             }
         }
@@ -388,54 +294,97 @@ impl<P: Publisher> Dispatcher<P> {
             self.publish(batch.clone()).await
         };
 
-        // Settle.
+        // Settle. Was the broker down, or did messages fail on their own?
         let now = outbox.clock.clock().now();
+        let fared: Vec<Fared> = (0..batch.len())
+            .map(|i| match results.get(i) {
+                Some(Ok(())) => Fared::Published,
+                Some(Err(e)) if e.is_unavailable() => Fared::Unavailable,
+                Some(Err(e)) if e.is_permanent() => Fared::Refused,
+                _ => Fared::Failed,
+            })
+            .collect();
+        let verdict = verdict(&fared);
+        let released = fared
+            .iter()
+            .any(|f| disposal(verdict, *f) == Some(Disposal::Release));
+        let release_delay = self
+            .inner
+            .outage
+            .record(verdict, fared.contains(&Fared::Published), released)
+            .map(|streak| {
+                let mut rng = self.inner.rng.lock().unwrap_or_else(|e| e.into_inner());
+                self.inner.config.outage_backoff.delay(streak, &mut *rng)
+            });
         let mut published = Vec::with_capacity(batch.len());
         for (i, out) in batch.iter().enumerate() {
-            let outcome = match results.get(i) {
-                Some(Ok(())) => Ok(()),
-                Some(Err(e)) => Err((chain(e), e.is_permanent())),
-                None => Err((chain(&BatchFailure::NoResult), false)),
+            let text = match results.get(i) {
+                Some(Ok(())) => {
+                    published.push(out.message.id.as_uuid());
+                    continue;
+                }
+                Some(Err(e)) => chain(e),
+                None => chain(&BatchFailure::NoResult),
             };
-            match outcome {
-                Ok(()) => published.push(out.message.id.as_uuid()),
-                Err((text, permanent)) => {
+            let (retry_at, text, release) = match disposal(verdict, fared[i]) {
+                Some(Disposal::Release) => {
+                    let at = now + release_delay.unwrap_or_default();
+                    tracing::debug!(message_id = %out.message.id, error = %text,
+                        retry_at = ?at, "outbox message released: the broker is unavailable");
+                    let text = format!("{text} (the broker was unavailable; attempt not counted)");
+                    (Some(at.to_system_time()), text, true)
+                }
+                other => {
+                    let permanent = other == Some(Disposal::DeadLetter);
                     let (retry_at, text) =
                         self.decide(out, first_attempts[i], permanent, now, text);
                     tracing::warn!(message_id = %out.message.id, topic = %out.message.topic,
                         attempt = out.attempt, error = %text, retry_at = ?retry_at.map(ts),
                         "outbox message failed to publish");
-                    failed_ids.push(out.message.id.as_uuid());
-                    failed_errors.push(truncate(text));
-                    failed_retry_at.push(retry_at);
+                    (retry_at, text, false)
                 }
-            }
+            };
+            failed_ids.push(out.message.id.as_uuid());
+            failed_errors.push(truncate(text));
+            failed_retry_at.push(retry_at);
+            failed_release.push(release);
         }
+        let outage = (verdict == Verdict::Down).then(|| release_delay.unwrap_or_default());
         if published.is_empty() && failed_ids.is_empty() {
             self.count(&report);
-            return Ok((report, rows_claimed));
+            return Ok((report, rows_claimed, outage));
         }
-        let (done, retried, dead) = self
+        let settled = self
             .settle(
                 &published,
                 token,
                 &failed_ids,
                 &failed_errors,
                 &failed_retry_at,
+                &failed_release,
             )
             .await?;
-        report.published = done;
-        report.retried = retried;
-        report.dead_lettered += dead;
-        report.lost_leases = report.claimed.saturating_sub(done + retried + dead);
+        report.published = settled.published;
+        report.retried = settled.retried;
+        report.dead_lettered += settled.dead;
+        report.released = settled.released;
+        report.lost_leases = report
+            .claimed
+            .saturating_sub(settled.published + settled.retried + settled.dead + settled.released);
         if report.lost_leases > 0 {
             tracing::warn!(
                 lost = report.lost_leases,
                 "outbox lease expired during publishing and was taken over; those messages will be published again"
             );
         }
+        if let Some(delay) = outage {
+            report.outages = 1;
+            tracing::warn!(released = report.released, dead_lettered = report.dead_lettered,
+                retry_in = ?delay,
+                "the broker is unavailable: the batch was put back without spending attempts; backing off");
+        }
         self.count(&report);
-        Ok((report, rows_claimed))
+        Ok((report, rows_claimed, outage))
     }
 
     /// Runs [`dispatch_once`](Dispatcher::dispatch_once) until a cycle
@@ -444,7 +393,7 @@ impl<P: Publisher> Dispatcher<P> {
     pub async fn run_until_idle(&self) -> Result<DispatchReport, OutboxError> {
         let mut total = DispatchReport::default();
         loop {
-            let (report, rows) = self.cycle().await?;
+            let (report, rows, _) = self.cycle().await?;
             total += report;
             if rows == 0 {
                 return Ok(total);
@@ -512,20 +461,31 @@ impl<P: Publisher> Dispatcher<P> {
             // A wake-up from here on triggers another round.
             let woken_by = *wake.borrow_and_update();
             match self.cycle().await {
-                Ok((_, rows)) => {
+                Ok((_, rows, outage)) => {
                     errors = None;
-                    if rows >= batch {
+                    if outage.is_none() && rows >= batch {
                         // A full batch: more is probably waiting.
                         continue;
                     }
-                    // Everything due when `woken_by` was sent is claimed.
-                    self.inner.status.send_if_modified(|s| {
-                        let newer = woken_by > s.wake_ups_handled;
-                        if newer {
-                            s.wake_ups_handled = woken_by;
+                    if rows < batch {
+                        // Everything due when `woken_by` was sent is claimed.
+                        self.inner.status.send_if_modified(|s| {
+                            let newer = woken_by > s.wake_ups_handled;
+                            if newer {
+                                s.wake_ups_handled = woken_by;
+                            }
+                            newer
+                        });
+                    }
+                    if let Some(delay) = outage {
+                        // The broker is down: wait (no transaction open,
+                        // nothing leased) rather than claim again at once.
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => {}
                         }
-                        newer
-                    });
+                        continue;
+                    }
                 }
                 Err(e) => {
                     let delay = errors
@@ -625,7 +585,8 @@ impl<P: Publisher> Dispatcher<P> {
         failed_ids: &[Uuid],
         failed_errors: &[String],
         failed_retry_at: &[Option<SystemTime>],
-    ) -> Result<(u64, u64, u64), OutboxError> {
+        failed_release: &[bool],
+    ) -> Result<Settled, OutboxError> {
         let outbox = &self.inner.outbox.inner;
         let mut budget = Budget::new(self.inner.config.lease_for);
         let now = outbox.clock.bind();
@@ -641,33 +602,24 @@ impl<P: Publisher> Dispatcher<P> {
                     ("failed_ids", &failed_ids),
                     ("failed_errors", &failed_errors),
                     ("failed_retry_at", &failed_retry_at),
+                    ("failed_release", &failed_release),
                 ],
             )
             .await?;
         let row = only(&rows, "settle")?;
-        Ok((
-            count64(row, "published")?,
-            count64(row, "retried")?,
-            count64(row, "dead")?,
-        ))
+        Ok(Settled {
+            published: count64(row, "published")?,
+            retried: count64(row, "retried")?,
+            dead: count64(row, "dead")?,
+            released: count64(row, "released")?,
+        })
     }
 
     fn count(&self, r: &DispatchReport) {
         ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(r.published);
         ::metrics::counter!(crate::metrics::OUTBOX_RETRIED).increment(r.retried);
         ::metrics::counter!(crate::metrics::OUTBOX_DEAD_LETTERED).increment(r.dead_lettered);
-    }
-}
-
-impl<P: Publisher> DispatcherBuilder<P> {
-    /// A builder around a shared publisher.
-    pub fn from_arc(outbox: Outbox, publisher: Arc<P>) -> Self {
-        DispatcherBuilder {
-            outbox,
-            publisher,
-            config: DispatcherConfig::default(),
-            listen: None,
-            seed: None,
-        }
+        ::metrics::counter!(crate::metrics::OUTBOX_RELEASED).increment(r.released);
+        ::metrics::counter!(crate::metrics::OUTBOX_BROKER_UNAVAILABLE).increment(r.outages);
     }
 }

@@ -1,11 +1,13 @@
 //! [`Outbox`]: writing messages in the caller's transaction.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use saga_core::{
-    Clock, DEFAULT_MAX_BYTES, Message, MessageId, OutboxMessage, Payload, SystemClock,
+    Clock, DEFAULT_MAX_BYTES, MAX_DELIVERY_DELAY, Message, MessageId, OutboxMessage, Payload,
+    SystemClock, Timestamp,
 };
 use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
@@ -214,7 +216,9 @@ impl Outbox {
 
     /// Writes `messages` to the outbox inside `tx`, in one statement, in
     /// this order (the order per-key ordering keeps), each under a new id.
-    /// Nothing is written if any payload is over the cap.
+    /// Nothing is written if any payload is over the cap (the errors are
+    /// those of [`enqueue_with_ids_in_tx`](Outbox::enqueue_with_ids_in_tx);
+    /// fresh ids cannot conflict).
     pub async fn enqueue_all_in_tx(
         &self,
         tx: &Transaction<'_>,
@@ -231,10 +235,34 @@ impl Outbox {
     }
 
     /// Writes messages whose ids the caller chose (for example derived
-    /// from a business key, or by [`MessageId::derive`]) inside `tx`.
-    /// Idempotent on the id: a message whose id is already in the outbox is
-    /// skipped. Returns how many were written. Nothing is written if any
-    /// payload is over the cap.
+    /// from a business key, or by [`MessageId::derive`]) inside `tx`, and
+    /// returns how many were written.
+    ///
+    /// Idempotent on the id, and never silently dropping a message: an id
+    /// already in the outbox with the **same** message (topic, key, headers
+    /// and payload; the delivery time is not compared, since a retry
+    /// recomputes it) is skipped and not counted; an id already there with
+    /// a **different** message is refused with [`OutboxError::Conflict`],
+    /// and then nothing of the call is written (the transaction stays
+    /// usable). The same holds against a concurrent transaction that
+    /// enqueued the id first: this call waits for it to commit, then skips
+    /// or refuses.
+    ///
+    /// Ids are compared with the messages still in the outbox: pending, in
+    /// flight or dead-lettered. A delivered message's row is deleted, and
+    /// its id forgotten: enqueued again, the same id is a new message,
+    /// delivered again (consumers deduplicating on the id with the
+    /// [`Inbox`](crate::inbox::Inbox) then drop it, whatever its payload).
+    /// So an id must name one message for good: derive it from everything
+    /// that makes the message what it is, never reuse it for new content.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is written if any payload is over the cap
+    /// ([`OutboxError::PayloadTooLarge`]), if two messages of the call share
+    /// an id ([`OutboxError::DuplicateId`]), if one is due more than
+    /// [`MAX_DELIVERY_DELAY`](saga_core::MAX_DELIVERY_DELAY) from now
+    /// ([`OutboxError::DueTooLate`]), or on a conflict.
     pub async fn enqueue_with_ids_in_tx(
         &self,
         tx: &Transaction<'_>,
@@ -265,6 +293,7 @@ impl Outbox {
                 });
             }
         }
+        check_ids_and_times(messages, self.clock().now())?;
         let b = batch(messages);
         let now = self.inner.clock.bind();
         // Under an injected clock the times are on its timeline already.
@@ -288,9 +317,93 @@ impl Outbox {
         let typed: Vec<(&(dyn ToSql + Sync), Type)> =
             params.into_iter().zip(ENQUEUE_TYPES).collect();
         let rows = tx.query_typed(stmt.text(), &typed).await?;
-        let inserted: i64 = col(only(&rows, "n")?, "n")?;
+        let row = only(&rows, "enqueue")?;
+        let conflicts: Vec<Uuid> = col(row, "conflicts")?;
+        if !conflicts.is_empty() {
+            return Err(conflict(&conflicts));
+        }
+        let raced: Vec<Uuid> = col(row, "raced")?;
+        if !raced.is_empty() {
+            let inserted: Vec<Uuid> = col(row, "inserted")?;
+            self.recheck(tx, messages, &raced, &inserted).await?;
+        }
+        let inserted: i64 = col(row, "n")?;
         Ok(u64::try_from(inserted).unwrap_or(0))
     }
+
+    /// The ids in `raced` were committed by a concurrent transaction while
+    /// this call's insert waited: compares them with what it committed,
+    /// and on a conflict takes back the rows this call `inserted` (not yet
+    /// visible to anyone else), so that a refused call writes nothing.
+    async fn recheck(
+        &self,
+        tx: &Transaction<'_>,
+        messages: &[OutboxMessage],
+        raced: &[Uuid],
+        inserted: &[Uuid],
+    ) -> Result<(), OutboxError> {
+        let raced: Vec<OutboxMessage> = messages
+            .iter()
+            .filter(|m| raced.contains(&m.id.as_uuid()))
+            .cloned()
+            .collect();
+        let b = batch(&raced);
+        let stmt = &self.inner.sql.enqueue_recheck;
+        let params = stmt.bind(&[
+            ("ids", &b.ids),
+            ("topics", &b.topics),
+            ("keys", &b.keys),
+            ("json", &b.json),
+            ("bytes", &b.bytes),
+            ("headers", &b.headers),
+        ])?;
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+            .into_iter()
+            .zip(ENQUEUE_TYPES.into_iter().take(6))
+            .collect();
+        let rows = tx.query_typed(stmt.text(), &typed).await?;
+        if rows.is_empty() {
+            // The same messages (or already delivered and deleted): skipped.
+            return Ok(());
+        }
+        let conflicts = rows
+            .iter()
+            .map(|r| col(r, "id"))
+            .collect::<Result<Vec<Uuid>, _>>()?;
+        if !inserted.is_empty() {
+            let undo = &self.inner.sql.enqueue_undo;
+            let params = undo.bind(&[("ids", &inserted)])?;
+            tx.query_typed(undo.text(), &[(params[0], Type::UUID_ARRAY)])
+                .await?;
+        }
+        Err(conflict(&conflicts))
+    }
+}
+
+fn conflict(ids: &[Uuid]) -> OutboxError {
+    OutboxError::Conflict {
+        ids: ids.iter().copied().map(MessageId::from_uuid).collect(),
+    }
+}
+
+/// Refuses a call with two messages under one id, or with a message due
+/// more than [`MAX_DELIVERY_DELAY`] after `now`.
+fn check_ids_and_times(messages: &[OutboxMessage], now: Timestamp) -> Result<(), OutboxError> {
+    let mut seen = HashSet::with_capacity(messages.len());
+    for m in messages {
+        if !seen.insert(m.id) {
+            return Err(OutboxError::DuplicateId { id: m.id });
+        }
+        let delay = m.available_at.saturating_duration_since(now);
+        if delay > MAX_DELIVERY_DELAY {
+            return Err(OutboxError::DueTooLate {
+                id: m.id,
+                delay,
+                max: MAX_DELIVERY_DELAY,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The types of the enqueue statement's parameters, in its order.

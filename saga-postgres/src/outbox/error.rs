@@ -23,6 +23,44 @@ pub enum OutboxError {
         limit: usize,
     },
 
+    /// A message's id is already in the outbox under a *different* message
+    /// (another topic, key, headers or payload). Nothing of the call was
+    /// written: the transaction is still usable, and the stored message is
+    /// untouched. Re-enqueueing the *same* message under its id is not an
+    /// error (it is skipped). Ids are checked against the messages still in
+    /// the outbox (pending, in flight or dead-lettered); see
+    /// [`Outbox::enqueue_with_ids_in_tx`](super::Outbox::enqueue_with_ids_in_tx)
+    /// for what holds once a message was delivered.
+    #[error(
+        "outbox message {} is already enqueued with a different topic, key, headers or payload \
+         ({} conflicting id(s) in all); nothing was written",
+        .ids[0], .ids.len()
+    )]
+    Conflict {
+        /// The conflicting ids, in the call's order (at least one).
+        ids: Vec<MessageId>,
+    },
+
+    /// Two messages of one call have the same id. Nothing was written.
+    #[error("outbox message id {id} appears more than once in one call; nothing was written")]
+    DuplicateId {
+        /// The repeated id.
+        id: MessageId,
+    },
+
+    /// A message is due further in the future than
+    /// [`MAX_DELIVERY_DELAY`](saga_core::MAX_DELIVERY_DELAY) from now (on
+    /// the outbox's clock). Nothing was written.
+    #[error("outbox message {id} is due {delay:?} from now, over the maximum of {max:?}")]
+    DueTooLate {
+        /// The message.
+        id: MessageId,
+        /// How far from now it is due.
+        delay: std::time::Duration,
+        /// The maximum.
+        max: std::time::Duration,
+    },
+
     /// The database failed (or could not be reached). The SQLSTATE, if the
     /// server sent one, is available from [`OutboxError::code`].
     #[error("outbox database operation failed")]

@@ -56,7 +56,16 @@
 //! kept, with its last error, never published again until an operator acts.
 //! A message whose dispatchers keep dying while publishing it (so no
 //! failure is ever recorded) is dead-lettered too once it has been claimed
-//! `max_attempts` times. Operators list dead letters with
+//! `max_attempts` times.
+//!
+//! A failure that is the broker's, not the message's, spends no budget: a
+//! publisher reports it with [`PublishError::unavailable`] (the NATS
+//! publisher does while disconnected), and the message is put back with
+//! its attempt not counted. A batch with nothing published and the broker
+//! reported unavailable backs the dispatcher off as a whole
+//! ([`outage_backoff`](DispatcherConfig::outage_backoff)), so an outage of
+//! any length dead-letters nothing; see [`DispatchReport::outages`] and
+//! [`DispatchReport::released`]. Operators list dead letters with
 //! [`Outbox::dead_letters`], put them back in line with
 //! [`Outbox::redrive`] / [`Outbox::redrive_all`] (due now, with a fresh
 //! budget: its attempts start from zero, and a policy's `max_elapsed` counts
@@ -71,10 +80,11 @@
 //! # Retries inside the dispatcher
 //!
 //! A message's retries are never waited for in the process: they are
-//! scheduled in its row. The dispatcher does wait in three places, each
-//! with an exponential backoff ([`backon`](https://docs.rs/backon); each
-//! wait below is jittered up to twice its length) and with no transaction
-//! open, no row locked and no connection held while it waits:
+//! scheduled in its row. The dispatcher does wait in four places, always
+//! with no transaction open, no row locked and no connection held while it
+//! waits; the first three with an exponential backoff
+//! ([`backon`](https://docs.rs/backon); each wait jittered up to twice its
+//! length):
 //!
 //! - **Claiming and settling a batch**, through the crate's database layer
 //!   (20 ms doubling to 2 s). A claim whose reply was lost finds the rows
@@ -90,6 +100,12 @@
 //!   runs.
 //! - **The `LISTEN` connection**: reconnected after 50 ms doubling to 10 s,
 //!   for as long as it runs; polling delivers meanwhile.
+//! - **A broker outage** (nothing of a batch published, the publisher
+//!   reported the broker unavailable): the batch is released, due again
+//!   after the [`outage_backoff`](DispatcherConfig::outage_backoff) delay
+//!   (a [`RetryPolicy`](saga_core::RetryPolicy)'s, 1 s doubling to 60 s by
+//!   default, growing per consecutive outage cycle), and
+//!   [`run`](Dispatcher::run) waits as long before claiming again.
 //!
 //! # Per-key ordering, and its trade-off
 //!
@@ -154,6 +170,7 @@
 //! ```
 
 mod admin;
+mod builder;
 mod config;
 mod dispatcher;
 mod enqueue;
@@ -162,14 +179,16 @@ mod in_process;
 mod listener;
 #[cfg(feature = "nats")]
 pub mod nats;
+mod outage;
 mod publisher;
 mod sql;
 
 pub use admin::{DeadLetter, OutboxStats};
-pub use dispatcher::{
-    DeliveryOrder, DispatchReport, Dispatcher, DispatcherBuilder, DispatcherConfig,
-    default_retry_policy,
+pub use builder::DispatcherBuilder;
+pub use config::{
+    DeliveryOrder, DispatchReport, DispatcherConfig, default_outage_backoff, default_retry_policy,
 };
+pub use dispatcher::Dispatcher;
 pub use enqueue::{Outbox, OutboxBuilder};
 pub use error::OutboxError;
 pub use in_process::{HandlerPanicked, InProcessPublisher, NoHandler};

@@ -25,6 +25,13 @@ pub struct Unpublishable(String);
 
 /// A [`Publisher`] to NATS JetStream.
 ///
+/// While its client is not connected, and for the errors that are the
+/// server's (a broken connection, an acknowledgement that did not come in
+/// time, too many acknowledgements pending), it reports the broker
+/// [unavailable](PublishError::unavailable): the dispatcher then backs off
+/// without spending the messages' attempts. A message over the server's
+/// payload limit, an invalid subject or header is permanent (dead-lettered).
+///
 /// Each message goes to subject `<prefix><topic>` with header
 /// [`Nats-Msg-Id`](MSG_ID_HEADER) set to its id, so that JetStream's
 /// duplicate window drops a re-publish (after a dispatcher crash, a lost
@@ -120,16 +127,41 @@ impl NatsPublisher {
     }
 }
 
+/// The broker is unavailable: the client is not connected.
+#[derive(Debug, thiserror::Error)]
+#[error("not connected to NATS (connection state: {0})")]
+pub struct NotConnected(String);
+
+/// A JetStream publish error as a [`PublishError`]: a message over the
+/// server's payload limit is permanent; a broken connection, an
+/// acknowledgement that did not come in time and a full in-flight window
+/// say the broker is unavailable (not counted against the message's
+/// budget); anything else is transient.
 fn classify(e: jetstream::context::PublishError) -> PublishError {
+    PublishError::from_kind(classify_kind(e.kind()), e)
+}
+
+fn classify_kind(kind: jetstream::context::PublishErrorKind) -> super::PublishErrorKind {
+    use super::PublishErrorKind as Ours;
     use jetstream::context::PublishErrorKind as K;
-    match e.kind() {
-        K::MaxPayloadExceeded => PublishError::permanent(e),
-        _ => PublishError::transient(e),
+    match kind {
+        K::MaxPayloadExceeded => Ours::Permanent,
+        K::BrokenPipe | K::TimedOut | K::MaxAckPending => Ours::Unavailable,
+        _ => Ours::Transient,
     }
 }
 
 impl Publisher for NatsPublisher {
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishError>> {
+        // Not connected (yet, or any more): the broker is unavailable, and
+        // sending would only queue the messages in the client.
+        let state = self.js.client().connection_state();
+        if state != async_nats::connection::State::Connected {
+            return batch
+                .iter()
+                .map(|_| Err(PublishError::unavailable(NotConnected(state.to_string()))))
+                .collect();
+        }
         // Send everything first, then wait for the acknowledgements.
         let mut pending = Vec::with_capacity(batch.len());
         for out in batch {
@@ -151,5 +183,29 @@ impl Publisher for NatsPublisher {
             });
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::PublishErrorKind as Ours;
+    use super::*;
+    use jetstream::context::PublishErrorKind as K;
+
+    #[test]
+    fn connection_errors_say_the_broker_is_unavailable() {
+        let table = [
+            (K::BrokenPipe, Ours::Unavailable),
+            (K::TimedOut, Ours::Unavailable),
+            (K::MaxAckPending, Ours::Unavailable),
+            (K::MaxPayloadExceeded, Ours::Permanent),
+            (K::StreamNotFound, Ours::Transient),
+            (K::WrongLastMessageId, Ours::Transient),
+            (K::WrongLastSequence, Ours::Transient),
+            (K::Other, Ours::Transient),
+        ];
+        for (theirs, ours) in table {
+            assert_eq!(classify_kind(theirs), ours, "{theirs:?}");
+        }
     }
 }

@@ -49,6 +49,16 @@ pub enum PublishErrorKind {
     /// nobody handles): the message is dead-lettered at once, for an
     /// operator to inspect and redrive.
     Permanent,
+    /// The broker, not the message, failed: it cannot be reached, the
+    /// connection broke, it did not acknowledge in time, it is overloaded.
+    /// The message is put back without spending an attempt of its budget,
+    /// and when no message of the batch was published the dispatcher backs
+    /// off as a whole (see [`DispatcherConfig::outage_backoff`]). Report it
+    /// only for failures that say nothing about the message: a message
+    /// that keeps failing this way is never dead-lettered.
+    ///
+    /// [`DispatcherConfig::outage_backoff`]: super::DispatcherConfig::outage_backoff
+    Unavailable,
 }
 
 /// A message could not be published. Keeps its cause as its source; the
@@ -74,6 +84,30 @@ impl PublishError {
             kind: PublishErrorKind::Permanent,
             source: source.into(),
         }
+    }
+
+    /// The broker is unavailable (unreachable, disconnected, not
+    /// acknowledging): not the message's fault, so not counted against its
+    /// attempt budget ([`PublishErrorKind::Unavailable`]).
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        PublishError {
+            kind: PublishErrorKind::Unavailable,
+            source: source.into(),
+        }
+    }
+
+    /// A failure of the given kind.
+    pub fn from_kind(kind: PublishErrorKind, source: impl Into<BoxError>) -> Self {
+        PublishError {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// Whether the broker, not the message, failed.
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == PublishErrorKind::Unavailable
     }
 
     /// Which kind of failure.
@@ -104,6 +138,9 @@ impl fmt::Display for PublishError {
         match self.kind {
             PublishErrorKind::Transient => f.write_str("publish failed"),
             PublishErrorKind::Permanent => f.write_str("publish failed permanently"),
+            PublishErrorKind::Unavailable => {
+                f.write_str("publish failed: the broker is unavailable")
+            }
         }
     }
 }

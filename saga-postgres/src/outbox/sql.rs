@@ -15,6 +15,8 @@ pub(crate) struct OutboxSql {
     pub(crate) channel: String,
     pub(crate) server_time: Statement,
     pub(crate) enqueue: Statement,
+    pub(crate) enqueue_recheck: Statement,
+    pub(crate) enqueue_undo: Statement,
     pub(crate) claim_unordered: Statement,
     pub(crate) claim_by_key: Statement,
     pub(crate) claimed_by: Statement,
@@ -26,6 +28,13 @@ pub(crate) struct OutboxSql {
     pub(crate) purge_all: Statement,
     pub(crate) stats: Statement,
 }
+
+/// Whether the stored row `o` holds the same message as the candidate `m`:
+/// topic, key, headers and payload, compared as stored (`jsonb` equality:
+/// key order and whitespace do not matter). Not the delivery time, which a
+/// retry recomputes, nor the emitting saga.
+const SAME_MESSAGE: &str = "((o.topic, o.key, o.headers, o.payload_json, o.payload_bytes)
+    IS NOT DISTINCT FROM (m.topic, m.key, m.headers, m.payload_json, m.payload_bytes))";
 
 const CLAIM_PARAMS: &[&str] = &["now", "limit", "token", "lease_for_us", "max_attempts"];
 
@@ -123,29 +132,57 @@ impl OutboxSql {
             // One array per column. A message's `available_at` is moved
             // onto the server's timeline: it keeps its distance from
             // `$basis` (the time it was computed from), unless `$basis` is
-            // NULL (ids and times chosen by the caller). Idempotent on the
-            // id.
+            // NULL (ids and times chosen by the caller).
+            //
+            // Idempotent on the id, and refusing a reused id: an id already
+            // in the outbox with the same message (`SAME_MESSAGE`) is
+            // skipped; one with a different message is returned in
+            // `conflicts`, and then nothing is inserted. An id that was not
+            // visible when the statement started but was committed by a
+            // concurrent transaction before the insert (`ON CONFLICT`) is
+            // returned in `raced`, to be compared by `enqueue_recheck`
+            // (which sees the committed row); `inserted` lets the caller
+            // take its rows back then.
             enqueue: Statement::new(
                 "enqueue",
                 &format!(
-                    "WITH ins AS (
+                    "WITH msg AS (
+                        SELECT * FROM unnest($ids::uuid[], $topics::text[], $keys::text[],
+                            $json::jsonb[], $bytes::bytea[], $headers::jsonb[],
+                            $available::timestamptz[]) WITH ORDINALITY
+                            AS m(id, topic, key, payload_json, payload_bytes, headers,
+                                available_at, ord)
+                    ),
+                    existing AS (
+                        SELECT m.id, m.ord, {SAME_MESSAGE} AS same
+                        FROM msg m JOIN {s}.outbox o ON o.id = m.id
+                    ),
+                    ins AS (
                         INSERT INTO {s}.outbox (id, topic, key, payload_json, payload_bytes,
                             headers, created_at, available_at)
                         SELECT m.id, m.topic, m.key, m.payload_json, m.payload_bytes, m.headers,
                             {NOW},
                             coalesce({NOW} + (m.available_at - $basis::timestamptz),
                                 m.available_at)
-                        FROM unnest($ids::uuid[], $topics::text[], $keys::text[],
-                            $json::jsonb[], $bytes::bytea[], $headers::jsonb[],
-                            $available::timestamptz[]) WITH ORDINALITY
-                            AS m(id, topic, key, payload_json, payload_bytes, headers,
-                                available_at, ord)
+                        FROM msg m
+                        WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE NOT e.same)
+                          AND NOT EXISTS (SELECT 1 FROM existing e WHERE e.id = m.id)
                         ORDER BY m.ord
                         ON CONFLICT (id) DO NOTHING
-                        RETURNING 1
+                        RETURNING id
                     ),
-                    {}",
-                    count_and_notify("ins")
+                    notified AS (
+                        SELECT pg_notify($channel::text, '') FROM (SELECT 1 FROM ins LIMIT 1) AS one
+                    )
+                    SELECT (SELECT count(*) FROM ins) AS n,
+                        (SELECT count(*) FROM notified) AS notified,
+                        ARRAY(SELECT e.id FROM existing e WHERE NOT e.same ORDER BY e.ord)
+                            AS conflicts,
+                        ARRAY(SELECT m.id FROM msg m
+                            WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.id = m.id)
+                              AND NOT EXISTS (SELECT 1 FROM ins i WHERE i.id = m.id)
+                            ORDER BY m.ord) AS raced,
+                        ARRAY(SELECT i.id FROM ins i) AS inserted"
                 ),
                 &[
                     "ids",
@@ -159,6 +196,29 @@ impl OutboxSql {
                     "basis",
                     "channel",
                 ],
+            ),
+            // The ids of the given messages stored with a different message
+            // (after `enqueue` reported them `raced`).
+            enqueue_recheck: Statement::new(
+                "enqueue_recheck",
+                &format!(
+                    "SELECT m.id
+                     FROM unnest($ids::uuid[], $topics::text[], $keys::text[], $json::jsonb[],
+                        $bytes::bytea[], $headers::jsonb[]) WITH ORDINALITY
+                        AS m(id, topic, key, payload_json, payload_bytes, headers, ord)
+                     JOIN {s}.outbox o ON o.id = m.id
+                     WHERE NOT {SAME_MESSAGE}
+                     ORDER BY m.ord"
+                ),
+                &["ids", "topics", "keys", "json", "bytes", "headers"],
+            ),
+            // Takes back rows this transaction just inserted (not yet
+            // visible to anyone else) when `enqueue_recheck` found a
+            // conflict, so that a refused call writes nothing.
+            enqueue_undo: Statement::new(
+                "enqueue_undo",
+                &format!("DELETE FROM {s}.outbox WHERE id = ANY($ids::uuid[])"),
+                &["ids"],
             ),
             claim_unordered: Statement::new("claim_unordered", &claim(&s, false), CLAIM_PARAMS),
             claim_by_key: Statement::new("claim_by_key", &claim(&s, true), CLAIM_PARAMS),
@@ -183,10 +243,14 @@ impl OutboxSql {
                 &["now", "lease_for_us", "token"],
             ),
             // Published ids, then the failed (id, error, retry_at; NULL
-            // retry_at: dead-letter). Both halves are guarded by the lease
-            // token, so a dispatcher whose lease was taken over changes
-            // nothing, and repeating the statement after a lost connection
-            // is harmless.
+            // retry_at: dead-letter; release: put back without spending
+            // the attempt the claim counted, the broker being unavailable).
+            // Both halves are guarded by the lease token, so a dispatcher
+            // whose lease was taken over changes nothing, and repeating the
+            // statement after a lost connection is harmless. A released
+            // message back at zero attempts has its first attempt forgotten
+            // too, so that a policy's `max_elapsed` does not count the
+            // outage.
             settle: Statement::new(
                 "settle",
                 &format!(
@@ -201,15 +265,21 @@ impl OutboxSql {
                             lease_token = NULL,
                             lease_expires_at = NULL,
                             available_at = coalesce(f.retry_at, o.available_at),
-                            dead_at = CASE WHEN f.retry_at IS NULL THEN {NOW} END
+                            dead_at = CASE WHEN f.retry_at IS NULL THEN {NOW} END,
+                            attempts = CASE WHEN f.release THEN greatest(o.attempts - 1, 0)
+                                ELSE o.attempts END,
+                            first_attempt_at = CASE WHEN f.release AND o.attempts <= 1 THEN NULL
+                                ELSE o.first_attempt_at END
                         FROM unnest($failed_ids::uuid[], $failed_errors::text[],
-                            $failed_retry_at::timestamptz[]) AS f(id, error, retry_at)
+                            $failed_retry_at::timestamptz[], $failed_release::bool[])
+                            AS f(id, error, retry_at, release)
                         WHERE o.id = f.id AND o.lease_token = $token::uuid
-                        RETURNING f.retry_at IS NULL AS dead
+                        RETURNING f.retry_at IS NULL AS dead, f.release
                     )
                     SELECT (SELECT count(*) FROM done) AS published,
-                        (SELECT count(*) FROM failed WHERE NOT dead) AS retried,
-                        (SELECT count(*) FROM failed WHERE dead) AS dead"
+                        (SELECT count(*) FROM failed WHERE NOT dead AND NOT release) AS retried,
+                        (SELECT count(*) FROM failed WHERE dead) AS dead,
+                        (SELECT count(*) FROM failed WHERE release AND NOT dead) AS released"
                 ),
                 &[
                     "published",
@@ -218,6 +288,7 @@ impl OutboxSql {
                     "failed_ids",
                     "failed_errors",
                     "failed_retry_at",
+                    "failed_release",
                 ],
             ),
             // A cursor (dead_at, id) or NULLs.
@@ -311,6 +382,8 @@ impl OutboxSql {
         vec![
             &self.server_time,
             &self.enqueue,
+            &self.enqueue_recheck,
+            &self.enqueue_undo,
             &self.claim_unordered,
             &self.claim_by_key,
             &self.claimed_by,
