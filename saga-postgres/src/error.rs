@@ -78,6 +78,32 @@ pub enum PgError {
         needed: i32,
     },
 
+    /// The schema has a migration, applied by a newer binary, that needs a
+    /// binary knowing more migrations than this one (see
+    /// [`Migration::compatible_from`](crate::Migration::compatible_from)):
+    /// this binary would fail on it. Nothing was changed.
+    #[error(
+        "schema `{schema}` has migration {migration}{}, which needs a binary that knows migration \
+         {needs} or later; this binary (saga-postgres {binary_version}) knows migrations up to \
+         {binary}: deploy a newer binary (or roll the database back with the newer release's \
+         instructions)",
+        applied_by.as_ref().map(|v| format!(" (applied by saga-postgres {v})")).unwrap_or_default()
+    )]
+    SchemaTooNew {
+        /// The schema.
+        schema: String,
+        /// The applied migration that needs a newer binary.
+        migration: i32,
+        /// The latest migration a binary must know to work with it.
+        needs: i32,
+        /// The library version that applied it, if it was recorded.
+        applied_by: Option<String>,
+        /// The latest migration this binary knows.
+        binary: i32,
+        /// This binary's library version.
+        binary_version: &'static str,
+    },
+
     /// A stored row could not be read back (an unknown status, a malformed
     /// name, a column missing or of another type): somebody wrote to the
     /// tables by hand, or the schema is not the one this binary expects.
