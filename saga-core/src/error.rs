@@ -156,6 +156,18 @@ pub enum Error {
         direction: Direction,
     },
 
+    /// The instance's stored row cannot be read back (a column written by
+    /// hand, say): its raw values are in the [`MalformedSaga`](crate::store::MalformedSaga),
+    /// and [`SagaClient::get`](crate::SagaClient::get) returns them rather than this error.
+    #[error("saga instance {} cannot be read: {}", .saga.id, .saga.reason)]
+    Malformed {
+        /// The row's raw values and why they do not read.
+        saga: Box<crate::store::MalformedSaga>,
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The instance's saga name and version are not registered here.
     #[error("saga {0} is not registered here")]
     UnknownSaga(SagaKind),

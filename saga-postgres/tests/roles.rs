@@ -265,7 +265,7 @@ async fn a_runtime_role_with_dml_only_runs_everything_but_cannot_migrate() {
     let report = executor.run_until_idle().await.unwrap();
     assert_eq!(report.transitions.len(), 2, "{report:?}");
     assert_eq!(
-        executor.client().get(started.id).await.unwrap().status,
+        executor.client().snapshot(started.id).await.unwrap().status,
         Status::Completed
     );
     assert_eq!(
@@ -515,7 +515,7 @@ async fn the_guides_operator_queries_find_and_clean_up_what_they_say_as_the_runt
         ("undone-old", Status::Compensated),
         ("stuck-old", Status::Stuck),
     ] {
-        assert_eq!(client.get(ids[key]).await.unwrap().status, status, "{key}");
+        assert_eq!(client.snapshot(ids[key]).await.unwrap().status, status, "{key}");
     }
     // Two more, never run: one due two minutes ago, one due now.
     for key in ["overdue", "due-now"] {
