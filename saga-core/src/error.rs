@@ -291,6 +291,10 @@ pub enum DefinitionProblem {
     /// A name failed validation.
     #[error(transparent)]
     InvalidName(InvalidName),
+    /// The version is 0: versions start at 1 (0 is what an unset field or
+    /// a default gives, so it is taken for a mistake).
+    #[error("its version is 0; versions start at 1")]
+    ZeroVersion,
     /// A step's timeout is zero.
     #[error("step `{0}` has a zero timeout")]
     ZeroTimeout(StepName),

@@ -44,6 +44,16 @@ pub enum PgError {
     #[error("invalid database URL")]
     InvalidUrl(#[source] tokio_postgres::Error),
 
+    /// The connection configuration names no host (`postgresql://`, say).
+    /// tokio-postgres, unlike libpq, has no default host or socket, so every
+    /// connection would fail; the user and database do have defaults (the
+    /// user running the process, and a database named after the user).
+    #[error(
+        "the database URL names no host: add one (`postgresql://user@localhost/db`, or \
+         `host=/var/run/postgresql` for a Unix socket)"
+    )]
+    NoHost,
+
     /// The connection's TLS settings (`sslmode`, `sslrootcert`) are
     /// invalid, or its root certificates unreadable.
     #[error("invalid TLS settings")]
