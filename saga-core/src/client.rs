@@ -130,7 +130,10 @@ impl<St: SagaStore> SagaClient<St> {
     /// Idempotent on `key` (per saga name): starting again with the same key
     /// and an equal input returns the first instance with
     /// `created == false`; with a different input it fails with
-    /// [`Error::StartKeyConflict`]. An input over the size cap fails with
+    /// [`Error::StartKeyConflict`]. Keys span versions: a start of version
+    /// 2 with a key that started a version 1 instance returns that
+    /// instance, and [`Started::kind`] says it is version 1 (see the
+    /// guarantees guide for why this is not a conflict). An input over the size cap fails with
     /// [`Error::TooLarge`]. Either way nothing is written.
     pub async fn start<S: Serialize, D>(
         &self,
