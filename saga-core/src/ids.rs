@@ -485,7 +485,10 @@ mod tests {
             assert_eq!(err.what(), "start key");
             assert!(err.to_string().contains("only whitespace"), "{err}");
         }
-        assert!(StartKey::new(" order-17 ").is_ok(), "spaces around a key are kept");
+        assert!(
+            StartKey::new(" order-17 ").is_ok(),
+            "spaces around a key are kept"
+        );
         assert!(StartKey::new("a\nb").is_err());
         assert!(StartKey::new("k".repeat(256)).is_err());
     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use saga_core::store::SagaStore;
 use saga_core::testing::{Behavior, LEASE, Script, TestState, scripted_saga};
-use saga_core::{Direction, Executor, InMemorySagaStore, ManualClock, Outcome, StartKey, Timestamp};
+use saga_core::{
+    Direction, Executor, InMemorySagaStore, ManualClock, Outcome, StartKey, Timestamp,
+};
 use tracing::Level;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
@@ -63,7 +65,11 @@ fn run(behaviors: Vec<Behavior>) -> (Vec<(Level, String)>, String) {
                 .unwrap();
             let id = exec
                 .client()
-                .start(&saga, StartKey::new("order-1").unwrap(), &TestState::order(1))
+                .start(
+                    &saga,
+                    StartKey::new("order-1").unwrap(),
+                    &TestState::order(1),
+                )
                 .await
                 .unwrap()
                 .id;

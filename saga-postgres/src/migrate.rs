@@ -452,9 +452,16 @@ mod tests {
         assert_eq!(needs(&[applied(1, Some(1)), applied(4, Some(1))]), None);
         assert_eq!(needs(&[applied(4, Some(1)), applied(5, Some(4))]), None);
         // A newer migration that needs a binary knowing 5 (or 6).
-        assert_eq!(needs(&[applied(4, Some(1)), applied(5, Some(5))]), Some((5, 5)));
         assert_eq!(
-            needs(&[applied(5, Some(5)), applied(6, Some(6)), applied(7, Some(6))]),
+            needs(&[applied(4, Some(1)), applied(5, Some(5))]),
+            Some((5, 5))
+        );
+        assert_eq!(
+            needs(&[
+                applied(5, Some(5)),
+                applied(6, Some(6)),
+                applied(7, Some(6))
+            ]),
             Some((7, 6)),
             "the highest requirement, then the latest migration with it"
         );

@@ -344,7 +344,10 @@ async fn an_older_binary_is_refused_on_a_schema_a_newer_one_migrated_past_it() {
     let report = migrate_with(&mut pool.get().await.unwrap(), &schema, &newer)
         .await
         .unwrap();
-    assert_eq!(report.applied, all_versions().into_iter().chain([next]).collect::<Vec<_>>());
+    assert_eq!(
+        report.applied,
+        all_versions().into_iter().chain([next]).collect::<Vec<_>>()
+    );
 
     // This binary is the older one: its check and its migrate refuse.
     let store = PgSagaStore::new(pool.clone(), schema.clone());
@@ -359,11 +362,16 @@ async fn an_older_binary_is_refused_on_a_schema_a_newer_one_migrated_past_it() {
     else {
         panic!("{err:?}");
     };
-    assert_eq!((*migration, *needs, *binary), (next, next, latest_version()));
+    assert_eq!(
+        (*migration, *needs, *binary),
+        (next, next, latest_version())
+    );
     assert_eq!(applied_by.as_deref(), Some(env!("CARGO_PKG_VERSION")));
     let text = err.to_string();
     assert!(
-        text.contains(&format!("needs a binary that knows migration {next} or later")),
+        text.contains(&format!(
+            "needs a binary that knows migration {next} or later"
+        )),
         "{text}"
     );
     assert!(

@@ -515,7 +515,11 @@ async fn the_guides_operator_queries_find_and_clean_up_what_they_say_as_the_runt
         ("undone-old", Status::Compensated),
         ("stuck-old", Status::Stuck),
     ] {
-        assert_eq!(client.snapshot(ids[key]).await.unwrap().status, status, "{key}");
+        assert_eq!(
+            client.snapshot(ids[key]).await.unwrap().status,
+            status,
+            "{key}"
+        );
     }
     // Two more, never run: one due two minutes ago, one due now.
     for key in ["overdue", "due-now"] {
