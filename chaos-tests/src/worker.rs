@@ -408,3 +408,29 @@ pub fn chaos_settings() -> WorkerSettings {
         publish_directly: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_spec_is_debugged_without_the_database_password() {
+        let spec = WorkerSpec {
+            endpoints: Endpoints {
+                database_url: "postgres://chaos:s3cret-pw@127.0.0.1:5432/chaos".to_owned(),
+                prefix: "chaos".to_owned(),
+                payment_url: "http://127.0.0.1:1".to_owned(),
+                inventory_url: "http://127.0.0.1:2".to_owned(),
+                email_url: "http://127.0.0.1:3".to_owned(),
+            },
+            settings: WorkerSettings::default(),
+            number: 1,
+            unfenced: false,
+        };
+        let shown = format!("{spec:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("127.0.0.1"), "{shown}");
+        // The spec itself, which the worker process reads, keeps it.
+        assert!(serde_json::to_string(&spec).unwrap().contains("s3cret-pw"));
+    }
+}

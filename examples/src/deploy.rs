@@ -31,15 +31,25 @@ pub enum Database {
     Throwaway,
 }
 
-/// Never shows the URL's password: as tokio-postgres's parsed
-/// configuration, which redacts it, or not at all if it does not parse.
+/// A database URL for `Debug`, never with its password: as tokio-postgres's
+/// parsed configuration, which redacts it, or not at all if it does not
+/// parse. The one redaction of database URLs here and in the chaos tests.
+pub struct RedactedUrl<'a>(pub &'a str);
+
+impl std::fmt::Debug for RedactedUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match tokio_postgres::Config::from_str(self.0) {
+            Ok(config) => config.fmt(f),
+            Err(_) => f.write_str("<not a PostgreSQL URL>"),
+        }
+    }
+}
+
+/// Never shows the URL's password (see [`RedactedUrl`]).
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Database::Url(url) => match tokio_postgres::Config::from_str(url) {
-                Ok(config) => f.debug_tuple("Url").field(&config).finish(),
-                Err(_) => f.write_str("Url(<not a PostgreSQL URL>)"),
-            },
+            Database::Url(url) => f.debug_tuple("Url").field(&RedactedUrl(url)).finish(),
             Database::Throwaway => f.write_str("Throwaway"),
         }
     }
@@ -90,7 +100,8 @@ impl Default for WorkerSettings {
 }
 
 /// Where a worker finds everything: serializable, for worker processes.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// Its `Debug` never shows the database password (see [`RedactedUrl`]).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {
     /// The database, as the workers reach it.
     pub database_url: String,
@@ -102,6 +113,18 @@ pub struct Endpoints {
     pub inventory_url: String,
     /// The email service's base URL.
     pub email_url: String,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints")
+            .field("database_url", &RedactedUrl(&self.database_url))
+            .field("prefix", &self.prefix)
+            .field("payment_url", &self.payment_url)
+            .field("inventory_url", &self.inventory_url)
+            .field("email_url", &self.email_url)
+            .finish()
+    }
 }
 
 /// Where a worker can be made to stall or die on purpose.
@@ -517,5 +540,20 @@ mod tests {
         }
         let shown = format!("{:?}", Database::Url("s3cret-pw not a url".to_owned()));
         assert!(!shown.contains("s3cret-pw"), "{shown}");
+    }
+
+    #[test]
+    fn endpoints_are_debugged_without_the_database_password() {
+        let endpoints = Endpoints {
+            database_url: "postgres://shop:s3cret-pw@db.internal:5433/orders".to_owned(),
+            prefix: "shop".to_owned(),
+            payment_url: "http://payment.internal".to_owned(),
+            inventory_url: "http://inventory.internal".to_owned(),
+            email_url: "http://email.internal".to_owned(),
+        };
+        let shown = format!("{endpoints:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("db.internal"), "{shown}");
+        assert!(shown.contains("payment.internal"), "{shown}");
     }
 }

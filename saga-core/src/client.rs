@@ -10,7 +10,9 @@ use crate::definition::SagaDefinition;
 use crate::error::Error;
 use crate::ids::{Direction, SagaId, SagaName, StartKey, TransitionId};
 use crate::machine::Status;
-use crate::store::{HistoryEntry, NewSaga, Outcome, SagaSnapshot, SagaStore, Started};
+use crate::store::{
+    HistoryEntry, MalformedSaga, NewSaga, Outcome, SagaSnapshot, SagaStore, Started,
+};
 use crate::time::Timestamp;
 
 /// The default cap on a saga's serialized state and on an outbox payload:
@@ -128,7 +130,10 @@ impl<St: SagaStore> SagaClient<St> {
     /// Idempotent on `key` (per saga name): starting again with the same key
     /// and an equal input returns the first instance with
     /// `created == false`; with a different input it fails with
-    /// [`Error::StartKeyConflict`]. An input over the size cap fails with
+    /// [`Error::StartKeyConflict`]. Keys span versions: a start of version
+    /// 2 with a key that started a version 1 instance returns that
+    /// instance, and [`Started::kind`] says it is version 1 (see the
+    /// guarantees guide for why this is not a conflict). An input over the size cap fails with
     /// [`Error::TooLarge`]. Either way nothing is written.
     pub async fn start<S: Serialize, D>(
         &self,
@@ -148,8 +153,22 @@ impl<St: SagaStore> SagaClient<St> {
         Ok(started)
     }
 
-    /// The instance, or [`Error::NotFound`].
-    pub async fn get(&self, id: SagaId) -> Result<SagaSnapshot, Error> {
+    /// The instance as stored, for operator tools: its snapshot, or, if its
+    /// row cannot be read (see [`MalformedSaga`]), the row's raw values and
+    /// why; [`Error::NotFound`] if there is none. To get a typed
+    /// [`SagaSnapshot`] or an error, use [`snapshot`](Self::snapshot).
+    pub async fn get(&self, id: SagaId) -> Result<SagaView, Error> {
+        match self.store.load(id).await {
+            Ok(Some(snapshot)) => Ok(SagaView::Readable(snapshot)),
+            Ok(None) => Err(Error::NotFound(id)),
+            Err(Error::Malformed { saga, .. }) => Ok(SagaView::Malformed(*saga)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The instance, or [`Error::NotFound`], or [`Error::Malformed`] if its
+    /// row cannot be read.
+    pub async fn snapshot(&self, id: SagaId) -> Result<SagaSnapshot, Error> {
         self.store.load(id).await?.ok_or(Error::NotFound(id))
     }
 
@@ -160,6 +179,45 @@ impl<St: SagaStore> SagaClient<St> {
             return Err(Error::NotFound(id));
         }
         Ok(history)
+    }
+}
+
+/// What [`SagaClient::get`] found: an instance, readable or not.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SagaView {
+    /// The instance, read.
+    Readable(SagaSnapshot),
+    /// A row that cannot be read: its raw values and why.
+    Malformed(MalformedSaga),
+}
+
+impl SagaView {
+    /// The instance's id.
+    #[must_use]
+    pub fn id(&self) -> SagaId {
+        match self {
+            SagaView::Readable(s) => s.id,
+            SagaView::Malformed(m) => m.id,
+        }
+    }
+
+    /// The snapshot, if the row could be read.
+    #[must_use]
+    pub fn readable(&self) -> Option<&SagaSnapshot> {
+        match self {
+            SagaView::Readable(s) => Some(s),
+            SagaView::Malformed(_) => None,
+        }
+    }
+
+    /// The raw row, if it could not be read.
+    #[must_use]
+    pub fn malformed(&self) -> Option<&MalformedSaga> {
+        match self {
+            SagaView::Readable(_) => None,
+            SagaView::Malformed(m) => Some(m),
+        }
     }
 }
 

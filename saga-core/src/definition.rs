@@ -374,6 +374,9 @@ where
             saga: name.clone(),
             problem,
         };
+        if self.version == 0 {
+            return Err(problem(DefinitionProblem::ZeroVersion));
+        }
         if self.steps.is_empty() {
             return Err(problem(DefinitionProblem::NoSteps));
         }

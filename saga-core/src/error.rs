@@ -156,6 +156,18 @@ pub enum Error {
         direction: Direction,
     },
 
+    /// The instance's stored row cannot be read back (a column written by
+    /// hand, say): its raw values are in the [`MalformedSaga`](crate::store::MalformedSaga),
+    /// and [`SagaClient::get`](crate::SagaClient::get) returns them rather than this error.
+    #[error("saga instance {} cannot be read: {}", .saga.id, .saga.reason)]
+    Malformed {
+        /// The row's raw values and why they do not read.
+        saga: Box<crate::store::MalformedSaga>,
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The instance's saga name and version are not registered here.
     #[error("saga {0} is not registered here")]
     UnknownSaga(SagaKind),
@@ -279,6 +291,10 @@ pub enum DefinitionProblem {
     /// A name failed validation.
     #[error(transparent)]
     InvalidName(InvalidName),
+    /// The version is 0: versions start at 1 (0 is what an unset field or
+    /// a default gives, so it is taken for a mistake).
+    #[error("its version is 0; versions start at 1")]
+    ZeroVersion,
     /// A step's timeout is zero.
     #[error("step `{0}` has a zero timeout")]
     ZeroTimeout(StepName),

@@ -392,6 +392,13 @@ impl StartKey {
         if s.is_empty() {
             return Err(InvalidName::new("start key", s, "must not be empty"));
         }
+        if s.chars().all(char::is_whitespace) {
+            return Err(InvalidName::new(
+                "start key",
+                s,
+                "must not be only whitespace",
+            ));
+        }
         if s.len() > MAX_START_KEY_LEN {
             return Err(InvalidName::new("start key", s, "longer than 255 bytes"));
         }
@@ -473,6 +480,15 @@ mod tests {
     fn start_keys_are_validated() {
         assert!(StartKey::new("order-17").is_ok());
         assert!(StartKey::new("").is_err());
+        for blank in [" ", "   ", "\u{3000}"] {
+            let err = StartKey::new(blank).unwrap_err();
+            assert_eq!(err.what(), "start key");
+            assert!(err.to_string().contains("only whitespace"), "{err}");
+        }
+        assert!(
+            StartKey::new(" order-17 ").is_ok(),
+            "spaces around a key are kept"
+        );
         assert!(StartKey::new("a\nb").is_err());
         assert!(StartKey::new("k".repeat(256)).is_err());
     }

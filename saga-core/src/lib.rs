@@ -27,7 +27,7 @@ mod time;
 // the pure status machine is in [`machine`].
 
 pub use action::{Action, ActionFn, BoxAction, BoxFuture, WithDeps, action_fn, with_deps};
-pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, count_started};
+pub use client::{DEFAULT_MAX_BYTES, Limits, SagaClient, SagaView, count_started};
 pub use context::StepContext;
 pub use definition::{DEFAULT_STEP_TIMEOUT, SagaBuilder, SagaDefinition, Step};
 pub use error::{
@@ -51,7 +51,7 @@ pub use outbox::{
 pub use panic::message as panic_message;
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use shape::{SagaShape, SideShape, StepShape};
-pub use store::{HistoryEntry, Outcome, SagaSnapshot, Started};
+pub use store::{HistoryEntry, MalformedSaga, Outcome, SagaSnapshot, Started};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 
 /// The repository README's examples, compiled and run as doctests.

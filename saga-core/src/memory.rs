@@ -168,8 +168,10 @@ impl SagaStore for InMemorySagaStore {
             return Ok(Started {
                 id: existing,
                 created: false,
+                kind: row.snapshot.kind.clone(),
             });
         }
+        let kind = new.kind.clone();
         let snapshot = SagaSnapshot {
             id: new.id,
             kind: new.kind,
@@ -201,6 +203,7 @@ impl SagaStore for InMemorySagaStore {
         Ok(Started {
             id: new.id,
             created: true,
+            kind,
         })
     }
 

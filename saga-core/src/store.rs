@@ -104,12 +104,20 @@ pub struct NewSaga {
 }
 
 /// The answer to a start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Start keys are unique per saga *name*, across its versions: a start of
+/// version 2 with a key that started a version 1 instance (with an equal
+/// input) returns that version 1 instance, and `kind` says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
     /// The instance: the new one, or the one started earlier with this key.
     pub id: SagaId,
     /// Whether this call created it.
     pub created: bool,
+    /// The instance's saga name and version: the definition started, or,
+    /// when `created` is false, the version the earlier start used, which
+    /// may be another version of the same saga.
+    pub kind: SagaKind,
 }
 
 /// What a worker asks for when claiming.
@@ -323,6 +331,30 @@ pub struct SagaSnapshot {
     pub updated_at: Timestamp,
 }
 
+/// An instance whose stored row the store cannot read back as a
+/// [`SagaSnapshot`] (a column written by hand, or by a binary with another
+/// idea of the schema): its raw values, for an operator to see. A claim
+/// parks such a row as `stuck` with the reason (when it can);
+/// [`SagaClient::get`](crate::SagaClient::get) returns one instead of an
+/// error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedSaga {
+    /// The instance.
+    pub id: SagaId,
+    /// Why the row cannot be read (the error and its causes).
+    pub reason: String,
+    /// Every column of the row, by name, as text (`None`: SQL `NULL`).
+    pub columns: std::collections::BTreeMap<String, Option<String>>,
+}
+
+impl MalformedSaga {
+    /// A column's raw value (`None` if the column is `NULL` or absent).
+    #[must_use]
+    pub fn column(&self, name: &str) -> Option<&str> {
+        self.columns.get(name).and_then(|v| v.as_deref())
+    }
+}
+
 /// Where a store keeps saga instances.
 ///
 /// Every method is one short, atomic operation; none is ever called with a
@@ -332,8 +364,9 @@ pub trait SagaStore: Send + Sync + 'static {
     fn clock(&self) -> &Arc<dyn Clock>;
 
     /// Creates an instance, or returns the one already started with the same
-    /// saga name and start key. If that one was started with a different
-    /// input, fails with [`Error::StartKeyConflict`] and writes nothing.
+    /// saga name and start key, whatever its version (with that version in
+    /// [`Started::kind`]). If that one was started with a different input,
+    /// fails with [`Error::StartKeyConflict`] and writes nothing.
     fn start(&self, new: NewSaga) -> impl Future<Output = Result<Started, Error>> + Send;
 
     /// Leases up to `limit` due instances of the given kinds: `Running` or
@@ -375,7 +408,8 @@ pub trait SagaStore: Send + Sync + 'static {
         record: Record,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// The instance, if it exists.
+    /// The instance, if it exists. A row that exists but cannot be read
+    /// fails with [`Error::Malformed`], carrying its raw values.
     fn load(&self, id: SagaId) -> impl Future<Output = Result<Option<SagaSnapshot>, Error>> + Send;
 
     /// The instance's history, oldest first.

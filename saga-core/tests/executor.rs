@@ -482,6 +482,10 @@ fn definitions_refuse_bad_names_no_steps_and_duplicates() {
     assert_eq!(problem(alias), DefinitionProblem::DuplicateStep(step("a")));
     let empty = SagaDefinition::<Vec<String>>::builder("s", 1).build();
     assert_eq!(problem(empty), DefinitionProblem::NoSteps);
+    let version_0 = SagaDefinition::<Vec<String>>::builder("s", 0)
+        .step(Step::new("a", ok).no_compensation())
+        .build();
+    assert_eq!(problem(version_0), DefinitionProblem::ZeroVersion);
     let bad = SagaDefinition::<Vec<String>>::builder("s", 1)
         .step(Step::new("bad name", ok).no_compensation())
         .build();

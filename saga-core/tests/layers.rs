@@ -93,7 +93,7 @@ async fn run<D: Send + Sync + 'static>(
         .unwrap()
         .id;
     exec.run_until_idle().await.unwrap();
-    let snap = exec.client().get(id).await.unwrap();
+    let snap = exec.client().snapshot(id).await.unwrap();
     (snap.status, serde_json::from_value(snap.state).unwrap())
 }
 

@@ -44,6 +44,16 @@ pub enum PgError {
     #[error("invalid database URL")]
     InvalidUrl(#[source] tokio_postgres::Error),
 
+    /// The connection configuration names no host (`postgresql://`, say).
+    /// tokio-postgres, unlike libpq, has no default host or socket, so every
+    /// connection would fail; the user and database do have defaults (the
+    /// user running the process, and a database named after the user).
+    #[error(
+        "the database URL names no host: add one (`postgresql://user@localhost/db`, or \
+         `host=/var/run/postgresql` for a Unix socket)"
+    )]
+    NoHost,
+
     /// The connection's TLS settings (`sslmode`, `sslrootcert`) are
     /// invalid, or its root certificates unreadable.
     #[error("invalid TLS settings")]
@@ -76,6 +86,32 @@ pub enum PgError {
         missing: i32,
         /// The latest migration this binary knows.
         needed: i32,
+    },
+
+    /// The schema has a migration, applied by a newer binary, that needs a
+    /// binary knowing more migrations than this one (see
+    /// [`Migration::compatible_from`](crate::Migration::compatible_from)):
+    /// this binary would fail on it. Nothing was changed.
+    #[error(
+        "schema `{schema}` has migration {migration}{}, which needs a binary that knows migration \
+         {needs} or later; this binary (saga-postgres {binary_version}) knows migrations up to \
+         {binary}: deploy a newer binary (or roll the database back with the newer release's \
+         instructions)",
+        applied_by.as_ref().map(|v| format!(" (applied by saga-postgres {v})")).unwrap_or_default()
+    )]
+    SchemaTooNew {
+        /// The schema.
+        schema: String,
+        /// The applied migration that needs a newer binary.
+        migration: i32,
+        /// The latest migration a binary must know to work with it.
+        needs: i32,
+        /// The library version that applied it, if it was recorded.
+        applied_by: Option<String>,
+        /// The latest migration this binary knows.
+        binary: i32,
+        /// This binary's library version.
+        binary_version: &'static str,
     },
 
     /// A stored row could not be read back (an unknown status, a malformed

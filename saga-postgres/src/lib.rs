@@ -15,8 +15,8 @@ mod tls;
 pub use error::{BoxError, PgError};
 pub use inbox::{ConsumerName, Delivery, Inbox, InboxBuilder};
 pub use migrate::{
-    MIGRATIONS, Migration, MigrationReport, check as check_migrations, latest_version,
-    lock_key as migration_lock_key, migrate, migrate_with,
+    MIGRATIONS, Migration, MigrationClient, MigrationReport, check as check_migrations,
+    latest_version, lock_key as migration_lock_key, migrate, migrate_with,
 };
 pub use outbox::{Dispatcher, Outbox, OutboxBuilder, OutboxError};
 pub use pool::{

@@ -22,6 +22,22 @@ pub struct Migration {
     pub name: &'static str,
     /// The SQL, with `{schema}` standing for the quoted schema name.
     pub sql: &'static str,
+    /// The oldest binary that still works on a schema with this migration
+    /// applied, named by the latest migration that binary knows (its
+    /// [`latest_version`]). Recorded in `saga_migrations` when the
+    /// migration is applied; [`check`] and [`migrate`] refuse a binary that
+    /// knows fewer migrations than an applied one's `compatible_from`
+    /// ([`PgError::SchemaTooNew`]).
+    ///
+    /// The rule (see the operations guide): a migration that only adds what
+    /// older binaries can ignore (a table, an index, a column that is
+    /// nullable or has a default and that they never need to fill) keeps
+    /// the previous migration's value; one that changes what older binaries
+    /// read or write (a column they must fill, a constraint their writes
+    /// break, a renamed or dropped column, a value they do not know) sets
+    /// it to its own version. It never decreases from one migration to the
+    /// next.
+    pub compatible_from: i32,
 }
 
 impl Migration {
@@ -42,21 +58,29 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "sagas_and_outbox",
         sql: include_str!("../migrations/0001_sagas_and_outbox.sql"),
+        // The first: every binary knows it.
+        compatible_from: 1,
     },
     Migration {
         version: 2,
         name: "inbox",
         sql: include_str!("../migrations/0002_inbox.sql"),
+        // A new table, which older binaries do not use.
+        compatible_from: 1,
     },
     Migration {
         version: 3,
         name: "outbox_attempt_and_due_times",
         sql: include_str!("../migrations/0003_outbox_attempt_and_due_times.sql"),
+        // Nullable columns and an index, which older binaries ignore.
+        compatible_from: 1,
     },
     Migration {
         version: 4,
         name: "claims_by_kind",
         sql: include_str!("../migrations/0004_claims_by_kind.sql"),
+        // A nullable column and a wider index, which older binaries ignore.
+        compatible_from: 1,
     },
 ];
 
@@ -86,23 +110,84 @@ pub fn lock_key(schema: &SchemaName) -> i64 {
     i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
+/// The version of this library, recorded with each migration it applies
+/// and named by [`PgError::SchemaTooNew`].
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A connection that [`migrate`] and [`check`] can run on: a driver
+/// [`Client`], or a pooled connection as the pool hands it out, so that
+/// `migrate(&mut pool.get().await?, &schema)` compiles as written.
+///
+/// ```no_run
+/// # async fn run(pool: saga_postgres::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+/// use saga_postgres::{SchemaName, check_migrations, migrate};
+///
+/// let schema = SchemaName::new("saga")?;
+/// migrate(&mut pool.get().await?, &schema).await?;
+/// check_migrations(&pool.get().await?, &schema).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub trait MigrationClient: Send + Sync {
+    /// The driver's client.
+    fn client(&self) -> &Client;
+    /// The driver's client, to open a transaction on.
+    fn client_mut(&mut self) -> &mut Client;
+}
+
+impl MigrationClient for Client {
+    fn client(&self) -> &Client {
+        self
+    }
+    fn client_mut(&mut self) -> &mut Client {
+        self
+    }
+}
+
+impl MigrationClient for deadpool_postgres::ClientWrapper {
+    fn client(&self) -> &Client {
+        self
+    }
+    fn client_mut(&mut self) -> &mut Client {
+        self
+    }
+}
+
+impl MigrationClient for deadpool_postgres::Object {
+    fn client(&self) -> &Client {
+        self
+    }
+    fn client_mut(&mut self) -> &mut Client {
+        self
+    }
+}
+
 /// Applies every pending migration to `schema` (creating it if needed), in
 /// one transaction under an advisory lock. An applied migration whose text
-/// changed is an error ([`PgError::MigrationEdited`]) and nothing is applied.
-pub async fn migrate(client: &mut Client, schema: &SchemaName) -> Result<MigrationReport, PgError> {
+/// changed is an error ([`PgError::MigrationEdited`]) and nothing is applied;
+/// so is a schema that a newer binary migrated past what this one can work
+/// with ([`PgError::SchemaTooNew`], see [`Migration::compatible_from`]).
+pub async fn migrate(
+    client: &mut impl MigrationClient,
+    schema: &SchemaName,
+) -> Result<MigrationReport, PgError> {
     migrate_with(client, schema, MIGRATIONS).await
 }
 
-/// [`migrate`] with an explicit list of migrations (for tests).
+/// [`migrate`] with an explicit list of migrations (for tests: a list
+/// longer than [`MIGRATIONS`] stands for a newer binary).
 pub async fn migrate_with(
-    client: &mut Client,
+    client: &mut impl MigrationClient,
     schema: &SchemaName,
     migrations: &[Migration],
 ) -> Result<MigrationReport, PgError> {
     let q = schema.quoted();
-    let tx = client.transaction().await?;
+    let tx = client.client_mut().transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema)])
         .await?;
+    // `compatible_from` and `applied_by` came after the table: added to
+    // a table made without them, and filled in for the rows this binary
+    // knows (rows applied by a binary that did not record them).
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {q};
          CREATE TABLE IF NOT EXISTS {q}.saga_migrations (
@@ -110,15 +195,45 @@ pub async fn migrate_with(
              name       text        NOT NULL,
              checksum   bytea       NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now()
-         );"
+         );
+         ALTER TABLE {q}.saga_migrations
+             ADD COLUMN IF NOT EXISTS compatible_from integer,
+             ADD COLUMN IF NOT EXISTS applied_by      text;"
     ))
+    .await?;
+    let (versions, compatible): (Vec<i32>, Vec<i32>) = migrations
+        .iter()
+        .map(|m| (m.version, m.compatible_from))
+        .unzip();
+    tx.execute(
+        &format!(
+            "UPDATE {q}.saga_migrations m SET compatible_from = k.compatible_from
+             FROM unnest($1::int4[], $2::int4[]) AS k (version, compatible_from)
+             WHERE m.version = k.version AND m.compatible_from IS NULL"
+        ),
+        &[&versions, &compatible],
+    )
     .await?;
     let applied = tx
         .query(
-            &format!("SELECT version, name, checksum FROM {q}.saga_migrations ORDER BY version"),
+            &format!(
+                "SELECT version, name, checksum, compatible_from, applied_by
+                 FROM {q}.saga_migrations ORDER BY version"
+            ),
             &[],
         )
         .await?;
+    let mut recorded = Vec::with_capacity(applied.len());
+    for row in &applied {
+        recorded.push(Applied {
+            version: col(row, "version")?,
+            compatible_from: col(row, "compatible_from")?,
+            applied_by: col(row, "applied_by")?,
+        });
+    }
+    if let Some(needs) = too_new(&recorded, migrations) {
+        return Err(needs.error(schema, binary_level(migrations)));
+    }
     let mut report = MigrationReport::default();
     let mut done = Vec::with_capacity(applied.len());
     for row in applied {
@@ -145,9 +260,17 @@ pub async fn migrate_with(
         tx.batch_execute(&m.render(schema)).await?;
         tx.execute(
             &format!(
-                "INSERT INTO {q}.saga_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+                "INSERT INTO {q}.saga_migrations
+                     (version, name, checksum, compatible_from, applied_by)
+                 VALUES ($1, $2, $3, $4, $5)"
             ),
-            &[&m.version, &m.name, &m.checksum()],
+            &[
+                &m.version,
+                &m.name,
+                &m.checksum(),
+                &m.compatible_from,
+                &LIBRARY_VERSION,
+            ],
         )
         .await?;
         report.applied.push(m.version);
@@ -155,19 +278,24 @@ pub async fn migrate_with(
     tx.commit().await?;
     if !report.unknown.is_empty() {
         tracing::warn!(schema = %schema, unknown = ?report.unknown,
-            "the schema has migrations this binary does not know; a newer version migrated it");
+            "the schema has migrations this binary does not know; a newer version migrated it \
+             (their `compatible_from` says this binary still works with them)");
     }
     Ok(report)
 }
 
-/// Checks that `schema` has every migration this binary needs, without
-/// changing anything (the runtime role needs no DDL rights for this).
+/// Checks that `schema` has every migration this binary needs, and none
+/// that needs a newer binary, without changing anything (the runtime role
+/// needs no DDL rights for this).
 ///
 /// Every migration of [`MIGRATIONS`] must be recorded, not only the highest
 /// version: versions may have gaps, and a schema migrated by a build that
 /// lacked one of them is refused ([`PgError::NotMigrated`] names the lowest
-/// one missing).
-pub async fn check(client: &Client, schema: &SchemaName) -> Result<(), PgError> {
+/// one missing). A recorded migration whose
+/// [`compatible_from`](Migration::compatible_from) is above this binary's
+/// [`latest_version`] is refused with [`PgError::SchemaTooNew`].
+pub async fn check(client: &impl MigrationClient, schema: &SchemaName) -> Result<(), PgError> {
+    let client = client.client();
     let q = schema.quoted();
     let exists: bool = col(
         &client
@@ -179,16 +307,35 @@ pub async fn check(client: &Client, schema: &SchemaName) -> Result<(), PgError> 
             .await?,
         "found",
     )?;
-    let applied: Vec<i32> = if exists {
-        client
-            .query(&format!("SELECT version FROM {q}.saga_migrations"), &[])
-            .await?
-            .iter()
-            .map(|row| col(row, "version"))
-            .collect::<Result<_, _>>()?
+    // Read through `to_jsonb`, so that a table that a binary before
+    // `compatible_from` made (without the columns) reads as NULLs.
+    let recorded: Vec<Applied> = if exists {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT version, (to_jsonb(m) ->> 'compatible_from')::int4 AS compatible_from,
+                        to_jsonb(m) ->> 'applied_by' AS applied_by
+                     FROM {q}.saga_migrations m"
+                ),
+                &[],
+            )
+            .await?;
+        let mut recorded = Vec::with_capacity(rows.len());
+        for row in &rows {
+            recorded.push(Applied {
+                version: col(row, "version")?,
+                compatible_from: col(row, "compatible_from")?,
+                applied_by: col(row, "applied_by")?,
+            });
+        }
+        recorded
     } else {
         Vec::new()
     };
+    if let Some(needs) = too_new(&recorded, MIGRATIONS) {
+        return Err(needs.error(schema, latest_version()));
+    }
+    let applied: Vec<i32> = recorded.iter().map(|a| a.version).collect();
     match missing(&applied, MIGRATIONS) {
         None => Ok(()),
         Some(missing) => Err(PgError::NotMigrated {
@@ -198,6 +345,69 @@ pub async fn check(client: &Client, schema: &SchemaName) -> Result<(), PgError> 
             needed: latest_version(),
         }),
     }
+}
+
+/// A row of `saga_migrations`, as far as compatibility goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Applied {
+    version: i32,
+    /// `None`: applied by a binary that did not record it.
+    compatible_from: Option<i32>,
+    /// `None`: applied by a binary that did not record it.
+    applied_by: Option<String>,
+}
+
+/// The applied migration that needs a newer binary than one knowing
+/// `migrations`, with what it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TooNew {
+    migration: i32,
+    needs: i32,
+    applied_by: Option<String>,
+}
+
+impl TooNew {
+    fn error(self, schema: &SchemaName, binary: i32) -> PgError {
+        PgError::SchemaTooNew {
+            schema: schema.to_string(),
+            migration: self.migration,
+            needs: self.needs,
+            applied_by: self.applied_by,
+            binary,
+            binary_version: LIBRARY_VERSION,
+        }
+    }
+}
+
+/// The latest migration a binary knowing `migrations` knows.
+fn binary_level(migrations: &[Migration]) -> i32 {
+    migrations.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Whether a binary knowing `migrations` is too old for the `applied`
+/// ones: the applied migration with the highest requirement above the
+/// binary's level, if any. A row without a recorded requirement takes the
+/// one this binary declares for it, or, for a migration this binary does
+/// not know, its own version (unknown, so assumed breaking).
+fn too_new(applied: &[Applied], migrations: &[Migration]) -> Option<TooNew> {
+    let level = binary_level(migrations);
+    applied
+        .iter()
+        .map(|a| {
+            let needs = a.compatible_from.unwrap_or_else(|| {
+                migrations
+                    .iter()
+                    .find(|m| m.version == a.version)
+                    .map_or(a.version, |m| m.compatible_from)
+            });
+            TooNew {
+                migration: a.version,
+                needs,
+                applied_by: a.applied_by.clone(),
+            }
+        })
+        .filter(|t| t.needs > level)
+        .max_by_key(|t| (t.needs, t.migration))
 }
 
 /// The lowest version of `migrations` that is not in `applied`.
@@ -214,11 +424,70 @@ mod tests {
     use super::*;
 
     const fn m(version: i32) -> Migration {
+        compatible(version, 1)
+    }
+
+    const fn compatible(version: i32, compatible_from: i32) -> Migration {
         Migration {
             version,
             name: "m",
             sql: "",
+            compatible_from,
         }
+    }
+
+    fn applied(version: i32, compatible_from: Option<i32>) -> Applied {
+        Applied {
+            version,
+            compatible_from,
+            applied_by: Some("9.9.9".into()),
+        }
+    }
+
+    #[test]
+    fn a_binary_older_than_an_applied_migration_requires_is_too_new_for() {
+        let binary = [m(1), m(2), m(4)];
+        let needs = |applied: &[Applied]| too_new(applied, &binary).map(|t| (t.migration, t.needs));
+        // Its own migrations, and a newer additive one: fine.
+        assert_eq!(needs(&[applied(1, Some(1)), applied(4, Some(1))]), None);
+        assert_eq!(needs(&[applied(4, Some(1)), applied(5, Some(4))]), None);
+        // A newer migration that needs a binary knowing 5 (or 6).
+        assert_eq!(
+            needs(&[applied(4, Some(1)), applied(5, Some(5))]),
+            Some((5, 5))
+        );
+        assert_eq!(
+            needs(&[
+                applied(5, Some(5)),
+                applied(6, Some(6)),
+                applied(7, Some(6))
+            ]),
+            Some((7, 6)),
+            "the highest requirement, then the latest migration with it"
+        );
+        // Not recorded: this binary's own declaration, or, for a migration
+        // it does not know, its own version.
+        assert_eq!(needs(&[applied(2, None)]), None);
+        assert_eq!(needs(&[applied(5, None)]), Some((5, 5)));
+        assert_eq!(
+            too_new(&[applied(5, None)], &[compatible(5, 1)]),
+            None,
+            "a binary that knows 5"
+        );
+    }
+
+    #[test]
+    fn embedded_compatibility_never_decreases_and_never_passes_its_migration() {
+        assert!(
+            MIGRATIONS
+                .windows(2)
+                .all(|w| w[0].compatible_from <= w[1].compatible_from)
+        );
+        assert!(
+            MIGRATIONS
+                .iter()
+                .all(|m| (1..=m.version).contains(&m.compatible_from))
+        );
     }
 
     #[test]

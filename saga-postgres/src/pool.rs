@@ -77,6 +77,9 @@ pub fn pool_from_config(
 
 /// A pool with `config` (secured as [`ConnectConfig`] says) and `options`.
 ///
+/// A configuration without a host fails with [`PgError::NoHost`] (the
+/// driver has no default host, so no connection could ever be made).
+///
 /// Connections get a 5 s connect timeout (unless `config` sets one) and TCP
 /// keepalives; waiting for a pooled connection, making one and recycling
 /// one each time out. A connection older than
@@ -89,6 +92,9 @@ pub fn pool_with_options(
 ) -> Result<Pool, PgError> {
     let connect = config.into();
     let mut config = connect.config().clone();
+    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+        return Err(PgError::NoHost);
+    }
     if options.max_size == 0 {
         return Err(PgError::InvalidConfig(
             "the pool needs at least one connection",
@@ -127,4 +133,20 @@ pub fn pool_with_options(
         }));
     }
     Ok(builder.build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_url_without_a_host_is_refused_and_user_and_database_default() {
+        for url in ["postgresql://", "postgres://app@/db", "dbname=app"] {
+            let err = pool_from_url(url, 1).unwrap_err();
+            assert!(matches!(err, PgError::NoHost), "{url}: {err:?}");
+        }
+        // The user (and the database, after it) default as in libpq.
+        pool_from_url("postgresql://localhost", 1).unwrap();
+        pool_from_url("host=/var/run/postgresql", 1).unwrap();
+    }
 }

@@ -6,8 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use saga_postgres::{
-    MIGRATIONS, Migration, PgError, PgSagaStore, SchemaName, migrate, migrate_with,
-    migration_lock_key,
+    MIGRATIONS, Migration, PgError, PgSagaStore, SchemaName, check_migrations, latest_version,
+    migrate, migrate_with, migration_lock_key,
 };
 
 /// Every embedded version, in order.
@@ -237,11 +237,13 @@ const V1: Migration = Migration {
     version: 1,
     name: "one",
     sql: "CREATE TABLE {schema}.one (id int);",
+    compatible_from: 1,
 };
 const V2: Migration = Migration {
     version: 2,
     name: "two",
     sql: "CREATE TABLE {schema}.two (id int);",
+    compatible_from: 1,
 };
 
 #[tokio::test]
@@ -290,6 +292,7 @@ async fn migrations_apply_in_order_and_a_failing_one_rolls_all_back() {
         version: 3,
         name: "broken",
         sql: "CREATE TABLE {schema}.three (id int REFERENCES {schema}.nowhere (id));",
+        compatible_from: 1,
     };
     // Given out of order; applied in order; the last one fails.
     let err = migrate_with(&mut client, &schema, &[broken, V2, V1])
@@ -314,4 +317,140 @@ async fn migrations_apply_in_order_and_a_failing_one_rolls_all_back() {
     // A newer binary's migration is reported, not refused.
     let report = migrate_with(&mut client, &schema, &[V1]).await.unwrap();
     assert_eq!(report.unknown, vec![2]);
+}
+
+/// This binary's migrations and one more, as a newer binary has them.
+fn newer_binary(compatible_from: i32) -> Vec<Migration> {
+    let mut newer = MIGRATIONS.to_vec();
+    newer.push(Migration {
+        version: latest_version() + 1,
+        name: "from_the_future",
+        sql: "ALTER TABLE {schema}.saga_instances ADD COLUMN future int NOT NULL DEFAULT 0;",
+        compatible_from,
+    });
+    newer
+}
+
+#[tokio::test]
+async fn an_older_binary_is_refused_on_a_schema_a_newer_one_migrated_past_it() {
+    let common::FreshSchema {
+        pool,
+        schema,
+        guard: _guard,
+        ..
+    } = common::fresh_schema().await;
+    let next = latest_version() + 1;
+    let newer = newer_binary(next);
+    let report = migrate_with(&mut pool.get().await.unwrap(), &schema, &newer)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.applied,
+        all_versions().into_iter().chain([next]).collect::<Vec<_>>()
+    );
+
+    // This binary is the older one: its check and its migrate refuse.
+    let store = PgSagaStore::new(pool.clone(), schema.clone());
+    let err = store.check_schema().await.unwrap_err();
+    let PgError::SchemaTooNew {
+        migration,
+        needs,
+        binary,
+        applied_by,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        (*migration, *needs, *binary),
+        (next, next, latest_version())
+    );
+    assert_eq!(applied_by.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "needs a binary that knows migration {next} or later"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("knows migrations up to {}", latest_version())),
+        "{text}"
+    );
+    let err = migrate(&mut pool.get().await.unwrap(), &schema)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::SchemaTooNew { .. }), "{err:?}");
+    // The newer binary itself is fine.
+    migrate_with(&mut pool.get().await.unwrap(), &schema, &newer)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_older_binary_works_on_a_schema_with_a_newer_additive_migration() {
+    let common::FreshSchema {
+        pool,
+        schema,
+        guard: _guard,
+        ..
+    } = common::fresh_schema().await;
+    let next = latest_version() + 1;
+    migrate_with(&mut pool.get().await.unwrap(), &schema, &newer_binary(1))
+        .await
+        .unwrap();
+    check_migrations(&pool.get().await.unwrap(), &schema)
+        .await
+        .unwrap();
+    let report = migrate(&mut pool.get().await.unwrap(), &schema)
+        .await
+        .unwrap();
+    assert_eq!(report.unknown, vec![next]);
+}
+
+#[tokio::test]
+async fn a_migrations_table_from_before_compatibility_is_checked_and_then_filled_in() {
+    let common::FreshSchema {
+        pool,
+        schema,
+        guard: _guard,
+        ..
+    } = common::fresh_schema().await;
+    migrate(&mut pool.get().await.unwrap(), &schema)
+        .await
+        .unwrap();
+    let client = pool.get().await.unwrap();
+    let table = format!("{}.saga_migrations", schema.quoted());
+    // As a binary from before `compatible_from` left it.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} DROP COLUMN compatible_from, DROP COLUMN applied_by"
+        ))
+        .await
+        .unwrap();
+    PgSagaStore::new(pool.clone(), schema.clone())
+        .check_schema()
+        .await
+        .unwrap();
+    let report = migrate(&mut pool.get().await.unwrap(), &schema)
+        .await
+        .unwrap();
+    assert!(report.applied.is_empty());
+    let rows = client
+        .query(
+            &format!("SELECT version, compatible_from, applied_by FROM {table} ORDER BY version"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let recorded: Vec<(i32, i32, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let declared: Vec<(i32, i32, Option<String>)> = MIGRATIONS
+        .iter()
+        .map(|m| (m.version, m.compatible_from, None))
+        .collect();
+    assert_eq!(recorded, declared, "filled in from the declarations");
 }

@@ -176,8 +176,8 @@ async fn each_role_does_its_job_under_the_guides_grants() {
         .await
         .unwrap();
     executor.run_until_idle().await.unwrap();
-    assert_eq!(client.get(done.id).await.unwrap().status, Status::Completed);
-    assert_eq!(client.get(stuck.id).await.unwrap().status, Status::Stuck);
+    assert_eq!(client.snapshot(done.id).await.unwrap().status, Status::Completed);
+    assert_eq!(client.snapshot(stuck.id).await.unwrap().status, Status::Stuck);
     assert_eq!(client.history(done.id).await.unwrap().len(), 3);
 
     // The application enqueues with the worker's grant, in its own
@@ -274,7 +274,7 @@ async fn each_role_does_its_job_under_the_guides_grants() {
     .register(saga.clone())
     .build()
     .unwrap();
-    operator.client().get(stuck.id).await.unwrap();
+    operator.client().snapshot(stuck.id).await.unwrap();
     WAREHOUSE_FIXED.store(true, Ordering::SeqCst);
     operator.resume(stuck.id).await.unwrap();
     let cancelled = client
@@ -288,7 +288,7 @@ async fn each_role_does_its_job_under_the_guides_grants() {
     executor.run_until_idle().await.unwrap();
     for id in [stuck.id, cancelled.id] {
         assert_eq!(
-            operator.client().get(id).await.unwrap().status,
+            operator.client().snapshot(id).await.unwrap().status,
             Status::Compensated
         );
     }
@@ -426,7 +426,7 @@ async fn the_guides_operator_queries_find_and_clean_up_what_they_say_as_the_oper
         ("undone-old", Status::Compensated),
         ("stuck-old", Status::Stuck),
     ] {
-        assert_eq!(client.get(ids[key]).await.unwrap().status, status, "{key}");
+        assert_eq!(client.snapshot(ids[key]).await.unwrap().status, status, "{key}");
     }
     // Two more, never run: one due two minutes ago, one due now.
     for key in ["overdue", "due-now"] {

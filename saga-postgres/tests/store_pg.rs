@@ -568,6 +568,55 @@ async fn a_claim_walks_only_the_due_rows_of_the_kinds_it_asks_for() {
 }
 
 #[tokio::test]
+async fn get_shows_a_malformed_row_with_its_raw_values_and_the_reason() {
+    let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
+    let saga: SagaDefinition<TestState> = scripted_saga(&Script::new(), 1);
+    let client = SagaClient::new(store.store.clone());
+    let ids = common::start_orders(&client, &saga, 1..=2).await;
+    let bad = ids[0];
+    let db = store.pool().get().await.unwrap();
+    db.execute(
+        &format!(
+            "UPDATE {}.saga_instances SET step = 'not a step!' WHERE id = $1",
+            store.schema().quoted()
+        ),
+        &[&bad.as_uuid()],
+    )
+    .await
+    .unwrap();
+    // The claim parks it.
+    assert_eq!(claim(&store, &[saga.kind().clone()], 10).await.len(), 1);
+    assert_eq!(store.stats().malformed_parked, 1);
+
+    let view = client.get(bad).await.unwrap();
+    let raw = view.malformed().expect("a malformed view, not an error");
+    assert_eq!((raw.id, view.id()), (bad, bad));
+    assert!(raw.reason.contains("malformed step"), "{}", raw.reason);
+    assert!(raw.reason.contains("not a step!"), "{}", raw.reason);
+    assert_eq!(raw.column("step"), Some("not a step!"));
+    assert_eq!(raw.column("status"), Some("stuck"));
+    assert_eq!(raw.column("saga_name"), Some("scripted"));
+    assert_eq!(raw.column("start_key"), Some("order-1"));
+    assert_eq!(raw.column("lease_token"), None, "NULL");
+    let parked = raw.column("stuck_reason").expect("the claim's reason");
+    assert!(parked.contains("the stored row cannot be read"), "{parked}");
+    // The typed read says what is wrong, keeping the store's error.
+    let err = client.snapshot(bad).await.unwrap_err();
+    let Error::Malformed { saga: m, source } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(**m, *raw);
+    assert!(source.downcast_ref::<PgError>().is_some(), "{source:?}");
+    // A readable row reads as before.
+    let good = client.get(ids[1]).await.unwrap();
+    assert_eq!(good.readable().map(|s| s.status), Some(Status::Running));
+    assert!(matches!(
+        client.get(saga_core::SagaId::new()).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
 async fn a_malformed_row_is_parked_and_the_rest_of_its_batch_is_claimed() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
     let saga: SagaDefinition<TestState> = scripted_saga(&Script::new(), 1);

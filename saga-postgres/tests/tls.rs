@@ -371,7 +371,7 @@ async fn the_store_runs_a_saga_over_tls() {
         .unwrap()
         .id;
     executor.run_until_idle().await.unwrap();
-    assert_eq!(client.get(id).await.unwrap().status, Status::Completed);
+    assert_eq!(client.snapshot(id).await.unwrap().status, Status::Completed);
     // Its message went to the outbox in the same transactions, over TLS.
     let db = pool.get().await.unwrap();
     assert!(encrypted(&db).await);

@@ -273,7 +273,14 @@ pub(super) fn decide<R: Rng + ?Sized>(
                             GiveUpReason::AttemptsExhausted { .. } => Rule::GaveUpAttempts,
                             GiveUpReason::ElapsedExhausted { .. } => Rule::GaveUpElapsed,
                         };
-                        let reason = format!("{why}: {described}");
+                        // A permanent error's reason says "permanent" once:
+                        // the cause follows the give-up reason directly.
+                        let reason = match (why, err.source()) {
+                            (GiveUpReason::Permanent, Some(cause)) => {
+                                format!("{why}: {}", ErrorChain(cause))
+                            }
+                            _ => format!("{why}: {described}"),
+                        };
                         verdict(
                             rule,
                             Event::FailedForGood {
@@ -721,7 +728,7 @@ mod tests {
                 at: None,
                 attempts: Attempts::Reset,
             })
-            .error("permanent error: permanent: gateway said 503"),
+            .error("permanent error: gateway said 503"),
             row(
                 Compensating,
                 Pos::compensate(1),

@@ -142,9 +142,15 @@ async fn process_in_span<St: SagaStore>(
             let error = verdict.error.as_deref().unwrap_or_default();
             tracing::info!(%error, retry_in = ?verdict.retry_in, "step failed; retry scheduled");
         }
-        Rule::GaveUpPermanent | Rule::GaveUpAttempts | Rule::GaveUpElapsed => {
+        // A permanent failure is the step's own answer (a declined card):
+        // business as usual, INFO. Giving up after retries is WARN.
+        Rule::GaveUpPermanent => {
             let reason = verdict.error.as_deref().unwrap_or_default();
-            tracing::warn!(%reason, "step failed for good");
+            tracing::info!(%reason, "step failed for good");
+        }
+        Rule::GaveUpAttempts | Rule::GaveUpElapsed => {
+            let reason = verdict.error.as_deref().unwrap_or_default();
+            tracing::warn!(%reason, "step failed for good after its retries");
         }
         Rule::BudgetSpent | Rule::Succeeded | Rule::Snoozed => {}
     }

@@ -269,6 +269,43 @@ pub async fn start_is_idempotent_on_the_start_key<Fa: StoreFactory>(f: &Fa) {
     assert_ne!(other.id, first.id);
 }
 
+/// Start keys span a saga's versions: a start of version 2 with a key that
+/// started a version 1 instance returns that instance (equal input) and
+/// says it is version 1, or is refused (different input).
+pub async fn a_start_key_spans_versions<Fa: StoreFactory>(f: &Fa) {
+    let h = Harness::new(f).await;
+    let client = h.client();
+    let v1 = client
+        .start(&h.saga, key(1), &TestState::order(1))
+        .await
+        .unwrap();
+    assert_eq!((v1.created, &v1.kind), (true, h.saga.kind()));
+    let v2_saga = scripted_saga(&h.script, 2);
+    let v2 = client
+        .start(&v2_saga, key(1), &TestState::order(1))
+        .await
+        .unwrap();
+    assert_eq!(v2.id, v1.id, "the version 1 instance");
+    assert!(!v2.created);
+    assert_eq!(v2.kind, *h.saga.kind(), "says it is version 1");
+    assert_eq!(v2.kind.version, 1);
+    let err = client
+        .start(&v2_saga, key(1), &TestState::order(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::StartKeyConflict { existing, .. } if existing == v1.id),
+        "{err:?}"
+    );
+    // A new key starts version 2.
+    let fresh = client
+        .start(&v2_saga, key(2), &TestState::order(2))
+        .await
+        .unwrap();
+    assert_eq!((fresh.created, &fresh.kind), (true, v2_saga.kind()));
+    assert_eq!(h.store.load(v1.id).await.unwrap().unwrap().kind.version, 1);
+}
+
 async fn noop(_: &mut crate::StepContext, _: &mut TestState) -> Result<(), StepError> {
     Ok(())
 }
@@ -1334,6 +1371,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@cases $factory;
             start_creates_a_due_running_instance,
             start_is_idempotent_on_the_start_key,
+            a_start_key_spans_versions,
             claim_leases_each_due_instance_once,
             claim_skips_future_unregistered_and_finished_instances,
             an_expired_lease_is_fenced,

@@ -299,7 +299,9 @@ impl PgSagaStore {
     }
 
     /// Fails with [`PgError::NotMigrated`] unless the schema has every
-    /// migration this binary needs.
+    /// migration this binary needs, and with [`PgError::SchemaTooNew`] if a
+    /// newer binary applied a migration this one cannot work with (see
+    /// [`Migration::compatible_from`](crate::Migration::compatible_from)).
     pub async fn check_schema(&self) -> Result<(), PgError> {
         let client = self.inner.db.pool().get().await?;
         migrate::check(&client, &self.inner.schema).await

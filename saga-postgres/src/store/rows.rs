@@ -144,7 +144,17 @@ pub(crate) fn due_kind(row: &Row) -> Result<(SagaKind, u64), PgError> {
     Ok((kind(row)?, count64(row, "due")?))
 }
 
-/// The row found under a start key: its id and input digest.
-pub(crate) fn start_winner(row: &Row) -> Result<(Uuid, Vec<u8>), PgError> {
-    Ok((col(row, "id")?, col(row, "input_digest")?))
+/// The row found under a start key: its id, input digest and kind.
+pub(crate) struct StartWinner {
+    pub(crate) id: Uuid,
+    pub(crate) digest: Vec<u8>,
+    pub(crate) kind: SagaKind,
+}
+
+pub(crate) fn start_winner(row: &Row) -> Result<StartWinner, PgError> {
+    Ok(StartWinner {
+        id: col(row, "id")?,
+        digest: col(row, "input_digest")?,
+        kind: kind(row)?,
+    })
 }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
+use saga_core::store::{
+    ClaimRequest, ClaimedSaga, Lease, MalformedSaga, NewSaga, Record, SagaStore,
+};
 use saga_core::{
     Clock, Error, HistoryEntry, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
     TransitionId,
@@ -13,7 +15,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::params::{StartParams, TransitionParams};
-use super::rows::{self, claimed, due_kind, history_entry, outbox_message, snapshot};
+use super::rows::{self, StartWinner, claimed, due_kind, history_entry, outbox_message, snapshot};
 use super::{PgSagaStore, kind_arrays};
 use crate::db::Budget;
 use crate::db::ambiguity::{Written, claim_once, write_once};
@@ -28,7 +30,7 @@ enum Guard {
     Version(i64),
 }
 
-pub(super) fn winner(rows: &[Row]) -> Result<(Uuid, Vec<u8>), PgError> {
+pub(super) fn winner(rows: &[Row]) -> Result<StartWinner, PgError> {
     let row = rows.first().ok_or_else(|| {
         corrupt(
             "start_key",
@@ -39,15 +41,16 @@ pub(super) fn winner(rows: &[Row]) -> Result<(Uuid, Vec<u8>), PgError> {
 }
 
 /// The answer to a start, given the row found under the start key.
-pub(super) fn started(new: NewSaga, (existing, digest): (Uuid, Vec<u8>)) -> Result<Started, Error> {
-    if existing == new.id.as_uuid() {
+pub(super) fn started(new: NewSaga, winner: StartWinner) -> Result<Started, Error> {
+    if winner.id == new.id.as_uuid() {
         return Ok(Started {
             id: new.id,
             created: true,
+            kind: new.kind,
         });
     }
-    let existing = SagaId::from_uuid(existing);
-    if digest != new.input_digest {
+    let existing = SagaId::from_uuid(winner.id);
+    if winner.digest != new.input_digest {
         return Err(Error::StartKeyConflict {
             saga: new.kind.name,
             key: new.start_key,
@@ -57,6 +60,7 @@ pub(super) fn started(new: NewSaga, (existing, digest): (Uuid, Vec<u8>)) -> Resu
     Ok(Started {
         id: existing,
         created: false,
+        kind: winner.kind,
     })
 }
 
@@ -193,6 +197,29 @@ impl PgSagaStore {
             Err(e) => tracing::error!(saga_id = %raw.id, error = %e,
                 "could not park the malformed instance; it stays leased until its lease expires"),
         }
+    }
+
+    /// The error for a row `load` could not read (`error`): its raw
+    /// columns and the reason, as [`Error::Malformed`].
+    async fn malformed(&self, id: SagaId, error: PgError) -> Result<Error, PgError> {
+        let uuid = id.as_uuid();
+        let rows = self
+            .inner
+            .db
+            .query(&self.inner.sql.load_raw, &[("id", &uuid)])
+            .await?;
+        let columns = rows
+            .iter()
+            .map(|row| Ok((col(row, "column_name")?, col(row, "value")?)))
+            .collect::<Result<_, PgError>>()?;
+        Ok(Error::Malformed {
+            saga: Box::new(MalformedSaga {
+                id,
+                reason: crate::error::chain(&error),
+                columns,
+            }),
+            source: Box::new(error),
+        })
     }
 
     /// Reads claimed rows one by one: good ones are returned (oldest due
@@ -403,7 +430,13 @@ impl SagaStore for PgSagaStore {
             .db
             .query(&self.inner.sql.load, &[("id", &uuid)])
             .await?;
-        Ok(rows.first().map(snapshot).transpose()?)
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        match snapshot(row) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => Err(self.malformed(id, e).await?),
+        }
     }
 
     async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, Error> {

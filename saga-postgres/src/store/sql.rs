@@ -75,6 +75,7 @@ pub(crate) struct Sql {
     pub(crate) transition_exists: Statement,
     pub(crate) current: Statement,
     pub(crate) load: Statement,
+    pub(crate) load_raw: Statement,
     pub(crate) history: Statement,
     pub(crate) outbox_for: Statement,
     pub(crate) due_unregistered: Statement,
@@ -145,7 +146,7 @@ impl Sql {
                             $digest::bytea, 'running', $step::text, 'forward', 0, {NOW},
                             $state::jsonb, 1, {NOW}, {NOW})
                         ON CONFLICT ON CONSTRAINT saga_instances_start_key DO NOTHING
-                        RETURNING id, input_digest
+                        RETURNING id, input_digest, saga_name, saga_version
                     ),
                     hist AS (
                         INSERT INTO {s}.saga_history (transition_id, saga_id, step, direction,
@@ -155,7 +156,7 @@ impl Sql {
                             NULL, NULL, 'running', {NOW}, {NOW}
                         FROM ins
                     )
-                    SELECT id, input_digest FROM ins"
+                    SELECT id, input_digest, saga_name, saga_version FROM ins"
                 ),
                 &[
                     "id",
@@ -172,7 +173,7 @@ impl Sql {
             start_existing: Statement::new(
                 "start_existing",
                 &format!(
-                    "SELECT id, input_digest FROM {s}.saga_instances
+                    "SELECT id, input_digest, saga_name, saga_version FROM {s}.saga_instances
                      WHERE saga_name = $name::text AND start_key = $key::text"
                 ),
                 &["name", "key"],
@@ -352,6 +353,18 @@ impl Sql {
                 &format!("SELECT {SNAPSHOT_COLUMNS} FROM {s}.saga_instances WHERE id = $id::uuid"),
                 &["id"],
             ),
+            // A row that `load` cannot read: every column as text, for
+            // an operator to see.
+            load_raw: Statement::new(
+                "load_raw",
+                &format!(
+                    "SELECT c.key AS column_name, c.value AS value
+                     FROM {s}.saga_instances i, jsonb_each_text(to_jsonb(i)) AS c
+                     WHERE i.id = $id::uuid
+                     ORDER BY c.key"
+                ),
+                &["id"],
+            ),
             history: Statement::new(
                 "history",
                 &format!(
@@ -404,6 +417,7 @@ impl Sql {
             &self.transition_exists,
             &self.current,
             &self.load,
+            &self.load_raw,
             &self.history,
             &self.outbox_for,
             &self.due_unregistered,
