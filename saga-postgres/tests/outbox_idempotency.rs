@@ -186,7 +186,12 @@ async fn a_concurrent_enqueue_of_the_id_is_compared_once_it_commits() {
             let mut client = pool.get().await.unwrap();
             let tx = client.transaction().await.unwrap();
             let result = outbox.enqueue_with_ids_in_tx(&tx, &batch).await;
-            tx.commit().await.unwrap();
+            // As documented: commit on success, roll back on any error.
+            if result.is_ok() {
+                tx.commit().await.unwrap();
+            } else {
+                tx.rollback().await.unwrap();
+            }
             result
         });
         // Until B is blocked on A's row (a signal, not a sleep).
@@ -225,7 +230,11 @@ async fn a_concurrent_enqueue_of_the_id_is_compared_once_it_commits() {
                 Err(OutboxError::Conflict { ids }) => assert_eq!(ids, vec![id]),
                 other => panic!("expected a conflict, got {other:?}"),
             }
-            assert_eq!(stored(&env, fresh).await, None, "B's call wrote nothing");
+            assert_eq!(
+                stored(&env, fresh).await,
+                None,
+                "B rolled back on the refusal: its call left nothing"
+            );
         }
         assert_eq!(stored(&env, id).await, Some(serde_json::json!({"v": 1})));
         // Clean up for the next round.

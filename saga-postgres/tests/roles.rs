@@ -176,8 +176,14 @@ async fn each_role_does_its_job_under_the_guides_grants() {
         .await
         .unwrap();
     executor.run_until_idle().await.unwrap();
-    assert_eq!(client.snapshot(done.id).await.unwrap().status, Status::Completed);
-    assert_eq!(client.snapshot(stuck.id).await.unwrap().status, Status::Stuck);
+    assert_eq!(
+        client.snapshot(done.id).await.unwrap().status,
+        Status::Completed
+    );
+    assert_eq!(
+        client.snapshot(stuck.id).await.unwrap().status,
+        Status::Stuck
+    );
     assert_eq!(client.history(done.id).await.unwrap().len(), 3);
 
     // The application enqueues with the worker's grant, in its own
@@ -426,7 +432,11 @@ async fn the_guides_operator_queries_find_and_clean_up_what_they_say_as_the_oper
         ("undone-old", Status::Compensated),
         ("stuck-old", Status::Stuck),
     ] {
-        assert_eq!(client.snapshot(ids[key]).await.unwrap().status, status, "{key}");
+        assert_eq!(
+            client.snapshot(ids[key]).await.unwrap().status,
+            status,
+            "{key}"
+        );
     }
     // Two more, never run: one due two minutes ago, one due now.
     for key in ["overdue", "due-now"] {

@@ -80,7 +80,7 @@ async fn each_role_is_refused_what_it_must_not_do() {
     }
 
     // The worker: no deletes, no changes to history or to the outbox
-    // (whoever wrote the row), no reading messages, no forged delivery
+    // (whoever wrote the row), no reading delivery state, no forged delivery
     // state, no change to a saga's identity, nothing on the inbox.
     let conn = d.conn("saga_worker").await;
     for sql in [
@@ -92,7 +92,7 @@ async fn each_role_is_refused_what_it_must_not_do() {
         "DELETE FROM saga.outbox",
         "UPDATE saga.outbox SET topic = 'payments.refund'",
         "UPDATE saga.outbox SET available_at = now() + interval '1 year'",
-        "SELECT topic, payload_json FROM saga.outbox",
+        "SELECT attempts, last_error, lease_token FROM saga.outbox",
         "INSERT INTO saga.outbox (id, topic, payload_json, created_at, available_at, dead_at)
          VALUES (gen_random_uuid(), 'x', '1', now(), now(), now())",
         "INSERT INTO saga.outbox (id, topic, payload_json, created_at, available_at, lease_token,

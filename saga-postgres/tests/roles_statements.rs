@@ -33,10 +33,13 @@ fn sends(role: &str) -> &'static [&'static str] {
             "store.transition_exists",
             "store.current",
             "store.load",
+            "store.load_raw",
             "store.history",
             "store.due_unregistered",
-            // Your code's enqueue, in its own transaction.
+            // Your code's enqueue, in its own transaction, and its
+            // comparison of a reused id that a concurrent one committed.
             "outbox.enqueue",
+            "outbox.enqueue_recheck",
         ],
         "saga_dispatcher" => &[
             "check.versions",
@@ -54,8 +57,10 @@ fn sends(role: &str) -> &'static [&'static str] {
         ],
         "saga_operator" => &[
             "check.versions",
-            // Executor::resume and cancel; a saga's messages.
+            // Executor::resume and cancel; a saga's messages; a malformed
+            // row's raw values (SagaClient::get).
             "store.load",
+            "store.load_raw",
             "store.history",
             "store.current",
             "store.transition_exists",
@@ -91,9 +96,11 @@ fn also_allowed(role: &str) -> &'static [&'static str] {
             "guide.due",
         ],
         // The dead-letter calls set the delivery columns it settles; a
-        // saga's messages are outbox rows.
+        // saga's messages are outbox rows; the enqueue's comparison of a
+        // reused id is a read of them.
         "saga_dispatcher" => &[
             "store.outbox_for",
+            "outbox.enqueue_recheck",
             "outbox.dead_letters",
             "outbox.redrive_one",
             "outbox.redrive_all",
@@ -113,6 +120,7 @@ fn also_allowed(role: &str) -> &'static [&'static str] {
             "store.record_leased",
             "store.due_unregistered",
             "outbox.enqueue",
+            "outbox.enqueue_recheck",
             "outbox.claimed_by",
         ],
         _ => unreachable!("{role}"),

@@ -244,9 +244,13 @@ impl Outbox {
     /// recomputes it) is skipped and not counted; an id already there with
     /// a **different** message is refused with [`OutboxError::Conflict`],
     /// and then nothing of the call is written (the transaction stays
-    /// usable). The same holds against a concurrent transaction that
-    /// enqueued the id first: this call waits for it to commit, then skips
-    /// or refuses.
+    /// usable). Against a concurrent transaction that enqueued the id
+    /// first, this call waits for it to commit, then skips or refuses; a
+    /// refusal found that late can leave the call's *other* messages
+    /// written in this transaction, so roll the transaction back on this
+    /// error, as on any error of this call (the business write beside it
+    /// must not commit without its messages). Taking them back would need
+    /// `DELETE` on the outbox, which the worker's role does not hold.
     ///
     /// Ids are compared with the messages still in the outbox: pending, in
     /// flight or dead-lettered. A delivered message's row is deleted, and
@@ -324,23 +328,22 @@ impl Outbox {
         }
         let raced: Vec<Uuid> = col(row, "raced")?;
         if !raced.is_empty() {
-            let inserted: Vec<Uuid> = col(row, "inserted")?;
-            self.recheck(tx, messages, &raced, &inserted).await?;
+            self.recheck(tx, messages, &raced).await?;
         }
         let inserted: i64 = col(row, "n")?;
         Ok(u64::try_from(inserted).unwrap_or(0))
     }
 
     /// The ids in `raced` were committed by a concurrent transaction while
-    /// this call's insert waited: compares them with what it committed,
-    /// and on a conflict takes back the rows this call `inserted` (not yet
-    /// visible to anyone else), so that a refused call writes nothing.
+    /// this call's insert waited: compares them with what it committed.
+    /// A conflict found here is refused, but the call's other rows stay in
+    /// the (caller's, uncommitted) transaction: see
+    /// [`enqueue_with_ids_in_tx`](Outbox::enqueue_with_ids_in_tx).
     async fn recheck(
         &self,
         tx: &Transaction<'_>,
         messages: &[OutboxMessage],
         raced: &[Uuid],
-        inserted: &[Uuid],
     ) -> Result<(), OutboxError> {
         let raced: Vec<OutboxMessage> = messages
             .iter()
@@ -370,12 +373,6 @@ impl Outbox {
             .iter()
             .map(|r| col(r, "id"))
             .collect::<Result<Vec<Uuid>, _>>()?;
-        if !inserted.is_empty() {
-            let undo = &self.inner.sql.enqueue_undo;
-            let params = undo.bind(&[("ids", &inserted)])?;
-            tx.query_typed(undo.text(), &[(params[0], Type::UUID_ARRAY)])
-                .await?;
-        }
         Err(conflict(&conflicts))
     }
 }

@@ -24,9 +24,11 @@ pub enum OutboxError {
     },
 
     /// A message's id is already in the outbox under a *different* message
-    /// (another topic, key, headers or payload). Nothing of the call was
-    /// written: the transaction is still usable, and the stored message is
-    /// untouched. Re-enqueueing the *same* message under its id is not an
+    /// (another topic, key, headers or payload). The stored message is
+    /// untouched. Found before writing, nothing of the call was written and
+    /// the transaction is still usable; found against a concurrent
+    /// transaction that committed the id while this call waited, the call's
+    /// other messages may be written in this transaction: roll it back. Re-enqueueing the *same* message under its id is not an
     /// error (it is skipped). Ids are checked against the messages still in
     /// the outbox (pending, in flight or dead-lettered); see
     /// [`Outbox::enqueue_with_ids_in_tx`](super::Outbox::enqueue_with_ids_in_tx)

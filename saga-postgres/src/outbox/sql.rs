@@ -16,7 +16,6 @@ pub(crate) struct OutboxSql {
     pub(crate) server_time: Statement,
     pub(crate) enqueue: Statement,
     pub(crate) enqueue_recheck: Statement,
-    pub(crate) enqueue_undo: Statement,
     pub(crate) claim_unordered: Statement,
     pub(crate) claim_by_key: Statement,
     pub(crate) claimed_by: Statement,
@@ -141,8 +140,7 @@ impl OutboxSql {
             // visible when the statement started but was committed by a
             // concurrent transaction before the insert (`ON CONFLICT`) is
             // returned in `raced`, to be compared by `enqueue_recheck`
-            // (which sees the committed row); `inserted` lets the caller
-            // take its rows back then.
+            // (which sees the committed row).
             enqueue: Statement::new(
                 "enqueue",
                 &format!(
@@ -181,8 +179,7 @@ impl OutboxSql {
                         ARRAY(SELECT m.id FROM msg m
                             WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.id = m.id)
                               AND NOT EXISTS (SELECT 1 FROM ins i WHERE i.id = m.id)
-                            ORDER BY m.ord) AS raced,
-                        ARRAY(SELECT i.id FROM ins i) AS inserted"
+                            ORDER BY m.ord) AS raced"
                 ),
                 &[
                     "ids",
@@ -211,14 +208,6 @@ impl OutboxSql {
                      ORDER BY m.ord"
                 ),
                 &["ids", "topics", "keys", "json", "bytes", "headers"],
-            ),
-            // Takes back rows this transaction just inserted (not yet
-            // visible to anyone else) when `enqueue_recheck` found a
-            // conflict, so that a refused call writes nothing.
-            enqueue_undo: Statement::new(
-                "enqueue_undo",
-                &format!("DELETE FROM {s}.outbox WHERE id = ANY($ids::uuid[])"),
-                &["ids"],
             ),
             claim_unordered: Statement::new("claim_unordered", &claim(&s, false), CLAIM_PARAMS),
             claim_by_key: Statement::new("claim_by_key", &claim(&s, true), CLAIM_PARAMS),
@@ -383,7 +372,6 @@ impl OutboxSql {
             &self.server_time,
             &self.enqueue,
             &self.enqueue_recheck,
-            &self.enqueue_undo,
             &self.claim_unordered,
             &self.claim_by_key,
             &self.claimed_by,
