@@ -114,7 +114,6 @@ impl<St: SagaStore> Executor<St> {
     #[must_use]
     pub fn client(&self) -> SagaClient<St> {
         SagaClient::from_arc(self.shared.store.clone())
-            .with_limits(self.shared.config.limits)
             .with_wake(self.shared.wake.clone())
     }
 }

@@ -214,7 +214,8 @@ impl Outbox {
 
     /// Writes `messages` to the outbox inside `tx`, in one statement, in
     /// this order (the order per-key ordering keeps), each under a new id.
-    /// Nothing is written if any payload is over the cap.
+    /// Nothing is written if any payload is over the cap or not storable
+    /// JSON ([`OutboxError::Unstorable`]).
     pub async fn enqueue_all_in_tx(
         &self,
         tx: &Transaction<'_>,
@@ -263,6 +264,10 @@ impl Outbox {
                     size,
                     limit,
                 });
+            }
+            if let Payload::Json(v) = &m.payload {
+                saga_core::storable::check(v)
+                    .map_err(|problem| OutboxError::Unstorable { id: m.id, problem })?;
             }
         }
         let b = batch(messages);

@@ -23,6 +23,18 @@ pub enum OutboxError {
         limit: usize,
     },
 
+    /// A message's JSON payload is not storable JSON (a NUL character,
+    /// which PostgreSQL's `jsonb` refuses; see [`saga_core::storable`]).
+    /// Nothing was written.
+    #[error("outbox message {id}: the payload cannot be stored")]
+    Unstorable {
+        /// The message.
+        id: MessageId,
+        /// What in the payload, and where.
+        #[source]
+        problem: saga_core::Unstorable,
+    },
+
     /// The database failed (or could not be reached). The SQLSTATE, if the
     /// server sent one, is available from [`OutboxError::code`].
     #[error("outbox database operation failed")]

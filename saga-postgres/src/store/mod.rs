@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use saga_core::store::{NewSaga, Record};
-use saga_core::{Clock, Error, Limits, SagaKind, Started, SystemClock};
+use saga_core::{Clock, Error, Limits, Payload, SagaKind, Started, SystemClock};
 use uuid::Uuid;
 
 use params::{StartParams, to_i32};
@@ -163,13 +163,14 @@ impl PgSagaStoreBuilder {
         self
     }
 
-    /// The size caps the store enforces itself, whoever prepared the
-    /// values (default [`Limits::default`], 256 KiB): a start's input and
-    /// a transition's state over `max_state_bytes`, or an outbox payload
-    /// over `max_payload_bytes`, are refused with [`Error::TooLarge`]
-    /// before anything is written. Keep them at least as large as the
-    /// executor's and clients' limits, which refuse earlier and route an
-    /// oversized state to compensation.
+    /// The size caps (default [`Limits::default`], 256 KiB): a start's
+    /// input and a transition's state over `max_state_bytes`, or an outbox
+    /// payload over `max_payload_bytes`, are refused with
+    /// [`Error::TooLarge`] before anything is written. The one source of
+    /// the caps: clients and executors on this store read them
+    /// ([`SagaStore::limits`](saga_core::store::SagaStore::limits)), so that
+    /// an oversized start is refused at once and an oversized state fails
+    /// its step for good.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
@@ -217,6 +218,11 @@ fn check_size(what: &'static str, size: usize, limit: usize) -> Result<(), Error
         return Err(Error::TooLarge { what, size, limit });
     }
     Ok(())
+}
+
+/// Refuses `value`, as `what`, unless PostgreSQL can keep it as given.
+fn check_storable(what: &'static str, value: &serde_json::Value) -> Result<(), Error> {
+    saga_core::storable::check(value).map_err(|problem| Error::Unstorable { what, problem })
 }
 
 /// The kinds as two arrays for `unnest`, without duplicates.
@@ -305,23 +311,30 @@ impl PgSagaStore {
         migrate::check(&client, &self.inner.schema).await
     }
 
-    /// Refuses a start whose input is over the cap.
+    /// Refuses a start whose input is over the cap or not storable JSON
+    /// (see [`saga_core::storable`]).
     fn check_start(&self, new: &NewSaga) -> Result<(), Error> {
         check_size(
             "saga input",
             json_size(&new.state),
             self.inner.limits.max_state_bytes,
-        )
+        )?;
+        check_storable("saga input", &new.state)
     }
 
-    /// Refuses a transition whose state or messages are over the caps.
+    /// Refuses a transition whose state or messages are over the caps or
+    /// not storable JSON.
     fn check_record(&self, record: &Record) -> Result<(), Error> {
         let limits = &self.inner.limits;
         if let Some(state) = &record.state {
             check_size("saga state", json_size(state), limits.max_state_bytes)?;
+            check_storable("saga state", state)?;
         }
         for m in &record.outbox {
             check_size("outbox payload", m.payload.len(), limits.max_payload_bytes)?;
+            if let Payload::Json(v) = &m.payload {
+                check_storable("outbox payload", v)?;
+            }
         }
         Ok(())
     }

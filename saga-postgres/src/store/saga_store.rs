@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaStore};
 use saga_core::{
-    Clock, Error, HistoryEntry, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
+    Clock, Error, HistoryEntry, Limits, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
     TransitionId,
 };
 use tokio_postgres::Row;
@@ -213,6 +213,10 @@ impl PgSagaStore {
 impl SagaStore for PgSagaStore {
     fn clock(&self) -> &Arc<dyn Clock> {
         self.inner.clock.clock()
+    }
+
+    fn limits(&self) -> Limits {
+        self.inner.limits
     }
 
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
