@@ -348,11 +348,10 @@ pub trait SagaStore: Send + Sync + 'static {
     /// [`max_payload_bytes`](Limits::max_payload_bytes), are refused with
     /// [`Error::TooLarge`] and nothing is written. The one source of the
     /// caps: the client checks a start's input, and the executor the state
-    /// a step leaves and the payloads it emits, against these. Default:
-    /// [`Limits::default`] (256 KiB each).
-    fn limits(&self) -> Limits {
-        Limits::default()
-    }
+    /// a step leaves and the payloads it emits, against these. Typically
+    /// [`Limits::default`] (256 KiB each) unless configured; a wrapper
+    /// answers with the inner store's.
+    fn limits(&self) -> Limits;
 
     /// Creates an instance, or returns the one already started with the same
     /// saga name and start key. If that one was started with a different

@@ -161,6 +161,9 @@ impl SagaStore for SignallingStore {
     fn clock(&self) -> &Arc<dyn Clock> {
         self.inner.clock()
     }
+    fn limits(&self) -> saga_core::Limits {
+        self.inner.limits()
+    }
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
         self.inner.start(new).await
     }
