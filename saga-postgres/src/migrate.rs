@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claims_by_kind",
         sql: include_str!("../migrations/0004_claims_by_kind.sql"),
     },
+    Migration {
+        version: 6,
+        name: "attempt_bound",
+        sql: include_str!("../migrations/0006_attempt_bound.sql"),
+    },
 ];
 
 /// The latest migration this binary knows.

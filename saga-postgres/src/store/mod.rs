@@ -70,6 +70,11 @@ pub struct StoreStats {
     /// Claimed rows that could not be read (a malformed column, written by
     /// hand) and were parked as `Stuck` instead of failing the whole batch.
     pub malformed_parked: u64,
+    /// Claimed rows whose attempt count was at its bound (1,000,000; a
+    /// count written by hand), so that no claim could count another
+    /// attempt: parked as `Stuck` by themselves, the rest of the batch
+    /// claimed.
+    pub unclaimable_parked: u64,
 }
 
 struct Inner {
@@ -80,6 +85,7 @@ struct Inner {
     limits: Limits,
     ambiguity: AmbiguityCounters,
     malformed_parked: AtomicU64,
+    unclaimable_parked: AtomicU64,
 }
 
 /// A [`SagaStore`](saga_core::store::SagaStore) on PostgreSQL. Cheap to clone:
@@ -190,6 +196,7 @@ impl PgSagaStoreBuilder {
                 limits: self.limits,
                 ambiguity: AmbiguityCounters::default(),
                 malformed_parked: AtomicU64::new(0),
+                unclaimable_parked: AtomicU64::new(0),
             }),
         }
     }
@@ -301,6 +308,7 @@ impl PgSagaStore {
             ambiguous_unresolved: a.unresolved.load(Ordering::Relaxed),
             claims_recovered: a.claims_recovered.load(Ordering::Relaxed),
             malformed_parked: self.inner.malformed_parked.load(Ordering::Relaxed),
+            unclaimable_parked: self.inner.unclaimable_parked.load(Ordering::Relaxed),
         }
     }
 
