@@ -98,10 +98,7 @@ impl<St: SagaStore> SagaClient<St> {
 
     /// A client on a shared store.
     pub fn from_arc(store: Arc<St>) -> Self {
-        SagaClient {
-            store,
-            wake: None,
-        }
+        SagaClient { store, wake: None }
     }
 
     pub(crate) fn with_wake(mut self, wake: Arc<Notify>) -> Self {

@@ -585,7 +585,11 @@ mod tests {
         }
         let err = build().unwrap_err();
         assert_eq!(err.kind(), StepErrorKind::Permanent);
-        assert!(err.describe().contains("non-finite number (inf)"), "{}", err.describe());
+        assert!(
+            err.describe().contains("non-finite number (inf)"),
+            "{}",
+            err.describe()
+        );
         let too_large: StepError = Error::TooLarge {
             what: "saga state",
             size: 2,

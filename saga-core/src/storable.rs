@@ -509,11 +509,7 @@ impl ser::Serializer for KeyText {
     fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Found> {
         Err(Found::Other)
     }
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, Found> {
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Found> {
         Err(Found::Other)
     }
     fn serialize_struct_variant(
@@ -597,7 +593,11 @@ mod tests {
         type Change = fn(&mut Order);
         let table: Vec<(&str, Change, Result<(), Unstorable>)> = vec![
             ("as is", |_| {}, Ok(())),
-            ("NaN total", |o| o.total = f64::NAN, non_finite("$.total", "NaN")),
+            (
+                "NaN total",
+                |o| o.total = f64::NAN,
+                non_finite("$.total", "NaN"),
+            ),
             (
                 "inf price",
                 |o| o.lines[1].price = f32::INFINITY,
@@ -634,11 +634,7 @@ mod tests {
             ),
             (
                 "NUL in a struct variant",
-                |o| {
-                    o.kind = Kind::Gift {
-                        from: "\0".into(),
-                    }
-                },
+                |o| o.kind = Kind::Gift { from: "\0".into() },
                 nul("$.kind.Gift.from", false),
             ),
             (
@@ -646,11 +642,7 @@ mod tests {
                 |o| o.lines[0].sku = "tab\tnew\nline\u{1}".into(),
                 Ok(()),
             ),
-            (
-                "finite extremes are fine",
-                |o| o.total = f64::MAX,
-                Ok(()),
-            ),
+            ("finite extremes are fine", |o| o.total = f64::MAX, Ok(())),
         ];
         for (name, change, expected) in table {
             let mut o = order();
@@ -662,10 +654,7 @@ mod tests {
     #[test]
     fn json_values_are_checked_too_and_keys_in_paths_are_escaped() {
         assert_eq!(check(&json!({"a": [1, "x", {"b": null}]})), Ok(()));
-        assert_eq!(
-            check(&json!({"a": [1, "x\u{0}"]})),
-            nul("$.a[1]", false)
-        );
+        assert_eq!(check(&json!({"a": [1, "x\u{0}"]})), nul("$.a[1]", false));
         assert_eq!(
             check(&json!({"odd key\u{0}": {"v": "\u{0}"}})),
             nul("$", true)

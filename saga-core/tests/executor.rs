@@ -361,9 +361,8 @@ async fn no_more_steps_run_at_once_than_the_concurrency_allows() {
 #[tokio::test]
 async fn an_oversized_input_is_refused_before_anything_is_written() {
     let mut s = setup();
-    s.store = Arc::new(
-        InMemorySagaStore::with_clock(s.clock.clone()).with_limits(Limits::new(64, 64)),
-    );
+    s.store =
+        Arc::new(InMemorySagaStore::with_clock(s.clock.clone()).with_limits(Limits::new(64, 64)));
     let client = s.executor().client();
     let mut big = TestState::order(1);
     big.done = vec!["x".repeat(100)];

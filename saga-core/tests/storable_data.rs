@@ -4,8 +4,8 @@
 //! rerun per lease expiry); and a result the store itself refuses for its
 //! data fails the step for good with the store's reason.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use saga_core::store::{
@@ -125,7 +125,8 @@ async fn failure<St: SagaStore>(store: &St, id: SagaId) -> HistoryEntry {
     let failed: Vec<_> = history
         .iter()
         .filter(|e| {
-            e.step.as_str() == "stamp" && !matches!(e.outcome, Outcome::Succeeded | Outcome::Created)
+            e.step.as_str() == "stamp"
+                && !matches!(e.outcome, Outcome::Succeeded | Outcome::Created)
         })
         .collect();
     assert_eq!(failed.len(), 1, "one failure, no retries: {history:#?}");
@@ -144,7 +145,9 @@ async fn a_nul_in_a_steps_state_fails_it_once_for_good_and_compensates() {
     let error = failure(&*store, id).await.error.unwrap();
     assert!(error.starts_with("permanent"), "{error}");
     assert!(
-        error.contains("saga state cannot be stored: a NUL character (\\u0000) in a string at $.note"),
+        error.contains(
+            "saga state cannot be stored: a NUL character (\\u0000) in a string at $.note"
+        ),
         "{error}"
     );
     assert_eq!(calls.stamp.load(Ordering::SeqCst), 1, "the step ran once");
@@ -276,8 +279,14 @@ async fn the_stores_own_refusals_of_data_are_refused_and_nothing_is_written() {
     let saga = saga("direct", Stamp::Marked, false, &calls);
     let new = |input: &serde_json::Value| NewSaga {
         state: input.clone(),
-        ..NewSaga::new(&saga, key(), &Order::default(), &Limits::default(), store.clock().now())
-            .unwrap()
+        ..NewSaga::new(
+            &saga,
+            key(),
+            &Order::default(),
+            &Limits::default(),
+            store.clock().now(),
+        )
+        .unwrap()
     };
     // A start handed to the store unchecked.
     let err = store

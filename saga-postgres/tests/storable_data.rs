@@ -9,15 +9,14 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use saga_core::Limits;
 use saga_core::store::SagaStore;
 use saga_core::testing::{Script, scripted_saga};
 use saga_core::{
-    Error, Executor, ManualClock, Message, MessageId, OutboxMessage, Outcome, Payload,
-    SagaClient, SagaDefinition, SagaId, StartKey, Status, Step, StepContext, StepError,
-    Unstorable,
+    Error, Executor, ManualClock, Message, MessageId, OutboxMessage, Outcome, Payload, SagaClient,
+    SagaDefinition, SagaId, StartKey, Status, Step, StepContext, StepError, Unstorable,
 };
 use saga_postgres::outbox::{Outbox, OutboxError};
-use saga_core::Limits;
 use saga_postgres::{MIGRATIONS, PgError, migrate, migrate_with};
 use serde::{Deserialize, Serialize};
 
@@ -120,7 +119,8 @@ async fn failure(store: &common::TestStore, id: SagaId) -> String {
     let failed: Vec<_> = history
         .iter()
         .filter(|e| {
-            e.step.as_str() == "stamp" && !matches!(e.outcome, Outcome::Succeeded | Outcome::Created)
+            e.step.as_str() == "stamp"
+                && !matches!(e.outcome, Outcome::Succeeded | Outcome::Created)
         })
         .collect();
     assert_eq!(failed.len(), 1, "{history:#?}");
@@ -147,7 +147,9 @@ async fn a_nul_in_a_steps_state_fails_it_once_for_good_and_compensates() {
     assert_eq!(s.status, Status::Compensated);
     let error = failure(&store, id).await;
     assert!(
-        error.contains("saga state cannot be stored: a NUL character (\\u0000) in a string at $.note"),
+        error.contains(
+            "saga state cannot be stored: a NUL character (\\u0000) in a string at $.note"
+        ),
         "{error}"
     );
     assert!(!error.contains("lost leases"), "{error}");
@@ -174,7 +176,10 @@ async fn a_nul_in_a_steps_error_is_recorded_escaped_not_rerun() {
     let store = fresh().await;
     let calls = Arc::new(Calls::default());
     let id = run_one(&store, &saga(Stamp::NulInError, false, &calls)).await;
-    assert_eq!(store.load(id).await.unwrap().unwrap().status, Status::Compensated);
+    assert_eq!(
+        store.load(id).await.unwrap().unwrap().status,
+        Status::Compensated
+    );
     let error = failure(&store, id).await;
     assert!(error.ends_with("the gateway said \\0"), "{error}");
     assert_eq!(calls.stamp.load(Ordering::SeqCst), 1);
@@ -202,7 +207,10 @@ async fn a_non_finite_number_at_start_is_a_typed_error_and_nothing_is_written() 
         "{err:?}"
     );
     for table in ["saga_instances", "saga_history", "outbox"] {
-        assert_eq!(count(&store, &format!("SELECT count(*) FROM {{s}}.{table}")).await, 0);
+        assert_eq!(
+            count(&store, &format!("SELECT count(*) FROM {{s}}.{table}")).await,
+            0
+        );
     }
 }
 
@@ -232,7 +240,10 @@ async fn a_state_over_the_stores_cap_fails_the_step_once_for_good() {
     let store = fresh().await.map(|b| b.limits(Limits::new(1024, 1024)));
     let calls = Arc::new(Calls::default());
     let id = run_one(&store, &saga(Stamp::Big, false, &calls)).await;
-    assert_eq!(store.load(id).await.unwrap().unwrap().status, Status::Compensated);
+    assert_eq!(
+        store.load(id).await.unwrap().unwrap().status,
+        Status::Compensated
+    );
     let error = failure(&store, id).await;
     assert!(error.contains("over the limit of 1024 bytes"), "{error}");
     assert_eq!(calls.stamp.load(Ordering::SeqCst), 1, "the step ran once");
@@ -310,7 +321,11 @@ async fn a_row_at_the_attempt_bound_is_parked_by_itself_and_the_rest_of_its_kind
         ..
     } = common::fresh_schema().await;
     let mut client = pool.get().await.unwrap();
-    let before_6: Vec<_> = MIGRATIONS.iter().copied().filter(|m| m.version < 6).collect();
+    let before_6: Vec<_> = MIGRATIONS
+        .iter()
+        .copied()
+        .filter(|m| m.version < 6)
+        .collect();
     migrate_with(&mut client, &schema, &before_6).await.unwrap();
     let clock = Arc::new(ManualClock::starting_now());
     let pg = saga_postgres::PgSagaStore::builder(pool.clone(), schema.clone())
@@ -333,22 +348,37 @@ async fn a_row_at_the_attempt_bound_is_parked_by_itself_and_the_rest_of_its_kind
         .unwrap();
     migrate(&mut client, &schema).await.unwrap();
 
-    let exec = Executor::builder(pg.clone()).register(saga.clone()).build().unwrap();
+    let exec = Executor::builder(pg.clone())
+        .register(saga.clone())
+        .build()
+        .unwrap();
     let report = exec.run_until_idle().await.unwrap();
     assert_eq!(report.store_errors, 0, "{report:?}");
     for id in [ids[0], ids[2], ids[3]] {
-        assert_eq!(pg.load(id).await.unwrap().unwrap().status, Status::Completed);
+        assert_eq!(
+            pg.load(id).await.unwrap().unwrap().status,
+            Status::Completed
+        );
     }
     let s = pg.load(poison).await.unwrap().unwrap();
     assert_eq!(s.status, Status::Stuck);
-    assert_eq!(s.attempt, 1_000_000, "clamped to the bound by the migration");
+    assert_eq!(
+        s.attempt, 1_000_000,
+        "clamped to the bound by the migration"
+    );
     let reason = s.stuck_reason.unwrap();
-    assert!(reason.contains("attempt count is at its bound (1000000)"), "{reason}");
+    assert!(
+        reason.contains("attempt count is at its bound (1000000)"),
+        "{reason}"
+    );
     assert_eq!(pg.stats().unclaimable_parked, 1);
     assert_eq!(pg.stats().malformed_parked, 0);
     let parked = pg.history(poison).await.unwrap();
     let last = parked.last().unwrap();
-    assert_eq!((last.outcome, last.to_status), (Outcome::Parked, Status::Stuck));
+    assert_eq!(
+        (last.outcome, last.to_status),
+        (Outcome::Parked, Status::Stuck)
+    );
     assert!(
         script.trace(2).is_empty(),
         "the poison row's step never ran: {:?}",

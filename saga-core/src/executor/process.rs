@@ -92,13 +92,7 @@ async fn process_in_span<St: SagaStore>(
             )
             .with_key_name(saga.key_name(index).clone())
             .with_max_payload_bytes(limits.max_payload_bytes);
-            match saga.attempt(
-                index,
-                claimed.direction,
-                ctx,
-                claimed.state.clone(),
-                limits,
-            ) {
+            match saga.attempt(index, claimed.direction, ctx, claimed.state.clone(), limits) {
                 Err(problem) => Attempted::NotReady(at.position, problem),
                 Ok(attempt) => {
                     let timer = Instant::now();
@@ -191,7 +185,13 @@ async fn fail_refused<St: SagaStore>(
     let failed = Attempted::Ran(at, Err(StepError::permanent(ResultRefused(refused))));
     let decided = {
         let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
-        decide(claimed, saga.plan(), failed, shared.store.clock().now(), &mut *rng)
+        decide(
+            claimed,
+            saga.plan(),
+            failed,
+            shared.store.clock().now(),
+            &mut *rng,
+        )
     };
     let Ok(verdict) = decided else {
         // Not runnable: the first decision would have said so already.

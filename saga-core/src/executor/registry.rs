@@ -136,9 +136,9 @@ where
                         .map_err(StepError::permanent)
                         .and_then(|()| serde_json::to_value(&state).map_err(StepError::permanent))
                         .and_then(|v| {
-                        limits
-                            .check_state("saga state", &v)
-                            .map_err(StepError::permanent)?;
+                            limits
+                                .check_state("saga state", &v)
+                                .map_err(StepError::permanent)?;
                             Ok(v)
                         })
                         .map(|v| (v, ctx.take_emitted()))

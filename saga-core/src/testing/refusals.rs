@@ -28,8 +28,14 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
     // `NewSaga` itself).
     let unchecked = |state: serde_json::Value| NewSaga {
         state,
-        ..NewSaga::new(&h.saga, key(1), &TestState::order(1), &Limits::default(), now)
-            .expect("a valid start")
+        ..NewSaga::new(
+            &h.saga,
+            key(1),
+            &TestState::order(1),
+            &Limits::default(),
+            now,
+        )
+        .expect("a valid start")
     };
     let err = h
         .store
@@ -37,13 +43,29 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Unstorable { what: "saga input", .. }),
+        matches!(
+            err,
+            Error::Unstorable {
+                what: "saga input",
+                ..
+            }
+        ),
         "{err:?}"
     );
     let oversized = json!({ "order": 1, "done": ["x".repeat(limits.max_state_bytes)] });
-    let err = h.store.start(unchecked(oversized.clone())).await.unwrap_err();
+    let err = h
+        .store
+        .start(unchecked(oversized.clone()))
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, Error::TooLarge { what: "saga input", .. }),
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "saga input",
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.refuses_data());
@@ -84,7 +106,10 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
             "validate",
             1,
             now,
-            vec![message(Payload::Bytes(vec![0; limits.max_payload_bytes + 1]))],
+            vec![message(Payload::Bytes(vec![
+                0;
+                limits.max_payload_bytes + 1
+            ]))],
         ),
     ));
     for (what, record) in refused {
@@ -105,7 +130,10 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
     failed.history.error = Some("permanent: saga state cannot be stored".into());
     h.store.record(&c.lease, failed).await.unwrap();
     let s = h.store.load(id).await.unwrap().unwrap();
-    assert_eq!((s.status, &s.step), (Status::Running, &StepName::new("validate").unwrap()));
+    assert_eq!(
+        (s.status, &s.step),
+        (Status::Running, &StepName::new("validate").unwrap())
+    );
     // A payload built through `Message` is checked there already.
     assert!(Message::new("t", Payload::Json(json!(["\u{0}"]))).is_err());
 }

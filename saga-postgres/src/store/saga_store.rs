@@ -218,10 +218,8 @@ impl PgSagaStore {
             match claimed(row) {
                 Ok(c) => good.push(c),
                 Err(e) => {
-                    let reason = format!(
-                        "the stored row cannot be read: {}",
-                        crate::error::chain(&e)
-                    );
+                    let reason =
+                        format!("the stored row cannot be read: {}", crate::error::chain(&e));
                     self.park_claimed(budget, row, reason, &inner.malformed_parked)
                         .await;
                 }
