@@ -79,7 +79,6 @@ impl Default for Limits {
 #[derive(Debug)]
 pub struct SagaClient<St> {
     store: Arc<St>,
-    limits: Limits,
     wake: Option<Arc<Notify>>,
 }
 
@@ -87,36 +86,25 @@ impl<St> Clone for SagaClient<St> {
     fn clone(&self) -> Self {
         SagaClient {
             store: self.store.clone(),
-            limits: self.limits,
             wake: self.wake.clone(),
         }
     }
 }
 
 impl<St: SagaStore> SagaClient<St> {
-    /// A client on `store` with default [`Limits`].
+    /// A client on `store`. A start's input is checked against the store's
+    /// [`limits`](SagaStore::limits).
     pub fn new(store: St) -> Self {
         SagaClient::from_arc(Arc::new(store))
     }
 
     /// A client on a shared store.
     pub fn from_arc(store: Arc<St>) -> Self {
-        SagaClient {
-            store,
-            limits: Limits::default(),
-            wake: None,
-        }
+        SagaClient { store, wake: None }
     }
 
     pub(crate) fn with_wake(mut self, wake: Arc<Notify>) -> Self {
         self.wake = Some(wake);
-        self
-    }
-
-    /// Sets the size caps.
-    #[must_use]
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
         self
     }
 
@@ -133,8 +121,11 @@ impl<St: SagaStore> SagaClient<St> {
     /// [`Error::StartKeyConflict`]. Keys span versions: a start of version
     /// 2 with a key that started a version 1 instance returns that
     /// instance, and [`Started::kind`] says it is version 1 (see the
-    /// guarantees guide for why this is not a conflict). An input over the size cap fails with
-    /// [`Error::TooLarge`]. Either way nothing is written.
+    /// guarantees guide for why this is not a conflict). An input over the
+    /// store's size cap ([`SagaStore::limits`]) fails with
+    /// [`Error::TooLarge`], one that is not storable JSON (a NUL character,
+    /// a non-finite number) with [`Error::Unstorable`]. Either way nothing
+    /// is written.
     pub async fn start<S: Serialize, D>(
         &self,
         saga: &SagaDefinition<S, D>,
@@ -142,7 +133,7 @@ impl<St: SagaStore> SagaClient<St> {
         input: &S,
     ) -> Result<Started, Error> {
         let now = self.store.clock().now();
-        let new = NewSaga::new(saga, key, input, &self.limits, now)?;
+        let new = NewSaga::new(saga, key, input, &self.store.limits(), now)?;
         let started = self.store.start(new).await?;
         if started.created {
             count_started(saga.name());
@@ -228,8 +219,9 @@ pub fn count_started(saga: &SagaName) {
 }
 
 impl NewSaga {
-    /// Prepares the start of an instance of `saga` with `input`: serializes
-    /// and size-checks the input, digests it, and fills in the first step
+    /// Prepares the start of an instance of `saga` with `input`: checks
+    /// that it is storable JSON ([`Error::Unstorable`]: no NUL, no
+    /// non-finite number), serializes and size-checks it, digests it, and fills in the first step
     /// and the `Created` history row. Used by [`SagaClient::start`] and by
     /// stores that start instances inside the caller's own transaction.
     pub fn new<S: Serialize, D>(
@@ -239,6 +231,9 @@ impl NewSaga {
         limits: &Limits,
         now: Timestamp,
     ) -> Result<NewSaga, Error> {
+        // Before serializing: serde_json would turn a non-finite number
+        // into `null` without a word.
+        crate::storable::refuse_unstorable("saga input", input)?;
         let state = serde_json::to_value(input).map_err(|source| Error::SerializeState {
             saga: saga.name().clone(),
             source,

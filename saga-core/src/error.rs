@@ -73,6 +73,19 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A saga's input or state, or an outbox payload, holds data that no
+    /// store keeps as given: a NUL character, a non-finite number (see
+    /// [`crate::storable`]). Nothing was written; as a step's result, a
+    /// permanent failure.
+    #[error("{what} cannot be stored")]
+    Unstorable {
+        /// What: `"saga input"`, `"saga state"`, `"outbox payload"`.
+        what: &'static str,
+        /// What in it, and where.
+        #[source]
+        problem: crate::storable::Unstorable,
+    },
+
     /// A saga's state could not be serialized to JSON.
     #[error("could not serialize the state of saga `{saga}`")]
     SerializeState {
@@ -193,6 +206,21 @@ impl Error {
         match self {
             Error::Store(failure) => failure.is_retryable(),
             Error::Conflict(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the data itself was refused, so that writing it again can
+    /// never succeed: over a size cap ([`TooLarge`](Error::TooLarge)),
+    /// [`Unstorable`](Error::Unstorable), or a store failure its store says
+    /// [`refuses_data`](StoreFailure::refuses_data) (PostgreSQL's data
+    /// exceptions). The executor fails a step whose result is refused so
+    /// for good, with this error as the reason, instead of running it again.
+    #[must_use]
+    pub fn refuses_data(&self) -> bool {
+        match self {
+            Error::TooLarge { .. } | Error::Unstorable { .. } => true,
+            Error::Store(failure) => failure.refuses_data(),
             _ => false,
         }
     }
@@ -332,7 +360,11 @@ impl StepErrorKind {
 /// What a step returns when it does not succeed.
 ///
 /// Any error converts into a *retryable* `StepError` with `?`, keeping the
-/// original error as its source. Giving up is explicit:
+/// original error as its source; except the engine's own refusals of data,
+/// which no retry can fix (a [`MessageError`](crate::MessageError) for a
+/// payload that is not storable JSON or over the cap, an [`Error`] whose
+/// [`refuses_data`](Error::refuses_data) is true): those convert into a
+/// *permanent* one. Giving up is explicit:
 ///
 /// ```
 /// use std::time::Duration;
@@ -448,8 +480,29 @@ where
     E: Into<BoxError>,
 {
     fn from(e: E) -> Self {
-        StepError::retryable(e)
+        let source = e.into();
+        let kind = if refuses_data(source.as_ref()) {
+            StepErrorKind::Permanent
+        } else {
+            StepErrorKind::Retryable
+        };
+        StepError {
+            kind,
+            source: Some(source),
+        }
     }
+}
+
+/// Whether `e` is one of the engine's own refusals of data, which no retry
+/// can fix: a message or a value that is not storable JSON, or over a cap.
+fn refuses_data(e: &(dyn StdError + 'static)) -> bool {
+    if let Some(m) = e.downcast_ref::<crate::outbox::MessageError>() {
+        return m.refuses_data();
+    }
+    if let Some(e) = e.downcast_ref::<Error>() {
+        return e.refuses_data();
+    }
+    e.is::<crate::storable::Unstorable>()
 }
 
 impl fmt::Debug for StepError {
@@ -538,6 +591,31 @@ mod tests {
         let not_found = Error::NotFound(crate::ids::SagaId::new());
         assert!(!not_found.is_retryable());
         assert_eq!(not_found.code(), None);
+    }
+
+    #[test]
+    fn the_engines_refusals_of_data_convert_into_permanent_errors() {
+        fn build() -> Result<(), StepError> {
+            let _message = crate::Message::json("t", &f64::INFINITY)?;
+            Ok(())
+        }
+        let err = build().unwrap_err();
+        assert_eq!(err.kind(), StepErrorKind::Permanent);
+        assert!(
+            err.describe().contains("non-finite number (inf)"),
+            "{}",
+            err.describe()
+        );
+        let too_large: StepError = Error::TooLarge {
+            what: "saga state",
+            size: 2,
+            limit: 1,
+        }
+        .into();
+        assert_eq!(too_large.kind(), StepErrorKind::Permanent);
+        // Anything else stays retryable.
+        let other: StepError = Error::NotFound(crate::ids::SagaId::new()).into();
+        assert_eq!(other.kind(), StepErrorKind::Retryable);
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod outbox;
 mod panic;
 mod retry;
 mod shape;
+pub mod storable;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -51,6 +52,7 @@ pub use outbox::{
 pub use panic::message as panic_message;
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use shape::{SagaShape, SideShape, StepShape};
+pub use storable::Unstorable;
 pub use store::{HistoryEntry, MalformedSaga, Outcome, SagaSnapshot, Started};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 

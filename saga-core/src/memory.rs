@@ -8,9 +8,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::client::Limits;
 use crate::error::Error;
 use crate::ids::{LeaseToken, MessageId, SagaId, SagaKind, SagaName, StartKey, TransitionId};
-use crate::outbox::OutboxMessage;
+use crate::outbox::{OutboxMessage, Payload};
+use crate::storable::refuse_unstorable;
 use crate::store::{
     ClaimRequest, ClaimedSaga, HistoryEntry, Lease, NewSaga, Record, SagaSnapshot, SagaStore,
     Started,
@@ -47,6 +49,7 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct InMemorySagaStore {
     clock: Arc<dyn Clock>,
+    limits: Limits,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -68,8 +71,47 @@ impl InMemorySagaStore {
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
         InMemorySagaStore {
             clock,
+            limits: Limits::default(),
             inner: Arc::new(Mutex::new(Inner::default())),
         }
+    }
+
+    /// The same store with `limits` as its size caps (default
+    /// [`Limits::default`]); see [`SagaStore::limits`].
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses a start whose input the store cannot keep: over the cap, or
+    /// not storable JSON. As the durable stores do, so that tests see the
+    /// same refusals.
+    fn check_start(&self, new: &NewSaga) -> Result<(), Error> {
+        self.limits.check_state("saga input", &new.state)?;
+        refuse_unstorable("saga input", &new.state)
+    }
+
+    /// Refuses a transition whose state or messages the store cannot keep.
+    fn check_record(&self, record: &Record) -> Result<(), Error> {
+        if let Some(state) = &record.state {
+            self.limits.check_state("saga state", state)?;
+            refuse_unstorable("saga state", state)?;
+        }
+        for m in &record.outbox {
+            let (size, limit) = (m.payload.len(), self.limits.max_payload_bytes);
+            if size > limit {
+                return Err(Error::TooLarge {
+                    what: "outbox payload",
+                    size,
+                    limit,
+                });
+            }
+            if let Payload::Json(v) = &m.payload {
+                refuse_unstorable("outbox payload", v)?;
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -152,7 +194,12 @@ impl SagaStore for InMemorySagaStore {
         &self.clock
     }
 
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
+        self.check_start(&new)?;
         let now = self.clock.now();
         let mut inner = self.lock();
         let key = (new.kind.name.clone(), new.start_key.clone());
@@ -293,6 +340,7 @@ impl SagaStore for InMemorySagaStore {
         let now = self.clock.now();
         let mut inner = self.lock();
         held(&mut inner, lease, now)?;
+        self.check_record(&record)?;
         apply(&mut inner, lease.saga_id, record, now);
         Ok(())
     }
@@ -309,6 +357,7 @@ impl SagaStore for InMemorySagaStore {
         if row.snapshot.version != expected_version || live(row, now) {
             return Err(Error::Conflict(id));
         }
+        self.check_record(&record)?;
         apply(&mut inner, id, record, now);
         Ok(())
     }

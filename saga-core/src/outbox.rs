@@ -91,10 +91,15 @@ fn check_text(what: &'static str, s: &str) -> Result<(), InvalidName> {
 
 impl Message {
     /// A message whose payload is `value` serialized as JSON.
+    ///
+    /// A value that is not storable JSON (a NUL character, a non-finite
+    /// number, which serde_json would write as `null`) is refused with
+    /// [`MessageError::Unstorable`].
     pub fn json<T: Serialize + ?Sized>(
         topic: impl Into<String>,
         value: &T,
     ) -> Result<Self, MessageError> {
+        crate::storable::check(value)?;
         let value = serde_json::to_value(value).map_err(MessageError::Serialize)?;
         Message::new(topic, Payload::Json(value))
     }
@@ -107,10 +112,15 @@ impl Message {
         Message::new(topic, Payload::Bytes(bytes.into()))
     }
 
-    /// A message with the given payload.
+    /// A message with the given payload. A JSON payload that is not
+    /// storable (a NUL character in a string or key) is refused with
+    /// [`MessageError::Unstorable`].
     pub fn new(topic: impl Into<String>, payload: Payload) -> Result<Self, MessageError> {
         let topic = topic.into();
         check_text("topic", &topic)?;
+        if let Payload::Json(v) = &payload {
+            crate::storable::check(v)?;
+        }
         Ok(Message {
             topic,
             key: None,
@@ -218,10 +228,16 @@ pub enum MessageError {
     /// A topic, key or header is invalid.
     #[error(transparent)]
     Invalid(#[from] InvalidName),
+    /// The payload is not storable JSON (a NUL character, a non-finite
+    /// number): no retry can fix it, so a step that returns this with `?`
+    /// fails for good.
+    #[error("the message payload cannot be stored")]
+    Unstorable(#[from] crate::storable::Unstorable),
     /// The payload could not be serialized.
     #[error("could not serialize the message payload")]
     Serialize(#[source] serde_json::Error),
-    /// The payload exceeds the configured cap.
+    /// The payload exceeds the configured cap: no retry can fix it, so a
+    /// step that returns this with `?` fails for good.
     #[error("message payload is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
         /// The payload's size.
@@ -240,9 +256,40 @@ pub enum MessageError {
     },
 }
 
+impl MessageError {
+    /// Whether the message's data itself was refused (not storable, over
+    /// the cap): building or emitting it again can never succeed.
+    #[must_use]
+    pub fn refuses_data(&self) -> bool {
+        matches!(
+            self,
+            MessageError::Unstorable(_) | MessageError::TooLarge { .. }
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_that_is_not_storable_json_is_refused() {
+        let err = Message::json("t", &serde_json::json!({"note": "a\u{0}b"})).unwrap_err();
+        assert!(matches!(err, MessageError::Unstorable(_)), "{err:?}");
+        assert!(err.refuses_data());
+        let err = Message::json("t", &[1.0, f64::NAN]).unwrap_err();
+        let MessageError::Unstorable(problem) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            problem.to_string(),
+            "a non-finite number (NaN) at $[1], which JSON cannot represent"
+        );
+        let err = Message::new("t", Payload::Json(serde_json::json!(["\u{0}"]))).unwrap_err();
+        assert!(matches!(err, MessageError::Unstorable(_)), "{err:?}");
+        // Bytes are bytes.
+        assert!(Message::bytes("t", vec![0, 0]).is_ok());
+    }
 
     #[test]
     fn messages_validate_their_fields() {

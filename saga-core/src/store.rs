@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::Limits;
 use crate::error::Error;
 use crate::ids::{
     Direction, LeaseToken, SagaId, SagaKind, StartKey, StepName, TransitionId, WorkerId,
@@ -54,6 +55,16 @@ pub trait StoreFailure: std::error::Error + Send + Sync + 'static {
     /// connection, a serialization failure), as opposed to a failure that
     /// will recur (a missing table, a constraint the data breaks).
     fn is_retryable(&self) -> bool;
+
+    /// Whether the store refused the data it was asked to write, so that
+    /// the same write fails however often it is tried (PostgreSQL's data
+    /// exceptions, class 22, and 54000 "program limit exceeded"). Never
+    /// also [`is_retryable`](StoreFailure::is_retryable). The executor
+    /// fails a step whose result is refused so for good, with the failure
+    /// as its reason. Default: `false`.
+    fn refuses_data(&self) -> bool {
+        false
+    }
 
     /// The store's code for the failure, if it has one (PostgreSQL's
     /// five-character SQLSTATE, say).
@@ -363,10 +374,25 @@ pub trait SagaStore: Send + Sync + 'static {
     /// The clock the store (and every executor on it) reads.
     fn clock(&self) -> &Arc<dyn Clock>;
 
+    /// The size caps this store enforces on what it is handed: a start's
+    /// input and a transition's state over
+    /// [`max_state_bytes`](Limits::max_state_bytes), an outbox payload over
+    /// [`max_payload_bytes`](Limits::max_payload_bytes), are refused with
+    /// [`Error::TooLarge`] and nothing is written. The one source of the
+    /// caps: the client checks a start's input, and the executor the state
+    /// a step leaves and the payloads it emits, against these. Typically
+    /// [`Limits::default`] (256 KiB each) unless configured; a wrapper
+    /// answers with the inner store's.
+    fn limits(&self) -> Limits;
+
     /// Creates an instance, or returns the one already started with the same
     /// saga name and start key, whatever its version (with that version in
     /// [`Started::kind`]). If that one was started with a different input,
-    /// fails with [`Error::StartKeyConflict`] and writes nothing.
+    /// fails with [`Error::StartKeyConflict`] and writes nothing. An input
+    /// over the store's [`limits`](SagaStore::limits) is refused with
+    /// [`Error::TooLarge`], one that is not storable JSON (see
+    /// [`crate::storable`]) with [`Error::Unstorable`], before anything is
+    /// written.
     fn start(&self, new: NewSaga) -> impl Future<Output = Result<Started, Error>> + Send;
 
     /// Leases up to `limit` due instances of the given kinds: `Running` or
@@ -391,7 +417,11 @@ pub trait SagaStore: Send + Sync + 'static {
     fn release(&self, lease: &Lease) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Applies `record` if `lease` is still held, releasing it. Otherwise
-    /// changes nothing and fails with [`Error::LeaseLost`].
+    /// changes nothing and fails with [`Error::LeaseLost`]. A state or an
+    /// outbox payload over the store's [`limits`](SagaStore::limits), or not
+    /// storable JSON, is refused ([`Error::TooLarge`],
+    /// [`Error::Unstorable`]; [`Error::refuses_data`] says so) and nothing
+    /// is written; the lease stays held.
     fn record(
         &self,
         lease: &Lease,

@@ -161,6 +161,9 @@ impl SagaStore for SignallingStore {
     fn clock(&self) -> &Arc<dyn Clock> {
         self.inner.clock()
     }
+    fn limits(&self) -> saga_core::Limits {
+        self.inner.limits()
+    }
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
         self.inner.start(new).await
     }
@@ -357,8 +360,10 @@ async fn no_more_steps_run_at_once_than_the_concurrency_allows() {
 
 #[tokio::test]
 async fn an_oversized_input_is_refused_before_anything_is_written() {
-    let s = setup();
-    let client = s.executor().client().with_limits(Limits::new(64, 64));
+    let mut s = setup();
+    s.store =
+        Arc::new(InMemorySagaStore::with_clock(s.clock.clone()).with_limits(Limits::new(64, 64)));
+    let client = s.executor().client();
     let mut big = TestState::order(1);
     big.done = vec!["x".repeat(100)];
     let err = client.start(&s.saga, key(1), &big).await.unwrap_err();
@@ -396,7 +401,8 @@ async fn emit_big(ctx: &mut StepContext, _: &mut Vec<String>) -> Result<(), Step
 #[tokio::test]
 async fn a_state_or_payload_grown_past_the_cap_fails_the_step_for_good() {
     let clock = Arc::new(ManualClock::starting_now());
-    let store = Arc::new(InMemorySagaStore::with_clock(clock));
+    let limits = Limits::new(512, 512);
+    let store = Arc::new(InMemorySagaStore::with_clock(clock).with_limits(limits));
     let undo_calls = Arc::new(Mutex::new(0));
     let counted = undo_calls.clone();
     let undo = saga_core::action_fn(move |_, _: &mut Vec<String>| {
@@ -412,11 +418,9 @@ async fn a_state_or_payload_grown_past_the_cap_fails_the_step_for_good() {
         .step(Step::new("emit", emit_big))
         .build()
         .unwrap();
-    let limits = Limits::new(512, 512);
     let exec = Executor::builder_from_arc(store.clone())
         .register(grows.clone())
         .register(shouts.clone())
-        .limits(limits)
         .build()
         .unwrap();
     let a = exec

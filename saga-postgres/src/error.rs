@@ -175,6 +175,12 @@ const RETRYABLE_STATES: &[SqlState] = &[
     SqlState::READ_ONLY_SQL_TRANSACTION,
 ];
 
+/// Whether a SQLSTATE says the data itself was refused: class 22 (data
+/// exception) or 54000 (program limit exceeded).
+fn refuses_data(code: &SqlState) -> bool {
+    code.code().starts_with("22") || *code == SqlState::PROGRAM_LIMIT_EXCEEDED
+}
+
 /// What a database error says: its SQLSTATE and the server's message, or
 /// what went wrong with the connection.
 fn describe(e: &tokio_postgres::Error) -> String {
@@ -241,6 +247,16 @@ impl PgError {
         false
     }
 
+    /// Whether the server refused the data the statement carried, so that
+    /// the same statement fails however often it is sent: a data exception
+    /// (SQLSTATE class 22: a NUL in text or `jsonb`, 22P05; an invalid byte
+    /// sequence, 22021; a number out of range, 22003) or a program limit
+    /// exceeded (54000, a value too large to store). Never retryable.
+    #[must_use]
+    pub fn refuses_data(&self) -> bool {
+        self.code().is_some_and(refuses_data)
+    }
+
     /// Whether the operation may be retried as a whole: a lost connection,
     /// a server restart, a serialization failure, a deadlock, or a session
     /// that refuses writes because the database was read-only when it
@@ -265,6 +281,10 @@ impl saga_core::store::StoreFailure for PgError {
     fn code(&self) -> Option<&str> {
         PgError::code(self).map(SqlState::code)
     }
+
+    fn refuses_data(&self) -> bool {
+        PgError::refuses_data(self)
+    }
 }
 
 impl From<PgError> for saga_core::Error {
@@ -276,6 +296,27 @@ impl From<PgError> for saga_core::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_exceptions_and_program_limits_refuse_the_data_and_are_not_retried() {
+        let table = [
+            ("22P05", true),
+            ("22021", true),
+            ("22003", true),
+            ("22001", true),
+            ("54000", true),
+            ("40001", false),
+            ("23505", false),
+            ("42P01", false),
+            ("08006", false),
+        ];
+        for (code, refused) in table {
+            let state = SqlState::from_code(code);
+            assert_eq!(refuses_data(&state), refused, "{code}");
+            // Whatever refuses the data is never worth retrying.
+            assert!(!(refused && RETRYABLE_STATES.contains(&state)), "{code}");
+        }
+    }
 
     #[test]
     fn a_pg_error_answers_as_a_store_failure() {

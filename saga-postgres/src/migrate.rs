@@ -82,6 +82,11 @@ pub const MIGRATIONS: &[Migration] = &[
         // A nullable column and a wider index, which older binaries ignore.
         compatible_from: 1,
     },
+    Migration {
+        version: 6,
+        name: "attempt_bound",
+        sql: include_str!("../migrations/0006_attempt_bound.sql"),
+    },
 ];
 
 /// The latest migration this binary knows.

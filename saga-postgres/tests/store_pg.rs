@@ -327,8 +327,9 @@ async fn the_store_refuses_an_oversized_state_or_payload_in_a_transition() {
 #[tokio::test]
 async fn an_oversized_input_is_refused_and_nothing_is_written() {
     let store = common::fresh_store(Arc::new(ManualClock::starting_now())).await;
+    let store = store.map(|s| s.limits(Limits::new(1024, 1024)));
     let saga = scripted_saga(&Script::new(), 1);
-    let client = SagaClient::new(store.store.clone()).with_limits(Limits::new(1024, 1024));
+    let client = SagaClient::new(store.store.clone());
     let mut big = TestState::order(1);
     big.done = vec!["x".repeat(2000)];
     let err = client

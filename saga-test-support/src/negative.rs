@@ -116,6 +116,10 @@ impl<St: SagaStore> SagaStore for Unfenced<St> {
         self.inner.clock()
     }
 
+    fn limits(&self) -> saga_core::Limits {
+        self.inner.limits()
+    }
+
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
         self.inner.start(new).await
     }

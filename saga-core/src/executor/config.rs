@@ -14,7 +14,6 @@ use tokio::sync::Notify;
 use super::registry::Registry;
 use super::report::Counters;
 use super::{Executor, Shared};
-use crate::client::Limits;
 use crate::definition::SagaDefinition;
 use crate::error::BuildError;
 use crate::ids::{SagaKind, WorkerId};
@@ -45,8 +44,6 @@ pub struct ExecutorConfig {
     /// (default 60 s). The check runs on its own timer, however busy the
     /// executor is.
     pub unregistered_check_interval: Duration,
-    /// Size caps on state and payloads.
-    pub limits: Limits,
 }
 
 impl Default for ExecutorConfig {
@@ -58,7 +55,6 @@ impl Default for ExecutorConfig {
             poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             unregistered_check_interval: Duration::from_secs(60),
-            limits: Limits::default(),
         }
     }
 }
@@ -141,12 +137,6 @@ impl<St: SagaStore> ExecutorBuilder<St> {
     /// Grace period for in-flight steps on shutdown.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.config.shutdown_grace = d;
-        self
-    }
-
-    /// Size caps.
-    pub fn limits(mut self, limits: Limits) -> Self {
-        self.config.limits = limits;
         self
     }
 

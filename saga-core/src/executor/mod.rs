@@ -113,8 +113,6 @@ impl<St: SagaStore> Executor<St> {
     /// an instance.
     #[must_use]
     pub fn client(&self) -> SagaClient<St> {
-        SagaClient::from_arc(self.shared.store.clone())
-            .with_limits(self.shared.config.limits)
-            .with_wake(self.shared.wake.clone())
+        SagaClient::from_arc(self.shared.store.clone()).with_wake(self.shared.wake.clone())
     }
 }

@@ -13,7 +13,7 @@ use super::registry::{AttemptResult, ErasedSaga};
 use super::report::{Processed, count_status, store_error};
 use crate::action::BoxFuture;
 use crate::context::StepContext;
-use crate::error::{Error, ErrorChain};
+use crate::error::{Error, ErrorChain, StepError};
 use crate::ids::TransitionId;
 use crate::machine::{Attempts, Command, Position};
 use crate::metrics as m;
@@ -61,6 +61,8 @@ async fn process_in_span<St: SagaStore>(
         ("direction", claimed.direction.as_str().to_owned()),
     ];
 
+    // The store's caps: the one source of them (see `SagaStore::limits`).
+    let limits = shared.store.limits();
     let located = saga.step_index(claimed.step.as_str()).and_then(|index| {
         let (policy, timeout) = saga.policy(index, claimed.direction)?;
         let position = Position {
@@ -89,14 +91,8 @@ async fn process_in_span<St: SagaStore>(
                 timeout,
             )
             .with_key_name(saga.key_name(index).clone())
-            .with_max_payload_bytes(shared.config.limits.max_payload_bytes);
-            match saga.attempt(
-                index,
-                claimed.direction,
-                ctx,
-                claimed.state.clone(),
-                shared.config.limits,
-            ) {
+            .with_max_payload_bytes(limits.max_payload_bytes);
+            match saga.attempt(index, claimed.direction, ctx, claimed.state.clone(), limits) {
                 Err(problem) => Attempted::NotReady(at.position, problem),
                 Ok(attempt) => {
                     let timer = Instant::now();
@@ -112,6 +108,11 @@ async fn process_in_span<St: SagaStore>(
         }
     };
 
+    // Where a success was placed, should the store refuse its result.
+    let succeeded_at = match &attempted {
+        Attempted::Ran(at, Ok(_)) => Some(*at),
+        _ => None,
+    };
     let decided = {
         let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
         decide(&claimed, saga.plan(), attempted, clock.now(), &mut *rng)
@@ -154,7 +155,62 @@ async fn process_in_span<St: SagaStore>(
         }
         Rule::BudgetSpent | Rule::Succeeded | Rule::Snoozed => {}
     }
-    record(&shared, &saga, &claimed, verdict, started_at).await
+    match record(&shared, &saga, &claimed, verdict, started_at).await {
+        Recording::Done(processed) => processed,
+        Recording::Refused(refused) => {
+            fail_refused(&shared, &saga, &claimed, succeeded_at, refused, started_at).await
+        }
+    }
+}
+
+/// The store refused to record a step's result for its data (over its
+/// caps, not storable, a data exception of the database): the step failed
+/// for good with this as its reason.
+#[derive(Debug, thiserror::Error)]
+#[error("the store refused to record the step's result")]
+struct ResultRefused(#[source] Error);
+
+/// A success whose result the store refused for its data (a deterministic
+/// refusal: writing it again can never succeed) is failed for good in its
+/// place, once, with the store's reason: compensated before the pivot,
+/// parked after it; never run again per lease expiry.
+async fn fail_refused<St: SagaStore>(
+    shared: &Shared<St>,
+    saga: &Arc<dyn ErasedSaga>,
+    claimed: &ClaimedSaga,
+    succeeded_at: Option<Located<'_>>,
+    refused: Error,
+    started_at: Timestamp,
+) -> Processed {
+    let Some(at) = succeeded_at else {
+        shared.counters.store_failed("record");
+        tracing::error!(error = %ErrorChain(&refused), "the store refused to record a failure; the step will run again when the lease expires");
+        return Processed::StoreError;
+    };
+    tracing::warn!(error = %ErrorChain(&refused), "the store refused the step's result for its data; failing the step for good");
+    let failed = Attempted::Ran(at, Err(StepError::permanent(ResultRefused(refused))));
+    let decided = {
+        let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+        decide(
+            claimed,
+            saga.plan(),
+            failed,
+            shared.store.clock().now(),
+            &mut *rng,
+        )
+    };
+    let Ok(verdict) = decided else {
+        // Not runnable: the first decision would have said so already.
+        return Processed::StoreError;
+    };
+    match record(shared, saga, claimed, verdict, started_at).await {
+        Recording::Done(processed) => processed,
+        Recording::Refused(e) => {
+            shared.counters.store_failed("record");
+            tracing::error!(error = %ErrorChain(&e), "the store refused to record the step's failure too; the step will run again when the lease expires");
+            Processed::StoreError
+        }
+    }
 }
 
 fn attempt_metric(labels: &[(&'static str, String); 3], outcome: &'static str) {
@@ -203,13 +259,22 @@ async fn run_with_heartbeat<St: SagaStore>(
     }
 }
 
+/// What came of recording a verdict.
+enum Recording {
+    /// Recorded, or failed in a way that leaves nothing more to do here.
+    Done(Processed),
+    /// The store refused the write for its data ([`Error::refuses_data`]):
+    /// nothing was written, the lease is still held.
+    Refused(Error),
+}
+
 async fn record<St: SagaStore>(
     shared: &Shared<St>,
     saga: &Arc<dyn ErasedSaga>,
     claimed: &ClaimedSaga,
     verdict: Verdict,
     started_at: Timestamp,
-) -> Processed {
+) -> Recording {
     let now = shared.store.clock().now();
     let t = verdict.settled;
     let history = HistoryEntry {
@@ -235,7 +300,7 @@ async fn record<St: SagaStore>(
         history,
     );
     let id = claimed.lease.saga_id;
-    match shared.store.record(&claimed.lease, record).await {
+    Recording::Done(match shared.store.record(&claimed.lease, record).await {
         Ok(()) => {
             shared.counters.recorded.fetch_add(1, Ordering::Relaxed);
             count_status(&claimed.kind, t.status());
@@ -247,12 +312,13 @@ async fn record<St: SagaStore>(
             Processed::Recorded(id, t.kind())
         }
         Err(Error::LeaseLost(_)) => lease_lost(shared, claimed),
+        Err(e) if e.refuses_data() => return Recording::Refused(e),
         Err(e) => {
             shared.counters.store_failed("record");
             tracing::error!(error = %ErrorChain(&e), "recording the step's outcome failed; the step will run again when the lease expires");
             Processed::StoreError
         }
-    }
+    })
 }
 
 /// Turns a settled decision into the write that persists it.

@@ -37,6 +37,8 @@ pub(super) trait ErasedSaga: Send + Sync + 'static {
     fn policy(&self, index: usize, direction: Direction) -> Option<(&RetryPolicy, Duration)>;
     /// Deserializes the state and returns the attempt, ready to run; or why
     /// it cannot run ([`Error::UnknownStep`], [`Error::DeserializeState`]).
+    /// The state the step leaves is checked against `limits` (the store's)
+    /// and for storable JSON: a permanent failure if it fails either.
     fn attempt(
         &self,
         index: usize,
@@ -127,15 +129,20 @@ where
                 }
             };
             let outcome = match joined {
-                Ok((mut ctx, state, Ok(()))) => serde_json::to_value(&state)
-                    .map_err(StepError::permanent)
-                    .and_then(|v| {
-                        limits
-                            .check_state("saga state", &v)
-                            .map_err(StepError::permanent)?;
-                        Ok(v)
-                    })
-                    .map(|v| (v, ctx.take_emitted())),
+                // Refused before anything is written, and for good: the
+                // same step would leave the same data again.
+                Ok((mut ctx, state, Ok(()))) => {
+                    crate::storable::refuse_unstorable("saga state", &state)
+                        .map_err(StepError::permanent)
+                        .and_then(|()| serde_json::to_value(&state).map_err(StepError::permanent))
+                        .and_then(|v| {
+                            limits
+                                .check_state("saga state", &v)
+                                .map_err(StepError::permanent)?;
+                            Ok(v)
+                        })
+                        .map(|v| (v, ctx.take_emitted()))
+                }
                 Ok((_, _, Err(e))) => Err(e),
                 Err(join) => Err(StepError::retryable(StepPanicked(panic_message(join)))),
             };

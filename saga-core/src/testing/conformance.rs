@@ -28,6 +28,8 @@ use crate::outbox::Message;
 use crate::store::{ClaimRequest, HistoryEntry, Outcome, Record, SagaStore};
 use crate::time::{Clock, ManualClock, Timestamp};
 
+pub use super::refusals::a_store_refuses_data_it_cannot_keep_and_writes_nothing;
+
 use Direction::{Compensate as C, Forward as F};
 
 /// Makes a fresh, empty store reading `clock`.
@@ -142,7 +144,7 @@ impl<St: SagaStore> Harness<St> {
     }
 }
 
-fn key(order: u32) -> StartKey {
+pub(super) fn key(order: u32) -> StartKey {
     StartKey::new(format!("order-{order}")).expect("valid key")
 }
 
@@ -150,7 +152,7 @@ fn step(name: &str) -> StepName {
     StepName::new(name).expect("valid step name")
 }
 
-fn claim_req(kinds: &[crate::ids::SagaKind], limit: usize) -> ClaimRequest<'_> {
+pub(super) fn claim_req(kinds: &[crate::ids::SagaKind], limit: usize) -> ClaimRequest<'_> {
     ClaimRequest {
         worker: WorkerId::new(),
         kinds,
@@ -160,7 +162,7 @@ fn claim_req(kinds: &[crate::ids::SagaKind], limit: usize) -> ClaimRequest<'_> {
 }
 
 /// A record that keeps the instance where it is and due again at `at`.
-fn retry_record(
+pub(super) fn retry_record(
     step_name: &str,
     attempt: u32,
     at: Timestamp,
@@ -1397,6 +1399,7 @@ macro_rules! store_conformance_tests {
             cancel_before_the_pivot_compensates_what_started,
             unregistered_sagas_are_left_untouched,
             an_unreadable_state_parks_only_that_instance,
+            a_store_refuses_data_it_cannot_keep_and_writes_nothing,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

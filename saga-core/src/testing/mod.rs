@@ -5,6 +5,7 @@
 //! in-memory store and the Postgres store pass the same cases.
 
 pub mod conformance;
+mod refusals;
 mod script;
 
 pub use conformance::{Harness, LEASE, StoreFactory};

@@ -216,9 +216,10 @@ impl Outbox {
 
     /// Writes `messages` to the outbox inside `tx`, in one statement, in
     /// this order (the order per-key ordering keeps), each under a new id.
-    /// Nothing is written if any payload is over the cap (the errors are
-    /// those of [`enqueue_with_ids_in_tx`](Outbox::enqueue_with_ids_in_tx);
-    /// fresh ids cannot conflict).
+    /// Nothing is written if any payload is over the cap or not storable
+    /// JSON ([`OutboxError::Unstorable`]); the other errors are those of
+    /// [`enqueue_with_ids_in_tx`](Outbox::enqueue_with_ids_in_tx) (fresh
+    /// ids cannot conflict).
     pub async fn enqueue_all_in_tx(
         &self,
         tx: &Transaction<'_>,
@@ -295,6 +296,10 @@ impl Outbox {
                     size,
                     limit,
                 });
+            }
+            if let Payload::Json(v) = &m.payload {
+                saga_core::storable::check(v)
+                    .map_err(|problem| OutboxError::Unstorable { id: m.id, problem })?;
             }
         }
         check_ids_and_times(messages, self.clock().now())?;

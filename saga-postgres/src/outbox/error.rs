@@ -28,14 +28,15 @@ pub enum OutboxError {
     /// untouched. Found before writing, nothing of the call was written and
     /// the transaction is still usable; found against a concurrent
     /// transaction that committed the id while this call waited, the call's
-    /// other messages may be written in this transaction: roll it back. Re-enqueueing the *same* message under its id is not an
-    /// error (it is skipped). Ids are checked against the messages still in
-    /// the outbox (pending, in flight or dead-lettered); see
+    /// other messages may be written in this transaction: roll it back.
+    /// Re-enqueueing the *same* message under its id is not an error (it
+    /// is skipped). Ids are checked against the messages still in the
+    /// outbox (pending, in flight or dead-lettered); see
     /// [`Outbox::enqueue_with_ids_in_tx`](super::Outbox::enqueue_with_ids_in_tx)
     /// for what holds once a message was delivered.
     #[error(
         "outbox message {} is already enqueued with a different topic, key, headers or payload \
-         ({} conflicting id(s) in all); nothing was written",
+         ({} conflicting id(s) in all)",
         .ids[0], .ids.len()
     )]
     Conflict {
@@ -61,6 +62,18 @@ pub enum OutboxError {
         delay: std::time::Duration,
         /// The maximum.
         max: std::time::Duration,
+    },
+
+    /// A message's JSON payload is not storable JSON (a NUL character,
+    /// which PostgreSQL's `jsonb` refuses; see [`saga_core::storable`]).
+    /// Nothing was written.
+    #[error("outbox message {id}: the payload cannot be stored")]
+    Unstorable {
+        /// The message.
+        id: MessageId,
+        /// What in the payload, and where.
+        #[source]
+        problem: saga_core::Unstorable,
     },
 
     /// The database failed (or could not be reached). The SQLSTATE, if the

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use saga_core::store::{NewSaga, Record};
-use saga_core::{Clock, Error, Limits, SagaKind, Started, SystemClock};
+use saga_core::{Clock, Error, Limits, Payload, SagaKind, Started, SystemClock};
 use uuid::Uuid;
 
 use params::{StartParams, to_i32};
@@ -70,6 +70,11 @@ pub struct StoreStats {
     /// Claimed rows that could not be read (a malformed column, written by
     /// hand) and were parked as `Stuck` instead of failing the whole batch.
     pub malformed_parked: u64,
+    /// Claimed rows whose attempt count was at its bound (1,000,000; a
+    /// count written by hand), so that no claim could count another
+    /// attempt: parked as `Stuck` by themselves, the rest of the batch
+    /// claimed.
+    pub unclaimable_parked: u64,
 }
 
 struct Inner {
@@ -80,6 +85,7 @@ struct Inner {
     limits: Limits,
     ambiguity: AmbiguityCounters,
     malformed_parked: AtomicU64,
+    unclaimable_parked: AtomicU64,
 }
 
 /// A [`SagaStore`](saga_core::store::SagaStore) on PostgreSQL. Cheap to clone:
@@ -163,13 +169,14 @@ impl PgSagaStoreBuilder {
         self
     }
 
-    /// The size caps the store enforces itself, whoever prepared the
-    /// values (default [`Limits::default`], 256 KiB): a start's input and
-    /// a transition's state over `max_state_bytes`, or an outbox payload
-    /// over `max_payload_bytes`, are refused with [`Error::TooLarge`]
-    /// before anything is written. Keep them at least as large as the
-    /// executor's and clients' limits, which refuse earlier and route an
-    /// oversized state to compensation.
+    /// The size caps (default [`Limits::default`], 256 KiB): a start's
+    /// input and a transition's state over `max_state_bytes`, or an outbox
+    /// payload over `max_payload_bytes`, are refused with
+    /// [`Error::TooLarge`] before anything is written. The one source of
+    /// the caps: clients and executors on this store read them
+    /// ([`SagaStore::limits`](saga_core::store::SagaStore::limits)), so that
+    /// an oversized start is refused at once and an oversized state fails
+    /// its step for good.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
@@ -189,6 +196,7 @@ impl PgSagaStoreBuilder {
                 limits: self.limits,
                 ambiguity: AmbiguityCounters::default(),
                 malformed_parked: AtomicU64::new(0),
+                unclaimable_parked: AtomicU64::new(0),
             }),
         }
     }
@@ -217,6 +225,11 @@ fn check_size(what: &'static str, size: usize, limit: usize) -> Result<(), Error
         return Err(Error::TooLarge { what, size, limit });
     }
     Ok(())
+}
+
+/// Refuses `value`, as `what`, unless PostgreSQL can keep it as given.
+fn check_storable(what: &'static str, value: &serde_json::Value) -> Result<(), Error> {
+    saga_core::storable::check(value).map_err(|problem| Error::Unstorable { what, problem })
 }
 
 /// The kinds as two arrays for `unnest`, without duplicates.
@@ -295,6 +308,7 @@ impl PgSagaStore {
             ambiguous_unresolved: a.unresolved.load(Ordering::Relaxed),
             claims_recovered: a.claims_recovered.load(Ordering::Relaxed),
             malformed_parked: self.inner.malformed_parked.load(Ordering::Relaxed),
+            unclaimable_parked: self.inner.unclaimable_parked.load(Ordering::Relaxed),
         }
     }
 
@@ -307,23 +321,30 @@ impl PgSagaStore {
         migrate::check(&client, &self.inner.schema).await
     }
 
-    /// Refuses a start whose input is over the cap.
+    /// Refuses a start whose input is over the cap or not storable JSON
+    /// (see [`saga_core::storable`]).
     fn check_start(&self, new: &NewSaga) -> Result<(), Error> {
         check_size(
             "saga input",
             json_size(&new.state),
             self.inner.limits.max_state_bytes,
-        )
+        )?;
+        check_storable("saga input", &new.state)
     }
 
-    /// Refuses a transition whose state or messages are over the caps.
+    /// Refuses a transition whose state or messages are over the caps or
+    /// not storable JSON.
     fn check_record(&self, record: &Record) -> Result<(), Error> {
         let limits = &self.inner.limits;
         if let Some(state) = &record.state {
             check_size("saga state", json_size(state), limits.max_state_bytes)?;
+            check_storable("saga state", state)?;
         }
         for m in &record.outbox {
             check_size("outbox payload", m.payload.len(), limits.max_payload_bytes)?;
+            if let Payload::Json(v) = &m.payload {
+                check_storable("outbox payload", v)?;
+            }
         }
         Ok(())
     }

@@ -10,6 +10,14 @@ use uuid::Uuid;
 use crate::db::statement::Param;
 use crate::schema::SchemaName;
 
+/// Free text the engine wrote (a history row's error, a stuck reason),
+/// with any NUL character, which PostgreSQL's `text` refuses (22P05),
+/// written as the escape `\0`: a step's error message holding one must
+/// not make its failure unrecordable.
+fn storable_text(text: Option<&String>) -> Option<String> {
+    text.map(|t| t.replace('\0', "\\0"))
+}
+
 pub(crate) fn to_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
@@ -141,14 +149,14 @@ impl TransitionParams {
                 first_attempt_at: r.first_attempt_at.map(Timestamp::to_system_time),
                 next_run_at: r.next_run_at.map(Timestamp::to_system_time),
                 state: r.state.clone(),
-                stuck_reason: r.stuck_reason.clone(),
+                stuck_reason: storable_text(r.stuck_reason.as_ref()),
             },
             history: History {
                 step: h.step.to_string(),
                 direction: h.direction.as_str(),
                 attempt: to_i32(h.attempt),
                 outcome: h.outcome.as_str(),
-                error: h.error.clone(),
+                error: storable_text(h.error.as_ref()),
                 from: h.from_status.map(Status::as_str),
                 to: h.to_status.as_str(),
                 started: h.started_at.to_system_time(),
@@ -199,5 +207,28 @@ impl TransitionParams {
             ("m_available", &m.available),
             ("channel", &self.channel),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nul_in_free_text_is_escaped_and_nothing_else_changes() {
+        let cases = [
+            ("plain", "plain"),
+            ("a\0b", "a\\0b"),
+            ("\0\0", "\\0\\0"),
+            ("tab\tok", "tab\tok"),
+        ];
+        for (given, stored) in cases {
+            assert_eq!(
+                storable_text(Some(&given.to_owned())).as_deref(),
+                Some(stored),
+                "{given:?}"
+            );
+        }
+        assert_eq!(storable_text(None), None);
     }
 }

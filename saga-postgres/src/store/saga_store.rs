@@ -1,14 +1,14 @@
 //! The [`SagaStore`] operations of [`PgSagaStore`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use saga_core::store::{
     ClaimRequest, ClaimedSaga, Lease, MalformedSaga, NewSaga, Record, SagaStore,
 };
 use saga_core::{
-    Clock, Error, HistoryEntry, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
+    Clock, Error, HistoryEntry, Limits, OutboxMessage, SagaId, SagaKind, SagaSnapshot, Started,
     TransitionId,
 };
 use tokio_postgres::Row;
@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::params::{StartParams, TransitionParams};
 use super::rows::{self, StartWinner, claimed, due_kind, history_entry, outbox_message, snapshot};
+use super::sql::ATTEMPT_BOUND;
 use super::{PgSagaStore, kind_arrays};
 use crate::db::Budget;
 use crate::db::ambiguity::{Written, claim_once, write_once};
@@ -151,15 +152,18 @@ impl PgSagaStore {
         })
     }
 
-    /// Parks a claimed row that cannot be read, under the lease the claim
-    /// just took, so that the rest of the batch goes on. If even that
-    /// fails, the row stays leased until its lease expires.
-    async fn park_malformed(&self, budget: &mut Budget, row: &Row, error: PgError) {
+    /// Parks a claimed row that cannot be read, or whose attempt count is
+    /// at its bound, under the lease the claim just took, so that the rest
+    /// of the batch goes on; counts it in `parked`. If even that fails, the
+    /// row stays leased until its lease expires.
+    async fn park_claimed(
+        &self,
+        budget: &mut Budget,
+        row: &Row,
+        reason: String,
+        parked: &AtomicU64,
+    ) {
         let inner = &*self.inner;
-        let reason = format!(
-            "the stored row cannot be read: {}",
-            crate::error::chain(&error)
-        );
         let raw = match rows::unreadable(row) {
             Ok(raw) => raw,
             Err(e) => {
@@ -169,10 +173,10 @@ impl PgSagaStore {
             }
         };
         tracing::error!(saga_id = %raw.id, error = %reason,
-            "claimed a malformed saga instance; parking it as stuck");
+            "claimed a saga instance no worker can run; parking it as stuck");
         let now = inner.clock.bind();
         let tid = TransitionId::new().as_uuid();
-        let parked = inner
+        let written = inner
             .db
             .query_in(
                 budget,
@@ -190,9 +194,9 @@ impl PgSagaStore {
                 ],
             )
             .await;
-        match parked {
+        match written {
             Ok(_) => {
-                inner.malformed_parked.fetch_add(1, Ordering::Relaxed);
+                parked.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => tracing::error!(saga_id = %raw.id, error = %e,
                 "could not park the malformed instance; it stays leased until its lease expires"),
@@ -223,13 +227,29 @@ impl PgSagaStore {
     }
 
     /// Reads claimed rows one by one: good ones are returned (oldest due
-    /// first), malformed ones parked.
+    /// first); malformed ones, and ones at the attempt bound, parked.
     async fn read_claimed(&self, budget: &mut Budget, rows: Vec<Row>) -> Vec<ClaimedSaga> {
+        let inner = &*self.inner;
         let mut good = Vec::with_capacity(rows.len());
         for row in &rows {
+            if col::<bool>(row, "unclaimable").unwrap_or(false) {
+                let reason = format!(
+                    "the attempt count is at its bound ({ATTEMPT_BOUND}): no claim can count \
+                     another attempt (was it written by hand?); set `attempt` lower to run \
+                     the step again"
+                );
+                self.park_claimed(budget, row, reason, &inner.unclaimable_parked)
+                    .await;
+                continue;
+            }
             match claimed(row) {
                 Ok(c) => good.push(c),
-                Err(e) => self.park_malformed(budget, row, e).await,
+                Err(e) => {
+                    let reason =
+                        format!("the stored row cannot be read: {}", crate::error::chain(&e));
+                    self.park_claimed(budget, row, reason, &inner.malformed_parked)
+                        .await;
+                }
             }
         }
         good.sort_by_key(|(due, c)| (*due, c.lease.saga_id));
@@ -240,6 +260,10 @@ impl PgSagaStore {
 impl SagaStore for PgSagaStore {
     fn clock(&self) -> &Arc<dyn Clock> {
         self.inner.clock.clock()
+    }
+
+    fn limits(&self) -> Limits {
+        self.inner.limits
     }
 
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {

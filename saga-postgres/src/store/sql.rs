@@ -9,6 +9,12 @@ use crate::db::statement::Statement;
 use crate::schema::SchemaName;
 use crate::tags;
 
+/// The largest attempt count a row may hold (the check constraint
+/// `saga_instances_attempt_bound`, migration 6). A claim never counts past
+/// it: a row found at it is leased without counting and flagged
+/// `unclaimable`, and the store parks it by itself.
+pub(crate) const ATTEMPT_BOUND: i32 = 1_000_000;
+
 /// What a claim returns for each row (read by
 /// [`claimed`](super::rows::claimed)).
 const CLAIMED_COLUMNS: &str = "i.id, i.lease_token, i.lease_expires_at, i.saga_name, \
@@ -187,10 +193,10 @@ impl Sql {
                 "claim",
                 &format!(
                     "WITH due AS (
-                        SELECT c.id, c.due_at
+                        SELECT c.id, c.due_at, c.attempt AS prior_attempt
                         FROM unnest($names::text[], $versions::int4[]) AS k(name, version)
                         CROSS JOIN LATERAL (
-                            SELECT i.id, i.next_run_at AS due_at
+                            SELECT i.id, i.next_run_at AS due_at, i.attempt
                             FROM {s}.saga_instances i
                             WHERE i.saga_name = k.name AND i.saga_version = k.version
                               AND i.status IN ('running', 'compensating')
@@ -209,13 +215,15 @@ impl Sql {
                         lease_expires_at = {NOW} + $lease_for_us::int8 * interval '1 microsecond',
                         next_run_at = {NOW} + $lease_for_us::int8 * interval '1 microsecond',
                         claim_id = $claim_id::uuid,
-                        attempt = i.attempt + 1,
+                        attempt = CASE WHEN i.attempt < {ATTEMPT_BOUND} THEN i.attempt + 1
+                            ELSE i.attempt END,
                         first_attempt_at = coalesce(i.first_attempt_at, {NOW}),
                         version = i.version + 1,
                         updated_at = {NOW}
                     FROM due
                     WHERE i.id = due.id
-                    RETURNING {CLAIMED_COLUMNS}, due.due_at"
+                    RETURNING {CLAIMED_COLUMNS}, due.due_at,
+                        due.prior_attempt >= {ATTEMPT_BOUND} AS unclaimable"
                 ),
                 &[
                     "now",
@@ -232,11 +240,13 @@ impl Sql {
             // (the leased rows' `next_run_at`, which lies between now and
             // now plus the lease, since the claim was made before now),
             // then by claim id. The due time they had is gone; they are
-            // ordered by id.
+            // ordered by id. Whether a row was at the attempt bound before
+            // the claim is gone too: a row found at it is taken to be.
             claimed_by: Statement::new(
                 "claimed_by",
                 &format!(
-                    "SELECT {CLAIMED_COLUMNS}, NULL::timestamptz AS due_at
+                    "SELECT {CLAIMED_COLUMNS}, NULL::timestamptz AS due_at,
+                        i.attempt >= {ATTEMPT_BOUND} AS unclaimable
                      FROM unnest($names::text[], $versions::int4[]) AS k(name, version)
                      JOIN {s}.saga_instances i
                        ON i.saga_name = k.name AND i.saga_version = k.version
@@ -256,7 +266,8 @@ impl Sql {
                     "now",
                 ],
             ),
-            // A claimed row that cannot be read: parked for an operator,
+            // A claimed row that cannot be read, or that no claim can count
+            // another attempt of: parked for an operator,
             // under the lease the claim just took. The history row takes
             // the row's own text, malformed or not.
             park_malformed: Statement::new(
@@ -422,5 +433,17 @@ impl Sql {
             &self.outbox_for,
             &self.due_unregistered,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ATTEMPT_BOUND;
+
+    #[test]
+    fn the_claims_attempt_bound_is_the_schemas() {
+        let migration = include_str!("../../migrations/0006_attempt_bound.sql");
+        assert!(migration.contains(&format!("CHECK (attempt <= {ATTEMPT_BOUND})")));
+        assert!(migration.contains(&format!("SET attempt = {ATTEMPT_BOUND} WHERE")));
     }
 }

@@ -93,6 +93,9 @@ impl SagaStore for TestStore {
     fn clock(&self) -> &Arc<dyn Clock> {
         self.store.clock()
     }
+    fn limits(&self) -> saga_core::Limits {
+        self.store.limits()
+    }
     async fn start(&self, new: NewSaga) -> Result<Started, Error> {
         self.store.start(new).await
     }
