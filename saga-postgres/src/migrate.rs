@@ -86,6 +86,9 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 6,
         name: "attempt_bound",
         sql: include_str!("../migrations/0006_attempt_bound.sql"),
+        // A narrower CHECK that only a hand edit or a retry budget of over a
+        // million attempts reaches; older binaries' writes stay within it.
+        compatible_from: 1,
     },
 ];
 
