@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claims_by_kind",
         sql: include_str!("../migrations/0004_claims_by_kind.sql"),
     },
+    Migration {
+        version: 5,
+        name: "definition_fingerprints",
+        sql: include_str!("../migrations/0005_definition_fingerprints.sql"),
+    },
 ];
 
 /// The latest migration this binary knows.
