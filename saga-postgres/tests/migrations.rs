@@ -62,6 +62,7 @@ async fn migrating_creates_the_schema_once_and_then_does_nothing() {
         [
             "inbox",
             "outbox",
+            "saga_definitions",
             "saga_history",
             "saga_instances",
             "saga_migrations"
