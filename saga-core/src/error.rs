@@ -188,7 +188,7 @@ pub enum Error {
         /// The fingerprint of the shape being registered.
         registered: ShapeFingerprint,
         /// Where the two shapes first differ.
-        first_difference: ShapeDifference,
+        first_difference: Box<ShapeDifference>,
     },
 
     /// The store failed. Displays as the store's own error, whose causes
@@ -228,11 +228,14 @@ impl Error {
     ) -> Self {
         let first_difference =
             match serde_json::from_value::<crate::SagaShape>(stored_shape.clone()) {
-                Ok(stored_shape) => first_difference(&stored_shape, registered).unwrap_or_else(
-                    || ShapeDifference::NotShown {
-                        reason: "the stored shape's fingerprint was computed differently".into(),
-                    },
-                ),
+                Ok(stored_shape) => {
+                    first_difference(&stored_shape, registered).unwrap_or_else(|| {
+                        ShapeDifference::NotShown {
+                            reason: "the stored shape's fingerprint was computed differently"
+                                .into(),
+                        }
+                    })
+                }
                 Err(e) => ShapeDifference::NotShown {
                     reason: format!("the stored shape does not parse: {e}"),
                 },
@@ -241,7 +244,7 @@ impl Error {
             kind: registered.kind.clone(),
             stored,
             registered: registered.fingerprint(),
-            first_difference,
+            first_difference: Box::new(first_difference),
         }
     }
 

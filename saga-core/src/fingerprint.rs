@@ -192,7 +192,10 @@ impl fmt::Display for ShapeDifference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ShapeDifference::Kind { stored, registered } => {
-                write!(f, "the stored shape is {stored}, the registered {registered}")
+                write!(
+                    f,
+                    "the stored shape is {stored}, the registered {registered}"
+                )
             }
             ShapeDifference::Names {
                 index,
@@ -307,7 +310,6 @@ mod tests {
                 .step(Step::new("notify", ok))
         })
     }
-
 
     /// Each change, whether it keeps the fingerprint, and the first
     /// difference it shows.
@@ -440,11 +442,7 @@ mod tests {
         ];
         let stored = base();
         for (what, registered, difference) in cases {
-            assert_eq!(
-                first_difference(&stored, &registered),
-                difference,
-                "{what}"
-            );
+            assert_eq!(first_difference(&stored, &registered), difference, "{what}");
             assert_eq!(
                 stored.fingerprint() == registered.fingerprint(),
                 difference.is_none(),

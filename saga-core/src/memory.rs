@@ -388,13 +388,14 @@ impl SagaStore for InMemorySagaStore {
     async fn register_definition(&self, shape: &SagaShape) -> Result<ShapeFingerprint, Error> {
         let fingerprint = shape.fingerprint();
         let mut inner = self.lock();
-        let (stored, stored_shape) = inner
-            .definitions
-            .entry(shape.kind.clone())
-            .or_insert_with(|| {
-                let json = serde_json::to_value(shape).expect("a shape serializes");
-                (fingerprint, json)
-            });
+        let (stored, stored_shape) =
+            inner
+                .definitions
+                .entry(shape.kind.clone())
+                .or_insert_with(|| {
+                    let json = serde_json::to_value(shape).expect("a shape serializes");
+                    (fingerprint, json)
+                });
         if *stored != fingerprint {
             return Err(Error::definition_changed(shape, *stored, stored_shape));
         }

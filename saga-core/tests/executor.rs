@@ -10,8 +10,8 @@ use saga_core::testing::{Behavior, Gate, LEASE, Script, TestState, scripted_saga
 use saga_core::{
     BuildError, Clock, DefinitionProblem, Direction, Error, Executor, HistoryEntry,
     InMemorySagaStore, Limits, ManualClock, Message, OutboxMessage, Outcome, SagaDefinition,
-    SagaId, SagaKind, SagaSnapshot, StartKey, Started, Status, Step, StepContext, StepError,
-    SagaShape, ShapeFingerprint, Timestamp,
+    SagaId, SagaKind, SagaShape, SagaSnapshot, ShapeFingerprint, StartKey, Started, Status, Step,
+    StepContext, StepError, Timestamp,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -552,7 +552,11 @@ async fn a_step_renamed_under_the_same_version_is_refused_and_touches_nothing() 
 
     let renamed = SagaDefinition::<Vec<String>>::builder("renames", 1)
         .step(Step::new("first", ok).no_compensation())
-        .step(Step::new("new_name", ok).alias("old_name").no_compensation())
+        .step(
+            Step::new("new_name", ok)
+                .alias("old_name")
+                .no_compensation(),
+        )
         .build()
         .unwrap();
     clock.advance(Duration::from_secs(3600));
@@ -570,7 +574,7 @@ async fn a_step_renamed_under_the_same_version_is_refused_and_touches_nothing() 
         panic!("{err:?}");
     };
     assert_eq!(
-        *first_difference,
+        **first_difference,
         saga_core::ShapeDifference::Names {
             index: 1,
             stored: vec![saga_core::StepName::new("old_name").unwrap()],
@@ -1229,9 +1233,8 @@ async fn operator_refusals_keep_their_cause_and_an_unknown_step_is_named() {
         .register(after.clone())
         .build()
         .unwrap();
-    let is_drift = |err: &Error| {
-        matches!(err, Error::DefinitionChanged { kind, .. } if kind == after.kind())
-    };
+    let is_drift =
+        |err: &Error| matches!(err, Error::DefinitionChanged { kind, .. } if kind == after.kind());
     let err = exec.cancel(id, "x").await.unwrap_err();
     assert!(is_drift(&err), "{err:?}");
     clock.advance(Duration::from_secs(3600));

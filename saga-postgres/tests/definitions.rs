@@ -47,7 +47,11 @@ async fn a_second_deployment_with_swapped_steps_is_refused_and_the_first_complet
     first.check().await.unwrap();
     let id = first
         .client()
-        .start(&saga, StartKey::new("order-1").unwrap(), &TestState::order(1))
+        .start(
+            &saga,
+            StartKey::new("order-1").unwrap(),
+            &TestState::order(1),
+        )
         .await
         .unwrap()
         .id;
@@ -72,9 +76,12 @@ async fn a_second_deployment_with_swapped_steps_is_refused_and_the_first_complet
     };
     assert_eq!(kind, saga.kind());
     assert_eq!(*stored, saga.shape().fingerprint());
-    assert_eq!(*registered, scripted_saga_swapped(&script, 1).shape().fingerprint());
     assert_eq!(
-        *first_difference,
+        *registered,
+        scripted_saga_swapped(&script, 1).shape().fingerprint()
+    );
+    assert_eq!(
+        **first_difference,
         ShapeDifference::Names {
             index: 1,
             stored: vec![step("charge")],
@@ -149,7 +156,10 @@ async fn an_executor_on_a_schema_never_migrated_fails_at_start_saying_to_migrate
                 if *f == found && *m == missing),
             "{pg:?}"
         );
-        assert!(err.to_string().contains("run `saga_postgres::migrate`"), "{err}");
+        assert!(
+            err.to_string().contains("run `saga_postgres::migrate`"),
+            "{err}"
+        );
         assert!(!err.is_retryable());
     };
     not_migrated(&err, 0, 1);
@@ -224,7 +234,11 @@ async fn an_instance_from_before_fingerprints_is_claimed_by_any_worker_of_its_ki
     };
     let renamed = SagaDefinition::<Vec<String>>::builder("renames", 1)
         .step(Step::new("first", first).no_compensation())
-        .step(Step::new("new_name", record).alias("old_name").no_compensation())
+        .step(
+            Step::new("new_name", record)
+                .alias("old_name")
+                .no_compensation(),
+        )
         .build()
         .unwrap();
     // The legacy row sits at the first step; a worker of the old shape
@@ -245,5 +259,8 @@ async fn an_instance_from_before_fingerprints_is_claimed_by_any_worker_of_its_ki
         .check()
         .await
         .unwrap_err();
-    assert!(matches!(refused, Error::DefinitionChanged { .. }), "{refused:?}");
+    assert!(
+        matches!(refused, Error::DefinitionChanged { .. }),
+        "{refused:?}"
+    );
 }

@@ -16,12 +16,12 @@ use crate::client::Limits;
 use crate::context::StepContext;
 use crate::definition::SagaDefinition;
 use crate::error::{Error, StepError};
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{Direction, SagaKind, StepName};
 use crate::machine::StepKind;
 use crate::outbox::OutboxMessage;
 use crate::retry::RetryPolicy;
 use crate::shape::SagaShape;
-use crate::fingerprint::ShapeFingerprint;
 
 /// What one attempt produced: on success the new state and the messages
 /// the step emitted.

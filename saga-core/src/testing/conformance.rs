@@ -418,9 +418,19 @@ pub async fn an_expired_lease_is_fenced<Fa: StoreFactory>(f: &Fa) {
     let kinds = [h.saga.kind().clone()];
     let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
-    let old = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let old = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.clock.advance(LEASE);
-    let new = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let new = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(new.lease.saga_id, id);
     assert_ne!(new.lease.token, old.lease.token);
     assert_eq!(new.attempt, 2);
@@ -463,7 +473,12 @@ pub async fn an_expired_lease_refuses_writes_even_unclaimed<Fa: StoreFactory>(f:
     let kinds = [h.saga.kind().clone()];
     let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.clock.advance(LEASE + Duration::from_millis(1));
     let at = h.clock.now();
     let err = h
@@ -485,7 +500,12 @@ pub async fn heartbeats_extend_the_lease<Fa: StoreFactory>(f: &Fa) {
     let kinds = [h.saga.kind().clone()];
     let fps = [h.saga.shape().fingerprint()];
     h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.clock.advance(LEASE - Duration::from_secs(5));
     let extended = h.store.heartbeat(&c.lease, LEASE).await.unwrap();
     assert_eq!(extended.token, c.lease.token);
@@ -511,7 +531,12 @@ pub async fn release_refunds_the_attempt<Fa: StoreFactory>(f: &Fa) {
     let kinds = [h.saga.kind().clone()];
     let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.store.release(&c.lease).await.unwrap();
     let s = h.store.load(id).await.unwrap().unwrap();
     assert_eq!((s.attempt, s.first_attempt_at, s.lease), (0, None, None));
@@ -537,12 +562,22 @@ pub async fn records_are_atomic_and_outbox_ids_are_unique<Fa: StoreFactory>(f: &
             .unwrap()
             .into_outbox(MessageId::derive(id, &notify, F, index), h.clock.now())
     };
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     let at = h.clock.now();
     let mut rec = retry_record("validate", 1, at, vec![msg(0), msg(1)]);
     rec.state = Some(serde_json::json!({ "order": 1, "done": ["x"] }));
     h.store.record(&c.lease, rec).await.unwrap();
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     // The step ran again and emitted the same first message.
     h.store
         .record(&c.lease, retry_record("validate", 2, at, vec![msg(0)]))
@@ -568,7 +603,12 @@ pub async fn operator_writes_check_version_and_lease<Fa: StoreFactory>(f: &Fa) {
     let id = h.start(1).await;
     let v1 = h.store.load(id).await.unwrap().unwrap().version;
     let at = h.clock.now();
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     let v2 = h.store.load(id).await.unwrap().unwrap().version;
     assert!(v2 > v1, "a claim bumps the version");
     let err = h
@@ -1215,7 +1255,12 @@ pub async fn crashed_attempts_spend_the_budget<Fa: StoreFactory>(f: &Fa) {
     h.clock.advance(Duration::from_secs(1));
     // Two workers claim charge and die before recording.
     for attempt in [2, 3] {
-        let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+        let c = h
+            .store
+            .claim(claim_req(&kinds, &fps, 1))
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!((c.step.as_str(), c.attempt), ("charge", attempt));
         h.clock.advance(LEASE);
     }

@@ -31,8 +31,14 @@ pub async fn register_definition_keeps_the_first_shape_and_refuses_another<Fa: S
 ) {
     let h = Harness::new(f).await;
     let fp = h.saga.shape().fingerprint();
-    assert_eq!(h.store.register_definition(h.saga.shape()).await.unwrap(), fp);
-    assert_eq!(h.store.register_definition(h.saga.shape()).await.unwrap(), fp);
+    assert_eq!(
+        h.store.register_definition(h.saga.shape()).await.unwrap(),
+        fp
+    );
+    assert_eq!(
+        h.store.register_definition(h.saga.shape()).await.unwrap(),
+        fp
+    );
     let slower = scripted_saga_with(
         &h.script,
         1,
@@ -64,7 +70,7 @@ pub async fn register_definition_keeps_the_first_shape_and_refuses_another<Fa: S
     assert_eq!(*stored, fp);
     assert_eq!(*registered, swapped.shape().fingerprint());
     assert_eq!(
-        *first_difference,
+        **first_difference,
         ShapeDifference::Names {
             index: 1,
             stored: names(&["charge"]),
@@ -72,11 +78,17 @@ pub async fn register_definition_keeps_the_first_shape_and_refuses_another<Fa: S
         }
     );
     let text = err.to_string();
-    assert!(text.contains("scripted@v1") && text.contains("`charge`"), "{text}");
+    assert!(
+        text.contains("scripted@v1") && text.contains("`charge`"),
+        "{text}"
+    );
 
     // Nothing changed: the first shape still registers, and another
     // version is another identity.
-    assert_eq!(h.store.register_definition(h.saga.shape()).await.unwrap(), fp);
+    assert_eq!(
+        h.store.register_definition(h.saga.shape()).await.unwrap(),
+        fp
+    );
     let v2 = scripted_saga_swapped(&h.script, 2);
     assert_eq!(
         h.store.register_definition(v2.shape()).await.unwrap(),
@@ -153,15 +165,25 @@ pub async fn a_worker_with_swapped_steps_is_refused_and_runs_nothing<Fa: StoreFa
         "{refused:?}"
     );
     let refused = second.run(std::future::pending()).await.unwrap_err();
-    assert!(matches!(refused, Error::DefinitionChanged { .. }), "{refused:?}");
+    assert!(
+        matches!(refused, Error::DefinitionChanged { .. }),
+        "{refused:?}"
+    );
     assert_eq!(second.stats().claimed, 0);
-    assert!(h.script.calls().is_empty(), "the refused worker ran nothing");
+    assert!(
+        h.script.calls().is_empty(),
+        "the refused worker ran nothing"
+    );
 
     // A client deployed with the swapped definition starts an instance
     // under its shape: the first worker leaves it, and says so.
     let stray = h
         .client()
-        .start(&scripted_saga_swapped(&h.script, 1), key(2), &TestState::order(2))
+        .start(
+            &scripted_saga_swapped(&h.script, 1),
+            key(2),
+            &TestState::order(2),
+        )
         .await
         .unwrap()
         .id;

@@ -12,17 +12,17 @@ use saga_core::{
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::params::to_i32;
 use super::params::{StartParams, TransitionParams};
 use super::rows::{self, claimed, due_kind, history_entry, outbox_message, snapshot};
-use saga_core::{SagaShape, ShapeFingerprint};
-use tokio_postgres::error::SqlState;
-use super::params::to_i32;
 use super::{PgSagaStore, fingerprinted_kind_arrays, kind_arrays};
 use crate::db::Budget;
 use crate::db::ambiguity::{Written, claim_once, write_once};
 use crate::db::rows::{col, corrupt, micros, only, time};
 use crate::db::statement::Param;
 use crate::error::PgError;
+use saga_core::{SagaShape, ShapeFingerprint};
+use tokio_postgres::error::SqlState;
 
 /// What guards a transition.
 #[derive(Debug, Clone, Copy)]
