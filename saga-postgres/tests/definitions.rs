@@ -97,7 +97,45 @@ async fn a_second_deployment_with_swapped_steps_is_refused_and_the_first_complet
     assert_eq!(second.stats().claimed, 0);
     assert!(script.calls().is_empty());
 
-    first.run_until_idle().await.unwrap();
+    // A client deployed with the swapped definition starts an instance: no
+    // worker of the first shape runs it, and the guide's queries show it.
+    let swapped = scripted_saga_swapped(&script, 1);
+    let stray = first
+        .client()
+        .start(&swapped, StartKey::new("order-2").unwrap(), &TestState::order(2))
+        .await
+        .unwrap()
+        .id;
+    let (stored_rows, waiting) = guide_queries(&first_store).await;
+    assert_eq!(
+        stored_rows,
+        [(
+            "scripted".to_owned(),
+            1,
+            saga.shape().fingerprint().to_string(),
+            serde_json::json!(["validate", "charge", "reserve", "confirm", "notify"])
+        )]
+    );
+    assert_eq!(
+        waiting,
+        [(
+            "scripted".to_owned(),
+            1,
+            swapped.shape().fingerprint().to_string(),
+            1
+        )]
+    );
+
+    let report = first.run_until_idle().await.unwrap();
+    assert_eq!(
+        report.unmatched,
+        [(saga.kind().clone(), swapped.shape().fingerprint(), 1)]
+    );
+    assert_eq!(
+        first.client().get(stray).await.unwrap().attempt,
+        0,
+        "left untouched"
+    );
     let snapshot = first.client().get(id).await.unwrap();
     assert_eq!(snapshot.status, Status::Completed);
     assert_eq!(
@@ -131,6 +169,40 @@ async fn a_second_deployment_with_swapped_steps_is_refused_and_the_first_complet
     assert_eq!(row.get::<_, Vec<u8>>(0), fingerprint);
     assert_eq!(row.get::<_, Option<Vec<u8>>>(1), Some(fingerprint));
     assert_eq!(row.get::<_, String>(2), "charge");
+}
+
+type StoredRow = (String, i32, String, serde_json::Value);
+type WaitingRow = (String, i32, String, i64);
+
+/// Runs the two queries of the operations guide's "Changing a definition"
+/// on `store`'s schema: the stored definitions, and the instances waiting
+/// for another shape.
+async fn guide_queries(store: &PgSagaStore) -> (Vec<StoredRow>, Vec<WaitingRow>) {
+    let guide = include_str!("../../docs/operations.md");
+    let start = guide
+        .find("```sql\nSELECT saga_name, saga_version, encode(fingerprint")
+        .expect("the guide's block");
+    let block = &guide[start + "```sql\n".len()..];
+    let block = &block[..block.find("```").unwrap()];
+    let block = block.replace("saga.saga_", &format!("{}.saga_", store.schema().quoted()));
+    let mut statements = block.split(";\n\n");
+    let (stored, waiting) = (statements.next().unwrap(), statements.next().unwrap());
+    let db = store.pool().get().await.unwrap();
+    let stored = db
+        .query(stored, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(4)))
+        .collect();
+    let waiting = db
+        .query(waiting.trim_end().trim_end_matches(';'), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    (stored, waiting)
 }
 
 /// An executor on a schema that was never migrated (or lacks the
