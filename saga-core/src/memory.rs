@@ -387,15 +387,15 @@ impl SagaStore for InMemorySagaStore {
 
     async fn register_definition(&self, shape: &SagaShape) -> Result<ShapeFingerprint, Error> {
         let fingerprint = shape.fingerprint();
+        let json = serde_json::to_value(shape).map_err(|source| Error::SerializeState {
+            saga: shape.kind.name.clone(),
+            source,
+        })?;
         let mut inner = self.lock();
-        let (stored, stored_shape) =
-            inner
-                .definitions
-                .entry(shape.kind.clone())
-                .or_insert_with(|| {
-                    let json = serde_json::to_value(shape).expect("a shape serializes");
-                    (fingerprint, json)
-                });
+        let (stored, stored_shape) = inner
+            .definitions
+            .entry(shape.kind.clone())
+            .or_insert((fingerprint, json));
         if *stored != fingerprint {
             return Err(Error::definition_changed(shape, *stored, stored_shape));
         }

@@ -102,7 +102,11 @@ async fn a_second_deployment_with_swapped_steps_is_refused_and_the_first_complet
     let swapped = scripted_saga_swapped(&script, 1);
     let stray = first
         .client()
-        .start(&swapped, StartKey::new("order-2").unwrap(), &TestState::order(2))
+        .start(
+            &swapped,
+            StartKey::new("order-2").unwrap(),
+            &TestState::order(2),
+        )
         .await
         .unwrap()
         .id;
