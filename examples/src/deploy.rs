@@ -469,8 +469,11 @@ impl<St: SagaStore> Worker<St> {
         self.store.stats()
     }
 
-    /// Runs both until `shutdown` completes.
+    /// Runs both until `shutdown` completes. Fails at once, running
+    /// neither, if the executor refuses to start (its definition's shape
+    /// differs from the stored one, the schema is not migrated).
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), crate::Error> {
+        self.executor.check().await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -481,8 +484,8 @@ impl<St: SagaStore> Worker<St> {
             shutdown.await;
             let _ = stop.send(true);
         };
-        let ((), (), ()) = tokio::join!(executor, dispatcher, trigger);
-        Ok(())
+        let (executor, (), ()) = tokio::join!(executor, dispatcher, trigger);
+        Ok(executor?)
     }
 }
 

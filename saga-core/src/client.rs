@@ -250,6 +250,7 @@ impl NewSaga {
             input_digest: digest(&state),
             state,
             first_step: first_step.clone(),
+            fingerprint: saga.shape().fingerprint(),
             history: HistoryEntry {
                 transition_id: TransitionId::new(),
                 step: first_step,

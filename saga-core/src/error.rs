@@ -8,6 +8,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
+use crate::fingerprint::{ShapeDifference, ShapeFingerprint, first_difference};
 use crate::ids::{Direction, SagaId, SagaKind, SagaName, StartKey, StepName};
 use crate::machine::{InvalidTransition, Status};
 use crate::store::StoreFailure;
@@ -45,6 +46,12 @@ pub enum BuildError {
     /// An executor configuration value makes no sense.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
+
+    /// An executor was built with no saga registered: it would claim
+    /// nothing, ever. Register at least one definition with
+    /// [`ExecutorBuilder::register`](crate::ExecutorBuilder::register).
+    #[error("no saga is registered on the executor: it would never claim anything")]
+    NoSagasRegistered,
 }
 
 /// What can go wrong at run time in this crate, and in a store behind it.
@@ -185,6 +192,30 @@ pub enum Error {
     #[error("saga {0} is not registered here")]
     UnknownSaga(SagaKind),
 
+    /// This saga name and version were first registered with another
+    /// shape: its steps' names, order, aliases or roles changed without a
+    /// new version. Returned when an executor starts
+    /// ([`Executor::check`](crate::Executor::check)); the executor claims
+    /// nothing. Give the changed definition a new version (and keep the old
+    /// one registered until its instances finish), or deploy the stored
+    /// shape again. Retry policies and timeouts may change freely: they are
+    /// not part of the shape's fingerprint.
+    #[error(
+        "saga {kind} was first registered with another shape (stored fingerprint {stored}, \
+         this one {registered}): {first_difference}; a change to step names, order, aliases \
+         or roles needs a new version"
+    )]
+    DefinitionChanged {
+        /// The saga name and version.
+        kind: SagaKind,
+        /// The fingerprint stored for it.
+        stored: ShapeFingerprint,
+        /// The fingerprint of the shape being registered.
+        registered: ShapeFingerprint,
+        /// Where the two shapes first differ.
+        first_difference: Box<ShapeDifference>,
+    },
+
     /// The store failed. Displays as the store's own error, whose causes
     /// follow as this error's sources.
     #[error(transparent)]
@@ -222,6 +253,38 @@ impl Error {
             Error::TooLarge { .. } | Error::Unstorable { .. } => true,
             Error::Store(failure) => failure.refuses_data(),
             _ => false,
+        }
+    }
+
+    /// [`Error::DefinitionChanged`] for `registered`, whose fingerprint
+    /// differs from `stored`, the fingerprint a store keeps with the
+    /// shape it was first registered with (`stored_shape`, as the JSON of a
+    /// [`SagaShape`](crate::SagaShape)). For store implementations.
+    #[must_use]
+    pub fn definition_changed(
+        registered: &crate::SagaShape,
+        stored: ShapeFingerprint,
+        stored_shape: &serde_json::Value,
+    ) -> Self {
+        let first_difference =
+            match serde_json::from_value::<crate::SagaShape>(stored_shape.clone()) {
+                Ok(stored_shape) => {
+                    first_difference(&stored_shape, registered).unwrap_or_else(|| {
+                        ShapeDifference::NotShown {
+                            reason: "the stored shape's fingerprint was computed differently"
+                                .into(),
+                        }
+                    })
+                }
+                Err(e) => ShapeDifference::NotShown {
+                    reason: format!("the stored shape does not parse: {e}"),
+                },
+            };
+        Error::DefinitionChanged {
+            kind: registered.kind.clone(),
+            stored,
+            registered: registered.fingerprint(),
+            first_difference: Box::new(first_difference),
         }
     }
 

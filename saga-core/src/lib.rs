@@ -8,6 +8,7 @@ pub mod definition;
 mod diagram;
 mod error;
 mod executor;
+pub mod fingerprint;
 mod ids;
 mod layer;
 pub mod machine;
@@ -39,6 +40,7 @@ pub use executor::{
     AttemptTimedOut, Executor, ExecutorBuilder, ExecutorConfig, ExecutorStats, RunReport,
     StepPanicked,
 };
+pub use fingerprint::{ShapeDifference, ShapeFingerprint, first_difference};
 pub use ids::{
     Direction, IdempotencyKey, LeaseToken, MAX_NAME_LEN, MAX_START_KEY_LEN, MessageId, SagaId,
     SagaKind, SagaName, StartKey, StepName, TransitionId, WorkerId,

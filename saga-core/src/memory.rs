@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use crate::client::Limits;
 use crate::error::Error;
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{LeaseToken, MessageId, SagaId, SagaKind, SagaName, StartKey, TransitionId};
 use crate::outbox::{OutboxMessage, Payload};
+use crate::shape::SagaShape;
 use crate::storable::refuse_unstorable;
 use crate::store::{
     ClaimRequest, ClaimedSaga, HistoryEntry, Lease, NewSaga, Record, SagaSnapshot, SagaStore,
@@ -23,6 +25,7 @@ use crate::time::{Clock, SystemClock, Timestamp};
 struct Row {
     snapshot: SagaSnapshot,
     input_digest: [u8; 32],
+    fingerprint: ShapeFingerprint,
     lease_token: Option<LeaseToken>,
 }
 
@@ -34,6 +37,8 @@ struct Inner {
     transitions: HashSet<TransitionId>,
     outbox: BTreeMap<MessageId, (Option<SagaId>, OutboxMessage)>,
     outbox_order: Vec<MessageId>,
+    /// Per saga kind, the fingerprint and shape first registered.
+    definitions: HashMap<SagaKind, (ShapeFingerprint, serde_json::Value)>,
 }
 
 /// A [`SagaStore`] in memory.
@@ -142,6 +147,17 @@ impl InMemorySagaStore {
     }
 }
 
+/// Whether a claim with `request` may take an instance of `kind` started
+/// under `fingerprint`.
+fn matches(request: &ClaimRequest<'_>, kind: &SagaKind, fingerprint: ShapeFingerprint) -> bool {
+    request
+        .kinds
+        .iter()
+        .position(|k| k == kind)
+        .and_then(|i| request.fingerprints.get(i))
+        .is_some_and(|f| *f == fingerprint)
+}
+
 fn live(row: &Row, now: Timestamp) -> bool {
     row.snapshot.lease.is_some_and(|(_, expires)| expires > now)
 }
@@ -244,6 +260,7 @@ impl SagaStore for InMemorySagaStore {
             Row {
                 snapshot,
                 input_digest: new.input_digest,
+                fingerprint: new.fingerprint,
                 lease_token: None,
             },
         );
@@ -265,7 +282,7 @@ impl SagaStore for InMemorySagaStore {
                 s.status.is_runnable()
                     && s.next_run_at.is_some_and(|t| t <= now)
                     && !live(r, now)
-                    && request.kinds.contains(&s.kind)
+                    && matches(&request, &s.kind, r.fingerprint)
             })
             .map(|r| (r.snapshot.next_run_at.unwrap_or(now), r.snapshot.id))
             .collect();
@@ -395,5 +412,45 @@ impl SagaStore for InMemorySagaStore {
             }
         }
         Ok(counts.into_iter().collect())
+    }
+
+    async fn due_unmatched(
+        &self,
+        kinds: &[SagaKind],
+        fingerprints: &[ShapeFingerprint],
+    ) -> Result<Vec<(SagaKind, ShapeFingerprint, u64)>, Error> {
+        let now = self.clock.now();
+        let inner = self.lock();
+        let mut counts: BTreeMap<(SagaKind, ShapeFingerprint), u64> = BTreeMap::new();
+        for r in inner.sagas.values() {
+            let s = &r.snapshot;
+            let Some(i) = kinds.iter().position(|k| *k == s.kind) else {
+                continue;
+            };
+            if s.status.is_runnable()
+                && s.next_run_at.is_some_and(|t| t <= now)
+                && fingerprints.get(i) != Some(&r.fingerprint)
+            {
+                *counts.entry((s.kind.clone(), r.fingerprint)).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().map(|((k, f), n)| (k, f, n)).collect())
+    }
+
+    async fn register_definition(&self, shape: &SagaShape) -> Result<ShapeFingerprint, Error> {
+        let fingerprint = shape.fingerprint();
+        let json = serde_json::to_value(shape).map_err(|source| Error::SerializeState {
+            saga: shape.kind.name.clone(),
+            source,
+        })?;
+        let mut inner = self.lock();
+        let (stored, stored_shape) = inner
+            .definitions
+            .entry(shape.kind.clone())
+            .or_insert((fingerprint, json));
+        if *stored != fingerprint {
+            return Err(Error::definition_changed(shape, *stored, stored_shape));
+        }
+        Ok(fingerprint)
     }
 }

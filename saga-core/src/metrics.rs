@@ -30,6 +30,11 @@ pub const STORE_ERRORS: &str = "saga_store_errors_total";
 /// Gauge: due instances whose saga name and version no worker here has
 /// registered (labels `saga`, `version`).
 pub const UNREGISTERED_DUE: &str = "saga_unregistered_due";
+/// Gauge: due instances of a saga name and version registered here but
+/// started under another definition shape, left for a worker whose
+/// definition matches (labels `saga`, `version`, `fingerprint`: the one
+/// they were started under).
+pub const UNMATCHED_DUE: &str = "saga_unmatched_due";
 
 // The PostgreSQL store (`saga-postgres`).
 
@@ -98,6 +103,11 @@ pub fn describe() {
         UNREGISTERED_DUE,
         Unit::Count,
         "Due instances of saga kinds not registered on this worker"
+    );
+    describe_gauge!(
+        UNMATCHED_DUE,
+        Unit::Count,
+        "Due instances started under another shape of a saga kind registered on this worker"
     );
     describe_counter!(
         STORE_RETRIES,

@@ -36,11 +36,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::Limits;
 use crate::error::Error;
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{
     Direction, LeaseToken, SagaId, SagaKind, StartKey, StepName, TransitionId, WorkerId,
 };
 use crate::machine::Status;
 use crate::outbox::OutboxMessage;
+use crate::shape::SagaShape;
 use crate::time::{Clock, Timestamp};
 
 /// A store's own error, as it travels in [`Error::Store`]: callers ask it
@@ -110,6 +112,10 @@ pub struct NewSaga {
     pub state: serde_json::Value,
     /// The first step (forward).
     pub first_step: StepName,
+    /// The fingerprint of the definition the instance is started under
+    /// ([`SagaShape::fingerprint`](crate::SagaShape::fingerprint)): only
+    /// workers whose registered definition has the same one claim it.
+    pub fingerprint: ShapeFingerprint,
     /// The history row that records the creation.
     pub history: HistoryEntry,
 }
@@ -139,6 +145,13 @@ pub struct ClaimRequest<'a> {
     /// Only instances of these saga kinds are claimed; others are left for
     /// workers that have them registered.
     pub kinds: &'a [SagaKind],
+    /// The fingerprint of the definition registered for each kind, index
+    /// for index with `kinds`. An instance of `kinds[i]` is claimed only if
+    /// it was started under `fingerprints[i]`, or under no recorded
+    /// fingerprint (an instance from before fingerprints were recorded);
+    /// others are left for a worker whose definition matches. A kind
+    /// without an entry here claims nothing.
+    pub fingerprints: &'a [ShapeFingerprint],
     /// At most this many instances.
     pub limit: usize,
     /// How long the lease lasts unless extended.
@@ -458,4 +471,29 @@ pub trait SagaStore: Send + Sync + 'static {
         &self,
         kinds: &[SagaKind],
     ) -> impl Future<Output = Result<Vec<(SagaKind, u64)>, Error>> + Send;
+
+    /// How many due instances of the kinds in `kinds` were started under a
+    /// fingerprint other than the one given for their kind (index for
+    /// index, as in [`ClaimRequest`]), by kind and fingerprint: work a
+    /// claim with these fingerprints leaves for a worker whose definition
+    /// matches. Instances with no recorded fingerprint are not counted
+    /// (every worker of their kind claims them).
+    fn due_unmatched(
+        &self,
+        kinds: &[SagaKind],
+        fingerprints: &[ShapeFingerprint],
+    ) -> impl Future<Output = Result<Vec<(SagaKind, ShapeFingerprint, u64)>, Error>> + Send;
+
+    /// Records `shape`'s [fingerprint](crate::SagaShape::fingerprint) as its
+    /// saga name and version's, with the shape itself, if that name and
+    /// version have none yet; and returns the stored fingerprint. If they
+    /// already have another one, fails with [`Error::DefinitionChanged`]
+    /// (built with [`Error::definition_changed`] from the stored shape) and
+    /// changes nothing. Registering the same fingerprint again changes
+    /// nothing either: the first shape stored stays (its retry policies and
+    /// timeouts are only informative).
+    fn register_definition(
+        &self,
+        shape: &SagaShape,
+    ) -> impl Future<Output = Result<ShapeFingerprint, Error>> + Send;
 }

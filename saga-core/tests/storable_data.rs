@@ -371,6 +371,19 @@ impl SagaStore for Refusing {
     async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
         self.inner.due_unregistered(kinds).await
     }
+    async fn due_unmatched(
+        &self,
+        kinds: &[SagaKind],
+        fingerprints: &[saga_core::ShapeFingerprint],
+    ) -> Result<Vec<(SagaKind, saga_core::ShapeFingerprint, u64)>, Error> {
+        self.inner.due_unmatched(kinds, fingerprints).await
+    }
+    async fn register_definition(
+        &self,
+        shape: &saga_core::SagaShape,
+    ) -> Result<saga_core::ShapeFingerprint, Error> {
+        self.inner.register_definition(shape).await
+    }
 }
 
 #[tokio::test]

@@ -83,6 +83,15 @@ pub const MIGRATIONS: &[Migration] = &[
         compatible_from: 1,
     },
     Migration {
+        version: 5,
+        name: "definition_fingerprints",
+        sql: include_str!("../migrations/0005_definition_fingerprints.sql"),
+        // A new table and a nullable column: an older binary ignores both
+        // (its starts leave the fingerprint NULL, which every worker of the
+        // kind may claim, as before), so a rollback past it still works.
+        compatible_from: 1,
+    },
+    Migration {
         version: 6,
         name: "attempt_bound",
         sql: include_str!("../migrations/0006_attempt_bound.sql"),

@@ -204,7 +204,8 @@ async fn worker_process() {
         exec.run(all_finished(url, schema)),
     )
     .await
-    .expect("every instance finished in time");
+    .expect("every instance finished in time")
+    .expect("the worker started");
     println!("WORKER_RECORDED={}", exec.stats().recorded);
 }
 

@@ -87,9 +87,11 @@ async fn a_worker_whose_clock_runs_ahead_takes_over_no_live_lease() {
         .await
         .unwrap()
         .id;
+    let fingerprints = [saga.shape().fingerprint()];
     let request = |worker| ClaimRequest {
         worker,
         kinds: &kinds,
+        fingerprints: &fingerprints,
         limit: 10,
         lease_for: LEASE,
     };

@@ -400,6 +400,7 @@ async fn the_schema_refuses_an_attempt_count_past_the_bound() {
         .claim(saga_core::store::ClaimRequest {
             worker: saga_core::WorkerId::new(),
             kinds: &[saga.kind().clone()],
+            fingerprints: &[saga.shape().fingerprint()],
             limit: 10,
             lease_for: std::time::Duration::from_secs(30),
         })

@@ -91,6 +91,7 @@ impl Setup {
             .claim(ClaimRequest {
                 worker,
                 kinds: &self.kinds(),
+                fingerprints: &[self.saga.shape().fingerprint()],
                 limit,
                 lease_for: LEASE,
             })

@@ -16,11 +16,19 @@ use saga_postgres::{PgError, PgSagaStore};
 
 const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn claim(store: &PgSagaStore, kinds: &[SagaKind], limit: usize) -> Vec<ClaimedSaga> {
+/// Claims as a worker that has `sagas` registered.
+async fn claim(
+    store: &PgSagaStore,
+    sagas: &[&SagaDefinition<TestState>],
+    limit: usize,
+) -> Vec<ClaimedSaga> {
+    let kinds: Vec<SagaKind> = sagas.iter().map(|s| s.kind().clone()).collect();
+    let fingerprints: Vec<_> = sagas.iter().map(|s| s.shape().fingerprint()).collect();
     store
         .claim(ClaimRequest {
             worker: WorkerId::new(),
-            kinds,
+            kinds: &kinds,
+            fingerprints: &fingerprints,
             limit,
             lease_for: LEASE,
         })
@@ -53,7 +61,7 @@ async fn started_and_claimed(store: &PgSagaStore, order: u32) -> ClaimedSaga {
         .await
         .unwrap()
         .id;
-    let claimed = claim(store, &[saga.kind().clone()], 1).await;
+    let claimed = claim(store, &[&saga], 1).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].lease.saga_id, id);
     claimed.into_iter().next().unwrap()
@@ -548,7 +556,7 @@ async fn a_claim_walks_only_the_due_rows_of_the_kinds_it_asks_for() {
     );
     assert!(!plan.contains("Seq Scan on saga_instances"), "{plan}");
 
-    let mut claimed: Vec<_> = claim(&store, &kinds, 16)
+    let mut claimed: Vec<_> = claim(&store, &[&saga], 16)
         .await
         .iter()
         .map(|c| c.lease.saga_id)
@@ -586,7 +594,7 @@ async fn get_shows_a_malformed_row_with_its_raw_values_and_the_reason() {
     .await
     .unwrap();
     // The claim parks it.
-    assert_eq!(claim(&store, &[saga.kind().clone()], 10).await.len(), 1);
+    assert_eq!(claim(&store, &[&saga], 10).await.len(), 1);
     assert_eq!(store.stats().malformed_parked, 1);
 
     let view = client.get(bad).await.unwrap();
@@ -635,7 +643,7 @@ async fn a_malformed_row_is_parked_and_the_rest_of_its_batch_is_claimed() {
     .await
     .unwrap();
 
-    let claimed = claim(&store, &[saga.kind().clone()], 10).await;
+    let claimed = claim(&store, &[&saga], 10).await;
     let mut good: Vec<_> = claimed.iter().map(|c| c.lease.saga_id).collect();
     good.sort();
     assert_eq!(good, [ids[0], ids[2]], "the good rows of the batch");
@@ -690,7 +698,7 @@ async fn a_malformed_row_is_parked_and_the_rest_of_its_batch_is_claimed() {
     );
     assert_eq!(parked.4, reason);
     assert!(
-        claim(&store, &[saga.kind().clone()], 10).await.is_empty(),
+        claim(&store, &[&saga], 10).await.is_empty(),
         "nothing is left to claim"
     );
     // The good rows go on as usual.

@@ -41,11 +41,15 @@ async fn store(
     )
 }
 
+/// Claims as a worker running the scripted saga of `kind` (version 1, the
+/// only one these tests start).
 async fn claim(store: &impl SagaStore, kind: &SagaKind) -> Option<ClaimedSaga> {
+    let fingerprints = [scripted_saga(&Script::new(), 1).shape().fingerprint()];
     store
         .claim(ClaimRequest {
             worker: WorkerId::new(),
             kinds: std::slice::from_ref(kind),
+            fingerprints: &fingerprints,
             limit: 1,
             lease_for: LEASE,
         })

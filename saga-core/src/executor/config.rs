@@ -152,10 +152,16 @@ impl<St: SagaStore> ExecutorBuilder<St> {
         self
     }
 
-    /// Checks the configuration and builds the executor.
+    /// Checks the configuration and builds the executor. Fails with
+    /// [`BuildError::NoSagasRegistered`] if no saga was registered, and
+    /// with [`BuildError::DuplicateRegistration`] if one name and version
+    /// was registered twice.
     pub fn build(self) -> Result<Executor<St>, BuildError> {
         if let Some(kind) = self.duplicate {
             return Err(BuildError::DuplicateRegistration(kind));
+        }
+        if self.registry.kinds.is_empty() {
+            return Err(BuildError::NoSagasRegistered);
         }
         let c = &self.config;
         let bad = |what: &'static str| Err(BuildError::InvalidConfig(what));
@@ -197,6 +203,8 @@ impl<St: SagaStore> ExecutorBuilder<St> {
                 counters: Counters::default(),
                 claim_backoff,
                 unregistered: Mutex::new(HashSet::new()),
+                unmatched: Mutex::new(HashSet::new()),
+                checked: tokio::sync::OnceCell::new(),
             }),
         })
     }

@@ -2,6 +2,7 @@
 //! transaction open, and records the outcome in one write guarded by the
 //! lease.
 
+mod check;
 mod config;
 mod decide;
 mod operator;
@@ -22,6 +23,7 @@ pub use registry::{AttemptTimedOut, StepPanicked};
 pub use report::{ExecutorStats, RunReport};
 
 use crate::client::SagaClient;
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{SagaKind, WorkerId};
 use crate::retry::RetryPolicy;
 use crate::store::SagaStore;
@@ -42,6 +44,12 @@ struct Shared<St> {
     /// The unregistered kinds the last check found due, whose gauges are
     /// zeroed once they are no longer found.
     unregistered: Mutex<HashSet<SagaKind>>,
+    /// Likewise for due instances of registered kinds started under
+    /// another fingerprint.
+    unmatched: Mutex<HashSet<(SagaKind, ShapeFingerprint)>>,
+    /// Set once every definition was registered with the store and
+    /// matched the stored shape ([`Executor::check`]).
+    checked: tokio::sync::OnceCell<()>,
 }
 
 /// Claims and runs due saga instances.

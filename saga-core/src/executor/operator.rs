@@ -11,8 +11,10 @@ use crate::store::{HistoryEntry, Outcome, SagaSnapshot, SagaStore};
 
 impl<St: SagaStore> Executor<St> {
     /// Resumes a stuck instance where it stopped, with a fresh retry budget
-    /// for that step. Fails with [`Error::InvalidStatus`] unless it is
-    /// stuck, and with [`Error::UnknownStep`] if it is stuck at a step the
+    /// for that step. Like every operator action, fails with
+    /// [`Error::DefinitionChanged`] (see [`Executor::check`]) if a
+    /// definition here has a shape other than the stored one. Fails with
+    /// [`Error::InvalidStatus`] unless it is stuck, and with [`Error::UnknownStep`] if it is stuck at a step the
     /// registered definition does not have (deploy a definition of that
     /// version that has it, as a step or an alias, first).
     pub async fn resume(&self, id: SagaId) -> Result<(), Error> {
@@ -71,6 +73,9 @@ impl<St: SagaStore> Executor<St> {
         outcome: Outcome,
         event: impl FnOnce(&SagaSnapshot) -> Event,
     ) -> Result<(), Error> {
+        // A definition whose shape drifted from the stored one would plan
+        // the action on the wrong steps.
+        self.check().await?;
         let store = &self.shared.store;
         let snapshot = store.load(id).await?.ok_or(Error::NotFound(id))?;
         let saga = self

@@ -16,10 +16,12 @@ use crate::client::Limits;
 use crate::context::StepContext;
 use crate::definition::SagaDefinition;
 use crate::error::{Error, StepError};
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{Direction, SagaKind, StepName};
 use crate::machine::StepKind;
 use crate::outbox::OutboxMessage;
 use crate::retry::RetryPolicy;
+use crate::shape::SagaShape;
 
 /// What one attempt produced: on success the new state and the messages
 /// the step emitted.
@@ -29,6 +31,7 @@ pub(super) struct AttemptResult {
 
 /// A registered definition with its state type erased.
 pub(super) trait ErasedSaga: Send + Sync + 'static {
+    fn shape(&self) -> &SagaShape;
     fn plan(&self) -> &[StepKind];
     fn step_index(&self, name: &str) -> Option<usize>;
     fn step_name(&self, index: usize) -> &StepName;
@@ -60,6 +63,10 @@ where
     S: Serialize + DeserializeOwned + Send + 'static,
     D: Send + Sync + 'static,
 {
+    fn shape(&self) -> &SagaShape {
+        self.saga.shape()
+    }
+
     fn plan(&self) -> &[StepKind] {
         self.saga.plan()
     }
@@ -175,6 +182,9 @@ pub struct StepPanicked(pub String);
 pub(super) struct Registry {
     pub(super) sagas: HashMap<SagaKind, Arc<dyn ErasedSaga>>,
     pub(super) kinds: Vec<SagaKind>,
+    /// The fingerprint of each kind's definition, index for index with
+    /// `kinds`.
+    pub(super) fingerprints: Vec<ShapeFingerprint>,
 }
 
 impl Registry {
@@ -194,6 +204,7 @@ impl Registry {
             return Err(kind);
         }
         self.kinds.push(kind.clone());
+        self.fingerprints.push(saga.shape().fingerprint());
         let registered = Registered {
             saga,
             deps: Arc::new(deps),

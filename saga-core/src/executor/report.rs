@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Executor;
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{SagaId, SagaKind};
 use crate::machine::{Status, TransitionKind};
 use crate::metrics as m;
@@ -56,6 +57,10 @@ pub struct RunReport {
     pub store_errors: usize,
     /// Due instances of saga kinds not registered here.
     pub unregistered: Vec<(SagaKind, u64)>,
+    /// Due instances of kinds registered here but started under another
+    /// definition shape (by kind and the fingerprint they were started
+    /// under): left for a worker whose definition matches.
+    pub unmatched: Vec<(SagaKind, ShapeFingerprint, u64)>,
 }
 
 /// How processing one claimed instance ended.

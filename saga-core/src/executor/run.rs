@@ -23,7 +23,11 @@ impl<St: SagaStore> Executor<St> {
     /// current time, then reports what happened. Retries scheduled in the
     /// future are left for a later call: with a
     /// [`ManualClock`](crate::ManualClock), advance the clock and call again.
+    ///
+    /// The first call registers the definitions first ([`Executor::check`])
+    /// and fails, having claimed nothing, if that fails.
     pub async fn run_until_idle(&self) -> Result<RunReport, Error> {
+        self.check().await?;
         let mut report = RunReport::default();
         loop {
             let batch = self.claim(self.shared.config.concurrency).await?;
@@ -40,6 +44,7 @@ impl<St: SagaStore> Executor<St> {
             }
         }
         report.unregistered = self.check_unregistered().await?;
+        report.unmatched = self.check_unmatched().await?;
         Ok(report)
     }
 
@@ -51,9 +56,15 @@ impl<St: SagaStore> Executor<St> {
     /// running then are abandoned, and their leases expire so another
     /// worker resumes them.
     ///
-    /// It cannot fail: store errors are logged, counted and retried with
-    /// backoff; they do not end the loop.
-    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
+    /// It fails only at start, before it claims anything: when the
+    /// definitions cannot be registered ([`Executor::check`]), because one
+    /// has a shape other than the one stored for its name and version
+    /// ([`Error::DefinitionChanged`]) or the store cannot answer (the
+    /// PostgreSQL store's schema was never migrated, say). Once running,
+    /// store errors are logged, counted and retried with backoff; they do
+    /// not end the loop, and it returns `Ok(())` at shutdown.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        self.check().await?;
         let cfg = &self.shared.config;
         let mut shutdown = pin!(shutdown);
         let mut tasks: JoinSet<Processed> = JoinSet::new();
@@ -100,6 +111,9 @@ impl<St: SagaStore> Executor<St> {
                     if let Err(e) = self.check_unregistered().await {
                         tracing::warn!(error = %ErrorChain(&e), "checking for unregistered sagas failed");
                     }
+                    if let Err(e) = self.check_unmatched().await {
+                        tracing::warn!(error = %ErrorChain(&e), "checking for sagas of another definition shape failed");
+                    }
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_processed(done),
                 () = self.shared.wake.notified() => {}
@@ -123,6 +137,7 @@ impl<St: SagaStore> Executor<St> {
             while tasks.join_next().await.is_some() {}
         }
         tracing::info!("executor stopped");
+        Ok(())
     }
 
     async fn claim(&self, limit: usize) -> Result<Vec<ClaimedSaga>, Error> {
@@ -134,6 +149,7 @@ impl<St: SagaStore> Executor<St> {
             .claim(ClaimRequest {
                 worker: self.shared.worker,
                 kinds: &self.shared.registry.kinds,
+                fingerprints: &self.shared.registry.fingerprints,
                 limit,
                 lease_for: cfg.lease_duration,
             })

@@ -20,6 +20,7 @@ use crate::client::SagaClient;
 use crate::definition::{SagaDefinition, Step};
 use crate::error::{Error, StepError};
 use crate::executor::{Executor, RunReport};
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{
     Direction, IdempotencyKey, MessageId, SagaId, StartKey, StepName, TransitionId, WorkerId,
 };
@@ -29,6 +30,11 @@ use crate::store::{ClaimRequest, HistoryEntry, Outcome, Record, SagaStore};
 use crate::time::{Clock, ManualClock, Timestamp};
 
 pub use super::refusals::a_store_refuses_data_it_cannot_keep_and_writes_nothing;
+pub use super::definitions::{
+    a_claim_takes_only_instances_of_its_own_shape,
+    a_worker_with_swapped_steps_is_refused_and_runs_nothing,
+    register_definition_keeps_the_first_shape_and_refuses_another,
+};
 
 use Direction::{Compensate as C, Forward as F};
 
@@ -152,10 +158,15 @@ fn step(name: &str) -> StepName {
     StepName::new(name).expect("valid step name")
 }
 
-pub(super) fn claim_req(kinds: &[crate::ids::SagaKind], limit: usize) -> ClaimRequest<'_> {
+pub(super) fn claim_req<'a>(
+    kinds: &'a [crate::ids::SagaKind],
+    fingerprints: &'a [ShapeFingerprint],
+    limit: usize,
+) -> ClaimRequest<'a> {
     ClaimRequest {
         worker: WorkerId::new(),
         kinds,
+        fingerprints,
         limit,
         lease_for: LEASE,
     }
@@ -323,6 +334,19 @@ async fn never(_: &mut crate::StepContext, _: &mut Incompatible) -> Result<(), S
     panic!("must not run with an unreadable state");
 }
 
+/// Version 1 of "scripted" with the same steps (so the same fingerprint)
+/// but a state type its stored state does not deserialize as.
+fn incompatible_scripted() -> SagaDefinition<Incompatible> {
+    SagaDefinition::<Incompatible>::builder("scripted", 1)
+        .step(Step::new("validate", never).no_compensation())
+        .step(Step::new("charge", never).compensate_with(never))
+        .step(Step::new("reserve", never).compensate_with(never))
+        .pivot(Step::new("confirm", never))
+        .step(Step::new("notify", never))
+        .build()
+        .expect("valid definition")
+}
+
 // ---------------------------------------------------------------------------
 // Claims, leases, fencing
 // ---------------------------------------------------------------------------
@@ -332,15 +356,16 @@ async fn never(_: &mut crate::StepContext, _: &mut Incompatible) -> Result<(), S
 pub async fn claim_leases_each_due_instance_once<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let ids = [h.start(1).await, h.start(2).await, h.start(3).await];
     let now = h.clock.now();
-    let a = h.store.claim(claim_req(&kinds, 2)).await.unwrap();
+    let a = h.store.claim(claim_req(&kinds, &fps, 2)).await.unwrap();
     assert_eq!(a.len(), 2);
-    let b = h.store.claim(claim_req(&kinds, 10)).await.unwrap();
+    let b = h.store.claim(claim_req(&kinds, &fps, 10)).await.unwrap();
     assert_eq!(b.len(), 1);
     assert!(
         h.store
-            .claim(claim_req(&kinds, 10))
+            .claim(claim_req(&kinds, &fps, 10))
             .await
             .unwrap()
             .is_empty()
@@ -374,7 +399,7 @@ pub async fn claim_leases_each_due_instance_once<Fa: StoreFactory>(f: &Fa) {
     assert_ne!(a[0].lease.token, a[1].lease.token);
     assert!(
         h.store
-            .claim(claim_req(&kinds, 0))
+            .claim(claim_req(&kinds, &fps, 0))
             .await
             .unwrap()
             .is_empty()
@@ -386,6 +411,7 @@ pub async fn claim_leases_each_due_instance_once<Fa: StoreFactory>(f: &Fa) {
 pub async fn claim_skips_future_unregistered_and_finished_instances<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let v2 = scripted_saga(&h.script, 2);
     let other = h
         .client()
@@ -394,7 +420,7 @@ pub async fn claim_skips_future_unregistered_and_finished_instances<Fa: StoreFac
         .unwrap()
         .id;
     let later = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, 10)).await.unwrap();
+    let c = h.store.claim(claim_req(&kinds, &fps, 10)).await.unwrap();
     assert_eq!(c.len(), 1);
     let at = h.clock.now() + Duration::from_secs(10);
     h.store
@@ -403,7 +429,7 @@ pub async fn claim_skips_future_unregistered_and_finished_instances<Fa: StoreFac
         .unwrap();
     assert!(
         h.store
-            .claim(claim_req(&kinds, 10))
+            .claim(claim_req(&kinds, &fps, 10))
             .await
             .unwrap()
             .is_empty()
@@ -413,7 +439,7 @@ pub async fn claim_skips_future_unregistered_and_finished_instances<Fa: StoreFac
         vec![(v2.kind().clone(), 1)]
     );
     h.clock.advance(Duration::from_secs(10));
-    let c = h.store.claim(claim_req(&kinds, 10)).await.unwrap();
+    let c = h.store.claim(claim_req(&kinds, &fps, 10)).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].lease.saga_id, later);
     assert_eq!(c[0].attempt, 2, "the retry's attempt count was kept");
@@ -428,10 +454,21 @@ pub async fn claim_skips_future_unregistered_and_finished_instances<Fa: StoreFac
 pub async fn an_expired_lease_is_fenced<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
-    let old = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let old = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.clock.advance(LEASE);
-    let new = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let new = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(new.lease.saga_id, id);
     assert_ne!(new.lease.token, old.lease.token);
     assert_eq!(new.attempt, 2);
@@ -472,8 +509,14 @@ pub async fn an_expired_lease_is_fenced<Fa: StoreFactory>(f: &Fa) {
 pub async fn an_expired_lease_refuses_writes_even_unclaimed<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.clock.advance(LEASE + Duration::from_millis(1));
     let at = h.clock.now();
     let err = h
@@ -493,8 +536,14 @@ pub async fn an_expired_lease_refuses_writes_even_unclaimed<Fa: StoreFactory>(f:
 pub async fn heartbeats_extend_the_lease<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.clock.advance(LEASE - Duration::from_secs(5));
     let extended = h.store.heartbeat(&c.lease, LEASE).await.unwrap();
     assert_eq!(extended.token, c.lease.token);
@@ -502,7 +551,7 @@ pub async fn heartbeats_extend_the_lease<Fa: StoreFactory>(f: &Fa) {
     h.clock.advance(Duration::from_secs(10));
     assert!(
         h.store
-            .claim(claim_req(&kinds, 1))
+            .claim(claim_req(&kinds, &fps, 1))
             .await
             .unwrap()
             .is_empty()
@@ -518,12 +567,18 @@ pub async fn heartbeats_extend_the_lease<Fa: StoreFactory>(f: &Fa) {
 pub async fn release_refunds_the_attempt<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     h.store.release(&c.lease).await.unwrap();
     let s = h.store.load(id).await.unwrap().unwrap();
     assert_eq!((s.attempt, s.first_attempt_at, s.lease), (0, None, None));
-    let again = h.store.claim(claim_req(&kinds, 1)).await.unwrap();
+    let again = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 1);
 }
@@ -533,6 +588,7 @@ pub async fn release_refunds_the_attempt<Fa: StoreFactory>(f: &Fa) {
 pub async fn records_are_atomic_and_outbox_ids_are_unique<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
     let notify = step("notify");
     let msg = |index: u32| {
@@ -544,12 +600,22 @@ pub async fn records_are_atomic_and_outbox_ids_are_unique<Fa: StoreFactory>(f: &
             .unwrap()
             .into_outbox(MessageId::derive(id, &notify, F, index), h.clock.now())
     };
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     let at = h.clock.now();
     let mut rec = retry_record("validate", 1, at, vec![msg(0), msg(1)]);
     rec.state = Some(serde_json::json!({ "order": 1, "done": ["x"] }));
     h.store.record(&c.lease, rec).await.unwrap();
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     // The step ran again and emitted the same first message.
     h.store
         .record(&c.lease, retry_record("validate", 2, at, vec![msg(0)]))
@@ -571,10 +637,16 @@ pub async fn records_are_atomic_and_outbox_ids_are_unique<Fa: StoreFactory>(f: &
 pub async fn operator_writes_check_version_and_lease<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
     let v1 = h.store.load(id).await.unwrap().unwrap().version;
     let at = h.clock.now();
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     let v2 = h.store.load(id).await.unwrap().unwrap().version;
     assert!(v2 > v1, "a claim bumps the version");
     let err = h
@@ -1096,11 +1168,7 @@ pub async fn a_cancel_after_a_resume_compensates_a_step_that_had_started<Fa: Sto
         (Status::Running, "charge", 1)
     );
     // A worker whose definition cannot read the state parks the saga.
-    let changed = SagaDefinition::<Incompatible>::builder("scripted", 1)
-        .step(Step::new("validate", never).no_compensation())
-        .step(Step::new("charge", never).compensate_with(never))
-        .build()
-        .unwrap();
+    let changed = incompatible_scripted();
     h.clock.advance(Duration::from_secs(3600));
     Executor::builder_from_arc(h.store.clone())
         .register(changed)
@@ -1218,13 +1286,19 @@ pub async fn only_successful_attempts_change_the_state<Fa: StoreFactory>(f: &Fa)
 pub async fn crashed_attempts_spend_the_budget<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let id = h.start(1).await;
     h.script.on(1, "charge", F, [Behavior::Retryable]);
     h.drain().await; // validate succeeds; charge fails once, retry in 1 s
     h.clock.advance(Duration::from_secs(1));
     // Two workers claim charge and die before recording.
     for attempt in [2, 3] {
-        let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+        let c = h
+            .store
+            .claim(claim_req(&kinds, &fps, 1))
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!((c.step.as_str(), c.attempt), ("charge", attempt));
         h.clock.advance(LEASE);
     }
@@ -1312,11 +1386,10 @@ pub async fn unregistered_sagas_are_left_untouched<Fa: StoreFactory>(f: &Fa) {
 /// reason; the worker keeps serving the others.
 pub async fn an_unreadable_state_parks_only_that_instance<Fa: StoreFactory>(f: &Fa) {
     let h = Harness::new(f).await;
-    // Version 1 of "scripted" changed its state type without a version bump.
-    let changed = SagaDefinition::<Incompatible>::builder("scripted", 1)
-        .step(Step::new("validate", never).no_compensation())
-        .build()
-        .unwrap();
+    // Version 1 of "scripted" changed its state type without a version
+    // bump, keeping its steps (so its fingerprint).
+    let changed = incompatible_scripted();
+    assert_eq!(changed.shape().fingerprint(), h.saga.shape().fingerprint());
     let good_saga = SagaDefinition::<TestState>::builder("healthy", 1)
         .step(Step::new("validate", noop).no_compensation())
         .build()
@@ -1400,6 +1473,9 @@ macro_rules! store_conformance_tests {
             unregistered_sagas_are_left_untouched,
             an_unreadable_state_parks_only_that_instance,
             a_store_refuses_data_it_cannot_keep_and_writes_nothing,
+            register_definition_keeps_the_first_shape_and_refuses_another,
+            a_claim_takes_only_instances_of_its_own_shape,
+            a_worker_with_swapped_steps_is_refused_and_runs_nothing,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

@@ -22,6 +22,7 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
     let h = Harness::new(f).await;
     let limits = h.store.limits();
     let kinds = [h.saga.kind().clone()];
+    let fps = [h.saga.shape().fingerprint()];
     let now = h.clock.now();
 
     // A start handed to the store unchecked (a caller filling in
@@ -72,7 +73,7 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
 
     // Nothing was written: the key is still free.
     let id = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, 1)).await.unwrap().remove(0);
+    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
     let before = h.store.load(id).await.unwrap().unwrap();
     let history = h.store.history(id).await.unwrap();
 

@@ -265,11 +265,44 @@ pub fn scripted_saga_with(
     policy: &RetryPolicy,
     timeout: Duration,
 ) -> SagaDefinition<TestState> {
+    build_scripted(script, version, policy, timeout, ["charge", "reserve"])
+}
+
+/// The scripted checkout saga with `charge` and `reserve` swapped: the
+/// same name and version deployed with another shape (its
+/// [fingerprint](crate::SagaShape::fingerprint) differs), as in a rolling
+/// deploy of a changed definition that forgot to bump the version.
+#[must_use]
+pub fn scripted_saga_swapped(script: &Arc<Script>, version: u32) -> SagaDefinition<TestState> {
+    build_scripted(
+        script,
+        version,
+        &test_policy(),
+        TEST_TIMEOUT,
+        ["reserve", "charge"],
+    )
+}
+
+fn build_scripted(
+    script: &Arc<Script>,
+    version: u32,
+    policy: &RetryPolicy,
+    timeout: Duration,
+    middle: [&'static str; 2],
+) -> SagaDefinition<TestState> {
     let act = |step: &'static str| Scripted {
         script: script.clone(),
         step,
     };
     let p = || policy.clone();
+    let compensated = |name: &'static str| {
+        Step::new(name, act(name))
+            .retry(p())
+            .timeout(timeout)
+            .compensate_with(act(name))
+            .compensation_retry(p())
+            .compensation_timeout(timeout)
+    };
     SagaDefinition::builder("scripted", version)
         .step(
             Step::new("validate", act("validate"))
@@ -277,22 +310,8 @@ pub fn scripted_saga_with(
                 .timeout(timeout)
                 .no_compensation(),
         )
-        .step(
-            Step::new("charge", act("charge"))
-                .retry(p())
-                .timeout(timeout)
-                .compensate_with(act("charge"))
-                .compensation_retry(p())
-                .compensation_timeout(timeout),
-        )
-        .step(
-            Step::new("reserve", act("reserve"))
-                .retry(p())
-                .timeout(timeout)
-                .compensate_with(act("reserve"))
-                .compensation_retry(p())
-                .compensation_timeout(timeout),
-        )
+        .step(compensated(middle[0]))
+        .step(compensated(middle[1]))
         .pivot(
             Step::new("confirm", act("confirm"))
                 .retry(p())

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use saga_core::store::{NewSaga, Record};
-use saga_core::{Clock, Error, Limits, Payload, SagaKind, Started, SystemClock};
+use saga_core::{Clock, Error, Limits, Payload, SagaKind, ShapeFingerprint, Started, SystemClock};
 use uuid::Uuid;
 
 use params::{StartParams, to_i32};
@@ -232,6 +232,30 @@ fn check_storable(what: &'static str, value: &serde_json::Value) -> Result<(), E
     saga_core::storable::check(value).map_err(|problem| Error::Unstorable { what, problem })
 }
 
+/// The kinds and their fingerprints (index for index) as three arrays for
+/// `unnest`, one entry per kind (the first fingerprint given for it); a kind
+/// without a fingerprint is left out, so it claims nothing.
+fn fingerprinted_kind_arrays<'a>(
+    kinds: &'a [SagaKind],
+    fingerprints: &[ShapeFingerprint],
+) -> (Vec<&'a str>, Vec<i32>, Vec<Vec<u8>>) {
+    let mut triples: Vec<(&str, i32, Vec<u8>)> = kinds
+        .iter()
+        .zip(fingerprints)
+        .map(|(k, f)| (k.name.as_str(), to_i32(k.version), f.as_bytes().to_vec()))
+        .collect();
+    // Stable: the first fingerprint given for a kind stays first.
+    triples.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    triples.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for (name, version, fingerprint) in triples {
+        out.0.push(name);
+        out.1.push(version);
+        out.2.push(fingerprint);
+    }
+    out
+}
+
 /// The kinds as two arrays for `unnest`, without duplicates.
 fn kind_arrays(kinds: &[SagaKind]) -> (Vec<&str>, Vec<i32>) {
     let mut pairs: Vec<(&str, i32)> = kinds
@@ -398,6 +422,8 @@ impl PgSagaStore {
     /// index and touch only due rows of those kinds. Claims nothing.
     pub async fn explain_claim(&self, kinds: &[SagaKind], limit: usize) -> Result<String, PgError> {
         let (names, versions) = kind_arrays(kinds);
+        // The plan does not depend on which fingerprints are asked for.
+        let fingerprints = vec![vec![0u8; 32]; names.len()];
         let now = self.inner.clock.bind();
         let lease_for = crate::db::rows::micros(Duration::from_secs(60));
         let worker = Uuid::nil();
@@ -409,6 +435,7 @@ impl PgSagaStore {
             ("limit", &limit),
             ("names", &names),
             ("versions", &versions),
+            ("fingerprints", &fingerprints),
             ("lease_for_us", &lease_for),
             ("claim_id", &worker),
         ])?;

@@ -31,6 +31,7 @@ pub(crate) struct StartParams {
     digest: Vec<u8>,
     step: String,
     tid: Uuid,
+    fingerprint: Vec<u8>,
 }
 
 impl StartParams {
@@ -43,6 +44,7 @@ impl StartParams {
             digest: new.input_digest.to_vec(),
             step: new.first_step.to_string(),
             tid: new.history.transition_id.as_uuid(),
+            fingerprint: new.fingerprint.as_bytes().to_vec(),
         }
     }
 
@@ -50,7 +52,7 @@ impl StartParams {
         &'a self,
         now: &'a Option<SystemTime>,
         state: &'a serde_json::Value,
-    ) -> [(&'static str, Param<'a>); 9] {
+    ) -> [(&'static str, Param<'a>); 10] {
         [
             ("id", &self.id),
             ("name", &self.name),
@@ -61,6 +63,7 @@ impl StartParams {
             ("now", now),
             ("state", state),
             ("transition_id", &self.tid),
+            ("fingerprint", &self.fingerprint),
         ]
     }
 

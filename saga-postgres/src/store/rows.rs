@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::db::rows::{col, corrupt, count, count64, parse, parsed, time, time_opt};
 use crate::error::PgError;
+use saga_core::ShapeFingerprint;
 
 fn kind(row: &Row) -> Result<SagaKind, PgError> {
     Ok(SagaKind {
@@ -142,6 +143,31 @@ pub(crate) fn outbox_message(row: &Row) -> Result<OutboxMessage, PgError> {
 /// A row of `due_unregistered`.
 pub(crate) fn due_kind(row: &Row) -> Result<(SagaKind, u64), PgError> {
     Ok((kind(row)?, count64(row, "due")?))
+}
+
+/// A stored fingerprint: 32 bytes.
+fn fingerprint(row: &Row, what: &'static str) -> Result<ShapeFingerprint, PgError> {
+    let bytes: Vec<u8> = col(row, what)?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| corrupt(what, format!("{} bytes, not 32", b.len())))?;
+    Ok(ShapeFingerprint::from_bytes(bytes))
+}
+
+/// A row of `due_unmatched`.
+pub(crate) fn due_unmatched(row: &Row) -> Result<(SagaKind, ShapeFingerprint, u64), PgError> {
+    Ok((
+        kind(row)?,
+        fingerprint(row, "fingerprint")?,
+        count64(row, "due")?,
+    ))
+}
+
+/// A row of `saga_definitions`: the stored fingerprint and shape.
+pub(crate) fn stored_definition(
+    row: &Row,
+) -> Result<(ShapeFingerprint, serde_json::Value), PgError> {
+    Ok((fingerprint(row, "fingerprint")?, col(row, "shape")?))
 }
 
 /// The row found under a start key: its id, input digest and kind.

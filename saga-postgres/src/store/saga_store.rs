@@ -14,15 +14,18 @@ use saga_core::{
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::params::to_i32;
 use super::params::{StartParams, TransitionParams};
 use super::rows::{self, StartWinner, claimed, due_kind, history_entry, outbox_message, snapshot};
 use super::sql::ATTEMPT_BOUND;
-use super::{PgSagaStore, kind_arrays};
+use super::{PgSagaStore, fingerprinted_kind_arrays, kind_arrays};
 use crate::db::Budget;
 use crate::db::ambiguity::{Written, claim_once, write_once};
 use crate::db::rows::{col, corrupt, micros, only, time};
 use crate::db::statement::Param;
 use crate::error::PgError;
+use saga_core::{SagaShape, ShapeFingerprint};
+use tokio_postgres::error::SqlState;
 
 /// What guards a transition.
 #[derive(Debug, Clone, Copy)]
@@ -299,12 +302,14 @@ impl SagaStore for PgSagaStore {
     }
 
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<ClaimedSaga>, Error> {
-        if request.limit == 0 || request.kinds.is_empty() {
+        let (names, versions, fingerprints) =
+            fingerprinted_kind_arrays(request.kinds, request.fingerprints);
+        if request.limit == 0 || names.is_empty() {
             return Ok(Vec::new());
         }
         self.sync_clock().await;
         let inner = &*self.inner;
-        let (names, versions) = kind_arrays(request.kinds);
+        let fingerprints = &fingerprints;
         let worker = request.worker.as_uuid();
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
         let lease_for = micros(request.lease_for);
@@ -332,6 +337,7 @@ impl SagaStore for PgSagaStore {
                             ("limit", limit),
                             ("names", names),
                             ("versions", versions),
+                            ("fingerprints", fingerprints),
                             ("lease_for_us", lease_for),
                             ("claim_id", claim_id),
                         ],
@@ -503,5 +509,112 @@ impl SagaStore for PgSagaStore {
             })
             .await?;
         Ok(rows.iter().map(due_kind).collect::<Result<_, _>>()?)
+    }
+
+    async fn due_unmatched(
+        &self,
+        kinds: &[SagaKind],
+        fingerprints: &[ShapeFingerprint],
+    ) -> Result<Vec<(SagaKind, ShapeFingerprint, u64)>, Error> {
+        let inner = &*self.inner;
+        let (names, versions, fingerprints) = fingerprinted_kind_arrays(kinds, fingerprints);
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (names, versions, fingerprints) = (&names, &versions, &fingerprints);
+        let mut budget = inner.db.budget();
+        let rows = inner
+            .db
+            .retrying("due_unmatched", &mut budget, |d| async move {
+                let now = inner.clock.bind();
+                inner
+                    .db
+                    .attempt(
+                        d,
+                        &inner.sql.due_unmatched,
+                        &[
+                            ("now", &now),
+                            ("names", names),
+                            ("versions", versions),
+                            ("fingerprints", fingerprints),
+                        ],
+                    )
+                    .await
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(rows::due_unmatched)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn register_definition(&self, shape: &SagaShape) -> Result<ShapeFingerprint, Error> {
+        let inner = &*self.inner;
+        let fingerprint = shape.fingerprint();
+        let json = serde_json::to_value(shape).map_err(|source| Error::SerializeState {
+            saga: shape.kind.name.clone(),
+            source,
+        })?;
+        let name = shape.kind.name.to_string();
+        let version = to_i32(shape.kind.version);
+        let bytes = fingerprint.as_bytes().to_vec();
+        let (name, version, bytes, json) = (&name, &version, &bytes, &json);
+        let mut budget = inner.db.budget();
+        // Safe to repeat: a repeated insert finds the row it wrote.
+        let stored = inner
+            .db
+            .retrying("register_definition", &mut budget, |d| async move {
+                let now = inner.clock.bind();
+                let mut rows = inner
+                    .db
+                    .attempt(
+                        d,
+                        &inner.sql.register_definition,
+                        &[
+                            ("name", name),
+                            ("version", version),
+                            ("fingerprint", bytes),
+                            ("shape", json),
+                            ("now", &now),
+                        ],
+                    )
+                    .await?;
+                if rows.is_empty() {
+                    rows = inner
+                        .db
+                        .attempt(
+                            d,
+                            &inner.sql.stored_definition,
+                            &[("name", name), ("version", version)],
+                        )
+                        .await?;
+                }
+                Ok(rows::stored_definition(only(&rows, "fingerprint")?)?)
+            })
+            .await;
+        let (stored, stored_shape) = match stored {
+            Ok(stored) => stored,
+            Err(e) => return Err(self.not_migrated_or(e).await.into()),
+        };
+        if stored != fingerprint {
+            return Err(Error::definition_changed(shape, stored, &stored_shape));
+        }
+        Ok(fingerprint)
+    }
+}
+
+impl PgSagaStore {
+    /// `error`, or [`PgError::NotMigrated`] if it is a missing table or
+    /// column and the schema lacks a migration: an executor on a schema
+    /// that was never migrated is told to run the migrations, at start.
+    async fn not_migrated_or(&self, error: PgError) -> PgError {
+        let missing = [SqlState::UNDEFINED_TABLE, SqlState::UNDEFINED_COLUMN];
+        if !error.code().is_some_and(|c| missing.contains(c)) {
+            return error;
+        }
+        match self.check_schema().await {
+            Err(not_migrated @ PgError::NotMigrated { .. }) => not_migrated,
+            _ => error,
+        }
     }
 }

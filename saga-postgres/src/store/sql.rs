@@ -85,6 +85,9 @@ pub(crate) struct Sql {
     pub(crate) history: Statement,
     pub(crate) outbox_for: Statement,
     pub(crate) due_unregistered: Statement,
+    pub(crate) due_unmatched: Statement,
+    pub(crate) register_definition: Statement,
+    pub(crate) stored_definition: Statement,
 }
 
 impl Sql {
@@ -147,10 +150,10 @@ impl Sql {
                     "WITH ins AS (
                         INSERT INTO {s}.saga_instances (id, saga_name, saga_version, start_key,
                             input_digest, status, step, direction, attempt, next_run_at, state,
-                            version, created_at, updated_at)
+                            version, created_at, updated_at, definition_fingerprint)
                         VALUES ($id::uuid, $name::text, $version::int4, $key::text,
                             $digest::bytea, 'running', $step::text, 'forward', 0, {NOW},
-                            $state::jsonb, 1, {NOW}, {NOW})
+                            $state::jsonb, 1, {NOW}, {NOW}, $fingerprint::bytea)
                         ON CONFLICT ON CONSTRAINT saga_instances_start_key DO NOTHING
                         RETURNING id, input_digest, saga_name, saga_version
                     ),
@@ -174,6 +177,7 @@ impl Sql {
                     "now",
                     "state",
                     "transition_id",
+                    "fingerprint",
                 ],
             ),
             start_existing: Statement::new(
@@ -187,18 +191,23 @@ impl Sql {
             // Per kind, the oldest due rows through `saga_instances_due
             // (saga_name, saga_version, next_run_at)`, so that due rows of
             // kinds not asked for are never walked; then the oldest of
-            // those. Rows locked by a kind's subquery but cut by the outer
+            // those. A row started under another definition shape is
+            // skipped (left for a worker whose shape matches); one with no
+            // recorded shape (from before 0005) is claimed. Rows locked by a kind's subquery but cut by the outer
             // limit stay locked (not leased) until the statement ends.
             claim: Statement::new(
                 "claim",
                 &format!(
                     "WITH due AS (
                         SELECT c.id, c.due_at, c.attempt AS prior_attempt
-                        FROM unnest($names::text[], $versions::int4[]) AS k(name, version)
+                        FROM unnest($names::text[], $versions::int4[], $fingerprints::bytea[])
+                            AS k(name, version, fingerprint)
                         CROSS JOIN LATERAL (
                             SELECT i.id, i.next_run_at AS due_at, i.attempt
                             FROM {s}.saga_instances i
                             WHERE i.saga_name = k.name AND i.saga_version = k.version
+                              AND (i.definition_fingerprint IS NULL
+                                   OR i.definition_fingerprint = k.fingerprint)
                               AND i.status IN ('running', 'compensating')
                               AND i.next_run_at <= {NOW}
                               AND (i.lease_expires_at IS NULL OR i.lease_expires_at <= {NOW})
@@ -231,6 +240,7 @@ impl Sql {
                     "limit",
                     "names",
                     "versions",
+                    "fingerprints",
                     "lease_for_us",
                     "claim_id",
                 ],
@@ -409,6 +419,47 @@ impl Sql {
                 ),
                 &["now", "names", "versions"],
             ),
+            due_unmatched: Statement::new(
+                "due_unmatched",
+                &format!(
+                    "SELECT i.saga_name, i.saga_version, i.definition_fingerprint AS fingerprint,
+                        count(*) AS due
+                     FROM unnest($names::text[], $versions::int4[], $fingerprints::bytea[])
+                         AS k(name, version, fingerprint)
+                     JOIN {s}.saga_instances i
+                       ON i.saga_name = k.name AND i.saga_version = k.version
+                     WHERE i.status IN ('running', 'compensating')
+                       AND i.next_run_at <= {NOW}
+                       AND i.definition_fingerprint IS NOT NULL
+                       AND i.definition_fingerprint <> k.fingerprint
+                     GROUP BY i.saga_name, i.saga_version, i.definition_fingerprint
+                     ORDER BY i.saga_name, i.saga_version, i.definition_fingerprint"
+                ),
+                &["now", "names", "versions", "fingerprints"],
+            ),
+            // The first registration of a name and version wins; a later
+            // one reads what is stored (in a statement of its own, which
+            // sees a row a concurrent registration committed meanwhile).
+            register_definition: Statement::new(
+                "register_definition",
+                &format!(
+                    "INSERT INTO {s}.saga_definitions (saga_name, saga_version, fingerprint,
+                        shape, registered_at)
+                     VALUES ($name::text, $version::int4, $fingerprint::bytea, $shape::jsonb,
+                        {NOW})
+                     ON CONFLICT (saga_name, saga_version) DO NOTHING
+                     RETURNING fingerprint, shape"
+                ),
+                &["name", "version", "fingerprint", "shape", "now"],
+            ),
+            stored_definition: Statement::new(
+                "stored_definition",
+                &format!(
+                    "SELECT fingerprint, shape FROM {s}.saga_definitions
+                     WHERE saga_name = $name::text AND saga_version = $version::int4"
+                ),
+                &["name", "version"],
+            ),
         }
     }
 
@@ -432,6 +483,9 @@ impl Sql {
             &self.history,
             &self.outbox_for,
             &self.due_unregistered,
+            &self.due_unmatched,
+            &self.register_definition,
+            &self.stored_definition,
         ]
     }
 }

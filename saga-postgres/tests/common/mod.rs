@@ -126,6 +126,19 @@ impl SagaStore for TestStore {
     async fn due_unregistered(&self, kinds: &[SagaKind]) -> Result<Vec<(SagaKind, u64)>, Error> {
         self.store.due_unregistered(kinds).await
     }
+    async fn due_unmatched(
+        &self,
+        kinds: &[SagaKind],
+        fingerprints: &[saga_core::ShapeFingerprint],
+    ) -> Result<Vec<(SagaKind, saga_core::ShapeFingerprint, u64)>, Error> {
+        self.store.due_unmatched(kinds, fingerprints).await
+    }
+    async fn register_definition(
+        &self,
+        shape: &saga_core::SagaShape,
+    ) -> Result<saga_core::ShapeFingerprint, Error> {
+        self.store.register_definition(shape).await
+    }
 }
 
 /// The `PgError` inside a store error.
