@@ -36,6 +36,10 @@ fn sends(role: &str) -> &'static [&'static str] {
             "store.load_raw",
             "store.history",
             "store.due_unregistered",
+            "store.due_unmatched",
+            // Executor::check at start: the definition's fingerprint.
+            "store.register_definition",
+            "store.stored_definition",
             // Your code's enqueue, in its own transaction, and its
             // comparison of a reused id that a concurrent one committed.
             "outbox.enqueue",
@@ -57,8 +61,11 @@ fn sends(role: &str) -> &'static [&'static str] {
         ],
         "saga_operator" => &[
             "check.versions",
-            // Executor::resume and cancel; a saga's messages; a malformed
-            // row's raw values (SagaClient::get).
+            // Executor::resume and cancel (which check the definition's
+            // fingerprint first); a saga's messages; a malformed row's raw
+            // values (SagaClient::get).
+            "store.register_definition",
+            "store.stored_definition",
             "store.load",
             "store.load_raw",
             "store.history",
@@ -119,6 +126,7 @@ fn also_allowed(role: &str) -> &'static [&'static str] {
             "store.release",
             "store.record_leased",
             "store.due_unregistered",
+            "store.due_unmatched",
             "outbox.enqueue",
             "outbox.enqueue_recheck",
             "outbox.claimed_by",

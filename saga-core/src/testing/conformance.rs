@@ -29,12 +29,12 @@ use crate::outbox::Message;
 use crate::store::{ClaimRequest, HistoryEntry, Outcome, Record, SagaStore};
 use crate::time::{Clock, ManualClock, Timestamp};
 
-pub use super::refusals::a_store_refuses_data_it_cannot_keep_and_writes_nothing;
 pub use super::definitions::{
     a_claim_takes_only_instances_of_its_own_shape,
     a_worker_with_swapped_steps_is_refused_and_runs_nothing,
     register_definition_keeps_the_first_shape_and_refuses_another,
 };
+pub use super::refusals::a_store_refuses_data_it_cannot_keep_and_writes_nothing;
 
 use Direction::{Compensate as C, Forward as F};
 

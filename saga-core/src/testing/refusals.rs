@@ -73,7 +73,12 @@ pub async fn a_store_refuses_data_it_cannot_keep_and_writes_nothing<Fa: StoreFac
 
     // Nothing was written: the key is still free.
     let id = h.start(1).await;
-    let c = h.store.claim(claim_req(&kinds, &fps, 1)).await.unwrap().remove(0);
+    let c = h
+        .store
+        .claim(claim_req(&kinds, &fps, 1))
+        .await
+        .unwrap()
+        .remove(0);
     let before = h.store.load(id).await.unwrap().unwrap();
     let history = h.store.history(id).await.unwrap();
 
