@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use checkout::demo::Scenario;
+use checkout::shop::OrderStatus;
 use saga_core::{HistoryEntry, MessageId, SagaId, Status};
 use serde::Serialize;
 use uuid::Uuid;
@@ -55,6 +57,8 @@ pub struct Effect {
     pub of: Uuid,
     /// The SKU (inventory only).
     pub sku: Option<String>,
+    /// How much: cents (payment) or units of stock (inventory).
+    pub amount: i64,
 }
 
 /// A message committed to the outbox (from the harness's copy of every
@@ -186,6 +190,10 @@ pub struct Facts {
     pub workers: Vec<WorkerFact>,
     /// Zombies.
     pub zombies: Vec<ZombieFact>,
+    /// What each order was placed to do: its scenario, by order.
+    pub scenarios: BTreeMap<String, Scenario>,
+    /// The shop's own status of each order (its `orders` table), by order.
+    pub shop: BTreeMap<String, OrderStatus>,
 }
 
 /// What the harness itself recorded during the run, to be resolved
@@ -199,6 +207,8 @@ pub struct Recorded {
     pub workers: Vec<WorkerFact>,
     /// Zombies, before their result is looked up.
     pub zombies: Vec<ZombieFact>,
+    /// The scenario of each order placed, by order.
+    pub scenarios: BTreeMap<String, Scenario>,
 }
 
 /// A cut as the proxy recorded it.

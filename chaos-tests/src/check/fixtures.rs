@@ -4,6 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use checkout::demo::Scenario;
+use checkout::shop::OrderStatus;
 use saga_core::{
     Direction, HistoryEntry, MessageId, Outcome, SagaId, Status, StepName, Timestamp, TransitionId,
 };
@@ -54,7 +56,8 @@ pub(super) fn instance(status: Status, history: Vec<HistoryEntry>) -> Instance {
     }
 }
 
-/// A saga that completed cleanly, its message committed and delivered.
+/// A saga that completed cleanly, its message committed and delivered:
+/// an `Ok` order, confirmed in the shop.
 pub(super) fn clean() -> Facts {
     use Direction::Forward;
     let history = vec![
@@ -82,6 +85,8 @@ pub(super) fn clean() -> Facts {
             ],
         )]
         .into(),
+        scenarios: [(ORDER.to_owned(), Scenario::Ok)].into(),
+        shop: [(ORDER.to_owned(), OrderStatus::Confirmed)].into(),
         ..Facts::default()
     }
 }
@@ -94,11 +99,13 @@ pub(super) fn effect(kind: EffectKind, seq: i64, of: u128, at: u64) -> Effect {
         at: SystemTime::UNIX_EPOCH + Duration::from_secs(at),
         of: Uuid::from_u128(of),
         sku: inventory.then(|| "sku-1".to_owned()),
+        amount: if inventory { 2 } else { 1_000 },
     }
 }
 
-/// The compensated version: reserve failed after the charge; stock
-/// released, then the payment refunded.
+/// The compensated version: reserve failed after the charge (an item out
+/// of stock); stock released, then the payment refunded; the shop's order
+/// still pending.
 pub(super) fn compensated() -> Facts {
     use Direction::{Compensate, Forward};
     let mut f = clean();
@@ -123,6 +130,8 @@ pub(super) fn compensated() -> Facts {
         ],
     )]
     .into();
+    f.scenarios = [(ORDER.to_owned(), Scenario::OutOfStock)].into();
+    f.shop = [(ORDER.to_owned(), OrderStatus::Pending)].into();
     f
 }
 

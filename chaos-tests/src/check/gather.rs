@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use checkout::deploy::Deployment;
+use checkout::shop::OrderStatus;
 use saga_core::{HistoryEntry, MessageId, SagaId, Status, StepName};
 use uuid::Uuid;
 
@@ -204,7 +205,7 @@ pub async fn gather(
     for r in db
         .query(
             &format!(
-                "SELECT kind, order_id, charge_id, seq, at FROM {}.ledger ORDER BY seq",
+                "SELECT kind, order_id, charge_id, seq, at, amount_cents FROM {}.ledger ORDER BY seq",
                 schemas.payment.quoted()
             ),
             &[],
@@ -221,12 +222,13 @@ pub async fn gather(
             seq: r.get(3),
             at: r.get(4),
             sku: None,
+            amount: r.get(5),
         });
     }
     for r in db
         .query(
             &format!(
-                "SELECT kind, order_id, reservation_key, seq, at, sku FROM {}.ledger ORDER BY seq",
+                "SELECT kind, order_id, reservation_key, seq, at, sku, qty FROM {}.ledger ORDER BY seq",
                 schemas.inventory.quoted()
             ),
             &[],
@@ -243,8 +245,25 @@ pub async fn gather(
             seq: r.get(3),
             at: r.get(4),
             sku: Some(r.get(5)),
+            amount: i64::from(r.get::<_, i32>(6)),
         });
     }
+
+    let shop = db
+        .query(
+            &format!("SELECT id, status FROM {}.orders", schemas.shop.quoted()),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let status = match r.get::<_, &str>(1) {
+                "confirmed" => OrderStatus::Confirmed,
+                _ => OrderStatus::Pending,
+            };
+            (r.get(0), status)
+        })
+        .collect();
 
     let mut writes: HashMap<Uuid, Vec<Option<i32>>> = HashMap::new();
     for r in db
@@ -296,6 +315,8 @@ pub async fn gather(
         cuts,
         workers: recorded.workers,
         zombies,
+        scenarios: recorded.scenarios,
+        shop,
     })
 }
 

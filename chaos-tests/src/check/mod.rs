@@ -30,6 +30,13 @@
 //!   resolved at least as many ambiguous commits as it had transitions
 //!   cut, counted at least as many "committed" as it had transitions
 //!   committed at a cut, and left none unresolved.
+//! - I8 every order ended as its scenario intends (an `Ok` order
+//!   completed; a declined, out-of-stock or gateway-down one compensated),
+//!   and the shop's status of the order agrees with its saga's.
+//!
+//! I1 and I2 also pair each undo with what it undoes (a refund with its
+//! charge, by id and amount; a release with its deduction, by reservation,
+//! SKU and quantity), so that offsetting errors cannot balance the totals.
 
 mod ambiguous_commits;
 mod compensations_in_history;
@@ -40,6 +47,8 @@ mod finished;
 #[cfg(test)]
 mod fixtures;
 mod gather;
+mod intent;
+mod undo_matches;
 mod zombies;
 
 use std::collections::{BTreeMap, HashSet};
@@ -51,6 +60,8 @@ use compensations_in_history::compensations_in_history;
 use compensations_in_ledgers::compensations_in_ledgers;
 use delivered::delivered;
 use finished::finished;
+use intent::intent;
+use undo_matches::undo_matches;
 use zombies::zombies;
 
 pub use facts::{
@@ -58,9 +69,10 @@ pub use facts::{
     RefusedAt, WorkerFact, ZombieFact,
 };
 pub use gather::{gather, install_records, instances};
+pub use intent::{ScenarioOutcomes, intended, scenario_name};
 
 /// The invariants, by name.
-pub const INVARIANTS: [&str; 7] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7"];
+pub const INVARIANTS: [&str; 8] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8"];
 
 /// The schema where the harness keeps its own records.
 pub const HARNESS_SCHEMA: &str = "chaos_harness";
@@ -68,7 +80,7 @@ pub const HARNESS_SCHEMA: &str = "chaos_harness";
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// `I1` to `I7`.
+    /// `I1` to `I8`.
     pub invariant: &'static str,
     /// The order concerned, if any.
     pub order: Option<String>,
@@ -147,6 +159,8 @@ pub struct Findings {
     pub stuck: Vec<(String, String)>,
     /// What the cut transitions turned out to be.
     pub cuts: CutSummary,
+    /// How the orders of each scenario ended (every scenario, in order).
+    pub by_scenario: Vec<ScenarioOutcomes>,
 }
 
 impl Findings {
@@ -162,7 +176,7 @@ impl Findings {
     }
 }
 
-/// Checks I1 to I7 against `facts`.
+/// Checks I1 to I8 against `facts`.
 #[must_use]
 pub fn check(facts: &Facts) -> Findings {
     let mut f = Findings {
@@ -176,6 +190,8 @@ pub fn check(facts: &Facts) -> Findings {
     compensations_in_history(facts, &mut v);
     zombies(facts, &mut v);
     ambiguous_commits(facts, &mut v);
+    undo_matches(facts, &mut v);
+    intent(facts, &mut f, &mut v);
     f.violations = v;
     f
 }
@@ -192,7 +208,7 @@ mod tests {
         let findings = check(&clean());
         assert_eq!(findings.outcomes, [("completed".to_owned(), 1)].into());
         assert_eq!(findings.per_invariant().values().sum::<usize>(), 0);
-        assert_eq!(findings.per_invariant().len(), 7);
+        assert_eq!(findings.per_invariant().len(), 8);
     }
 
     #[test]

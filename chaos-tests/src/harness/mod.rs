@@ -17,10 +17,12 @@ mod tally;
 mod workers;
 mod zombie;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use checkout::demo::Scenario;
 use checkout::deploy::{Database, Deployment, WorkerSettings};
 use saga_test_support::TestCluster;
 use saga_test_support::proxy::{FaultProxy, transition_ids};
@@ -66,7 +68,7 @@ pub async fn run(config: Config) -> Result<Report, Error> {
     let settings = worker_settings(&config);
     let (run, event_loop) = start_workers(&config, &settings, deployment, proxy).await?;
     let progress = progress::Progress::spawn(&config, &run, started);
-    let placing = orders::place(&config, &run.deployment, &settings)?;
+    let (placing, scenarios) = orders::place(&config, &run.deployment, &settings)?;
 
     let injection = faults::inject(&config, &cluster, &run, say).await?;
     let (fault_start, scheduled) = (injection.start, injection.scheduled.clone());
@@ -82,7 +84,7 @@ pub async fn run(config: Config) -> Result<Report, Error> {
     run.workers.flush_events().await;
     event_loop.abort();
 
-    let recorded = recorded(&run);
+    let recorded = recorded(&run, scenarios);
     let facts = check::gather(&run.deployment, quiesced.is_some(), recorded).await?;
     let findings: Findings = check::check(&facts);
     Ok(report::summarize(
@@ -198,8 +200,8 @@ async fn wait_until_quiet(config: &Config, run: &Run, fault_start: Instant) -> O
 }
 
 /// What the harness itself saw: the cut statements, the workers, the
-/// zombies.
-fn recorded(run: &Run) -> Recorded {
+/// zombies; and what each order was placed to do.
+fn recorded(run: &Run, scenarios: BTreeMap<String, Scenario>) -> Recorded {
     let cuts = run
         .proxy
         .cuts()
@@ -223,5 +225,6 @@ fn recorded(run: &Run) -> Recorded {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
+        scenarios,
     }
 }

@@ -1,26 +1,34 @@
 //! The stream of orders.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use checkout::demo::Scenario;
 use checkout::deploy::{Deployment, WorkerSettings};
 use tokio::task::JoinHandle;
 
 use super::{Config, Error};
 
 /// Orders, placed over the first 80% of the fault phase; each retried
-/// until it lands (placing is idempotent on the order id).
+/// until it lands (placing is idempotent on the order id). Returns the
+/// task placing them and what each order is meant to do (its scenario),
+/// which the checks hold its outcome to.
 pub(super) fn place(
     config: &Config,
     deployment: &Arc<Deployment>,
     settings: &WorkerSettings,
-) -> Result<JoinHandle<()>, Error> {
+) -> Result<(JoinHandle<()>, BTreeMap<String, Scenario>), Error> {
     let plan = checkout::demo::orders(&checkout::demo::Options {
         orders: config.orders,
         seed: config.seed,
         ..checkout::demo::Options::default()
     });
+    let scenarios = plan
+        .iter()
+        .map(|(order, scenario)| (order.id.clone(), *scenario))
+        .collect();
     let placing = {
         let deployment = deployment.clone();
         let spacing =
@@ -45,5 +53,5 @@ pub(super) fn place(
             }
         })
     };
-    Ok(placing)
+    Ok((placing, scenarios))
 }
