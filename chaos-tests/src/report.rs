@@ -98,6 +98,18 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         w,
+        "    {:<22} {:>9} {:>9} {:>11} {:>6}",
+        "scenario", "orders", "completed", "compensated", "other"
+    );
+    for s in &r.by_scenario {
+        let _ = writeln!(
+            w,
+            "    {:<22} {:>9} {:>9} {:>11} {:>6}",
+            s.scenario, s.orders, s.completed, s.compensated, s.other
+        );
+    }
+    let _ = writeln!(
+        w,
         "  time to quiesce            {}",
         match r.seconds_to_quiesce {
             Some(s) => format!(

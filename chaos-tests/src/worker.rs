@@ -406,6 +406,7 @@ pub fn chaos_settings() -> WorkerSettings {
         poll_interval: Duration::from_millis(100),
         fresh_key_per_attempt: false,
         publish_directly: false,
+        force_outcome: None,
     }
 }
 

@@ -171,7 +171,14 @@ fn check_alone(kind: FaultKind, report: &Report, failed: &mut Vec<String>) {
 /// Runs the short configuration with `control` on, and returns the report
 /// once it has shown each of `invariants` broken.
 async fn caught(control: NegativeControl, invariants: &[&str]) -> Report {
-    let report = run(config(Some(control))).await;
+    caught_in(config(Some(control)), invariants).await
+}
+
+/// Runs `config` (a negative control on) and returns the report once it
+/// has shown each of `invariants` broken.
+async fn caught_in(config: Config, invariants: &[&str]) -> Report {
+    let control = config.negative;
+    let report = run(config).await;
     assert!(
         !report.passed(),
         "{control:?} went unnoticed on seed {SEED}"
@@ -211,4 +218,64 @@ async fn not_passing_idempotency_keys_downstream_is_caught() {
 async fn publishing_directly_instead_of_through_the_outbox_is_caught() {
     // Emails that no committed transaction emitted, and duplicates.
     caught(NegativeControl::PublishDirectly, &["I5"]).await;
+}
+
+/// A short run with no faults: the outcome controls need none to show,
+/// only each scenario (the first four orders are one of each).
+fn no_faults(control: NegativeControl) -> Config {
+    Config {
+        orders: 12,
+        workers: 2,
+        duration: Duration::from_secs(3),
+        rate: 0.0,
+        kinds: Vec::new(),
+        ..config(Some(control))
+    }
+}
+
+fn scenario(report: &Report, name: &str) -> chaos_tests::check::ScenarioOutcomes {
+    *report
+        .by_scenario
+        .iter()
+        .find(|s| s.scenario == name)
+        .expect("every scenario has a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_every_order_is_caught() {
+    // Every saga compensates cleanly: nothing charged, deducted or sent,
+    // everything terminal. Only the outcome against intent notices.
+    let report = caught_in(no_faults(NegativeControl::RefuseEveryOrder), &["I8"]).await;
+    assert!(
+        report.violation_details.iter().all(|v| v.invariant == "I8"),
+        "no other invariant can see it: {:#?}",
+        report.violation_details
+    );
+    let ok = scenario(&report, "ok");
+    assert!(ok.orders > 0);
+    assert_eq!((ok.completed, ok.compensated), (0, ok.orders), "{ok:?}");
+    assert!(
+        report
+            .violation_details
+            .iter()
+            .any(|v| v.detail.contains("its scenario (ok) must end completed")),
+        "{:#?}",
+        report.violation_details
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completing_every_order_is_caught() {
+    // A declined card goes through: the order completes, unpaid.
+    let report = caught_in(no_faults(NegativeControl::CompleteEveryOrder), &["I8"]).await;
+    let declined = scenario(&report, "declined");
+    assert!(declined.orders > 0);
+    assert_eq!(declined.completed, declined.orders, "{declined:?}");
+    assert!(
+        report.violation_details.iter().any(|v| v.invariant == "I8"
+            && v.detail
+                .contains("its scenario (card declined) must end compensated")),
+        "{:#?}",
+        report.violation_details
+    );
 }

@@ -80,6 +80,10 @@ pub struct WorkerSettings {
     pub delivery_retry: RetryPolicy,
     /// Negative control: email straight from the step, not via the outbox.
     pub publish_directly: bool,
+    /// Negative control: every order refused, or every order completed
+    /// whatever the services answered ([`faults::ForceOutcome`]).
+    #[serde(default)]
+    pub force_outcome: Option<faults::ForceOutcome>,
 }
 
 impl Default for WorkerSettings {
@@ -95,6 +99,7 @@ impl Default for WorkerSettings {
             fresh_key_per_attempt: false,
             delivery_retry: saga::demo_compensation_retry(),
             publish_directly: false,
+            force_outcome: None,
         }
     }
 }
@@ -388,6 +393,9 @@ fn definition(
     if settings.publish_directly {
         saga = saga.layer(faults::PublishDirectly::to(endpoints.email_url.clone()));
     }
+    if let Some(force) = settings.force_outcome {
+        saga = force.layer(saga);
+    }
     Ok(saga)
 }
 
@@ -524,6 +532,7 @@ mod tests {
         };
         let settings = WorkerSettings {
             publish_directly: true,
+            force_outcome: Some(crate::faults::ForceOutcome::CompleteEvery),
             ..WorkerSettings::default()
         };
         let hook: crate::faults::EffectHook = std::sync::Arc::new(|_| Box::pin(async {}));

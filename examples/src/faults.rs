@@ -180,3 +180,92 @@ impl<D: Send + Sync + 'static> Action<Checkout, D> for PublishDirectly {
         Ok(())
     }
 }
+
+/// Negative control: a build that overrides every order's outcome, so
+/// that a harness holding each order to its scenario can show it notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForceOutcome {
+    /// `validate_order` refuses every order ([`RefuseEveryOrder`]): every
+    /// saga compensates, with nothing charged, deducted or sent.
+    RefuseEvery,
+    /// Every charge and reservation reports success whatever the service
+    /// answered ([`CompleteEveryOrder`]): declined, out-of-stock and
+    /// gateway-down orders complete.
+    CompleteEvery,
+}
+
+impl ForceOutcome {
+    /// Layers the control over `saga`.
+    #[must_use]
+    pub fn layer<D: Send + Sync + 'static>(
+        self,
+        saga: saga_core::SagaDefinition<Checkout, D>,
+    ) -> saga_core::SagaDefinition<Checkout, D> {
+        match self {
+            ForceOutcome::RefuseEvery => saga.layer(RefuseEveryOrder),
+            ForceOutcome::CompleteEvery => saga.layer(CompleteEveryOrder),
+        }
+    }
+}
+
+/// Why [`RefuseEveryOrder`] refused an order.
+#[derive(Debug, thiserror::Error)]
+#[error("negative control: every order is refused")]
+pub struct RefusedOnPurpose;
+
+/// Negative control: replaces `validate_order` with a step that refuses
+/// every order (a permanent error): a validation bug that rejects
+/// everything. Every saga compensates cleanly, so only a check of each
+/// order's outcome against its intent notices.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefuseEveryOrder;
+
+impl<D: Send + Sync + 'static> StepLayer<Checkout, D> for RefuseEveryOrder {
+    fn layer(&self, side: StepSide<'_>, inner: BoxAction<Checkout, D>) -> BoxAction<Checkout, D> {
+        if side.step.as_str() == "validate_order" && side.direction == Direction::Forward {
+            BoxAction::new(*self)
+        } else {
+            inner
+        }
+    }
+}
+
+impl<D: Send + Sync + 'static> Action<Checkout, D> for RefuseEveryOrder {
+    async fn run(&self, _: &D, _: &mut StepContext, _: &mut Checkout) -> Result<(), StepError> {
+        Err(StepError::permanent(RefusedOnPurpose))
+    }
+}
+
+/// Negative control: `charge_payment` and `reserve_inventory` report
+/// success whatever the service answered (`let _ = charge(..)`): a
+/// declined card, a sold-out item, a gateway that stays down all go
+/// through, and their orders complete unpaid or unreserved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CompleteEveryOrder;
+
+impl<D: Send + Sync + 'static> StepLayer<Checkout, D> for CompleteEveryOrder {
+    fn layer(&self, side: StepSide<'_>, inner: BoxAction<Checkout, D>) -> BoxAction<Checkout, D> {
+        let calls = matches!(side.step.as_str(), "charge_payment" | "reserve_inventory");
+        if calls && side.direction == Direction::Forward {
+            BoxAction::new(IgnoreErrors(inner))
+        } else {
+            inner
+        }
+    }
+}
+
+/// An action whose errors are dropped.
+struct IgnoreErrors<D>(BoxAction<Checkout, D>);
+
+impl<D: Send + Sync + 'static> Action<Checkout, D> for IgnoreErrors<D> {
+    async fn run(
+        &self,
+        deps: &D,
+        ctx: &mut StepContext,
+        s: &mut Checkout,
+    ) -> Result<(), StepError> {
+        let _ = self.0.call(deps, ctx, s).await;
+        Ok(())
+    }
+}

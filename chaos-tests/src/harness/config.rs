@@ -18,6 +18,11 @@ pub enum NegativeControl {
     FreshKeys,
     /// Email straight from the step instead of through the outbox.
     PublishDirectly,
+    /// Refuse every order in `validate_order`: every saga compensates.
+    RefuseEveryOrder,
+    /// Ignore what the payment and inventory services answer: every order
+    /// completes, declined, out-of-stock and gateway-down ones included.
+    CompleteEveryOrder,
 }
 
 /// How to run.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use checkout::demo::Scenario;
 use checkout::deploy::{Database, Deployment, WorkerSettings};
+use checkout::faults::ForceOutcome;
 use saga_test_support::TestCluster;
 use saga_test_support::proxy::{FaultProxy, transition_ids};
 use tokio::sync::mpsc;
@@ -131,6 +132,12 @@ fn worker_settings(config: &Config) -> WorkerSettings {
         Some(NegativeControl::NoFencing) => {}
         Some(NegativeControl::FreshKeys) => settings.fresh_key_per_attempt = true,
         Some(NegativeControl::PublishDirectly) => settings.publish_directly = true,
+        Some(NegativeControl::RefuseEveryOrder) => {
+            settings.force_outcome = Some(ForceOutcome::RefuseEvery);
+        }
+        Some(NegativeControl::CompleteEveryOrder) => {
+            settings.force_outcome = Some(ForceOutcome::CompleteEvery);
+        }
         None => {}
     }
     settings

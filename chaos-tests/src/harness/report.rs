@@ -71,6 +71,8 @@ pub struct Report {
     pub violation_details: Vec<check::Violation>,
     /// Sagas by final status.
     pub outcomes: BTreeMap<String, u64>,
+    /// Per scenario, how its orders ended (I8 holds each to its scenario).
+    pub by_scenario: Vec<check::ScenarioOutcomes>,
     /// Stuck sagas and why.
     pub stuck: Vec<(String, String)>,
     /// Seconds from the end of the last fault until every saga had
@@ -241,6 +243,7 @@ pub(super) fn summarize(
         violations: findings.per_invariant(),
         violation_details: findings.violations.clone(),
         outcomes: findings.outcomes.clone(),
+        by_scenario: findings.by_scenario.clone(),
         stuck: findings.stuck.clone(),
         seconds_to_quiesce: quiesced.map(|d| d.as_secs_f64()),
         quiesce_bound_seconds: config.quiesce_bound.as_secs_f64(),
