@@ -141,7 +141,12 @@ pub fn table(r: &Report) -> String {
             r.violation_details.len()
         );
         for v in r.violation_details.iter().take(10) {
-            let _ = writeln!(w, "  {} {}", v.invariant, v.detail);
+            // The audit's details name their order already.
+            let order = match &v.order {
+                Some(o) if !v.detail.starts_with(o.as_str()) => format!("{o}: "),
+                _ => String::new(),
+            };
+            let _ = writeln!(w, "  {} {order}{}", v.invariant, v.detail);
         }
         if !r.first_violating_orders.is_empty() {
             let _ = writeln!(w, "first violating orders:");

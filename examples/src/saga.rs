@@ -240,7 +240,11 @@ pub fn definition(
     let t = policies.step_timeout;
     SagaDefinition::builder(NAME, VERSION)
         .step(
+            // A local read: retried patiently (with the compensations'
+            // policy, like the pivot). Giving up on it for a passing
+            // database fault would refuse a good order.
             Step::new("validate_order", ValidateOrder)
+                .retry(policies.compensation_retry.clone())
                 .timeout(t)
                 .no_compensation(),
         )
