@@ -40,6 +40,7 @@ mod finished;
 #[cfg(test)]
 mod fixtures;
 mod gather;
+mod took_effect;
 mod zombies;
 
 use std::collections::{BTreeMap, HashSet};
@@ -58,6 +59,7 @@ pub use facts::{
     RefusedAt, WorkerFact, ZombieFact,
 };
 pub use gather::{gather, install_records, instances};
+pub use took_effect::{CutEffects, Effects, NoEffect, WindowTally, ZombieEffects, took_effect};
 
 /// The invariants, by name.
 pub const INVARIANTS: [&str; 7] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7"];
