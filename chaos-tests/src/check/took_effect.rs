@@ -100,7 +100,7 @@ impl fmt::Display for NoEffect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} took no effect: {}, but at least {} required",
+            "{} took no effect: measured {}; required at least {}",
             self.kind, self.measured, self.required
         )
     }
