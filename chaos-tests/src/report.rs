@@ -181,7 +181,10 @@ mod tests {
         let shown = table(&r);
         assert!(shown.contains("FAILED (seed 0)"), "{shown}");
         assert!(
-            shown.contains("zombie_worker took no effect: 3 scheduled, 0 fired; 0 zombies frozen"),
+            shown.contains(
+                "zombie_worker took no effect: measured 3 scheduled, 0 fired; 0 zombies frozen; \
+                 required at least 1 zombies frozen"
+            ),
             "{shown}"
         );
         assert!(!shown.contains("all invariants hold"), "{shown}");
