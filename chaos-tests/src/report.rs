@@ -131,7 +131,20 @@ pub fn table(r: &Report) -> String {
     for (order, reason) in &r.stuck {
         let _ = writeln!(w, "  stuck: {order}: {reason}");
     }
+    if r.faults_without_effect.is_empty() {
+        let _ = writeln!(w, "  took effect                every fault kind asked for");
+    } else {
+        let _ = writeln!(
+            w,
+            "  faults without effect      {}",
+            r.faults_without_effect.len()
+        );
+        for no in &r.faults_without_effect {
+            let _ = writeln!(w, "    {no}");
+        }
+    }
     if r.passed() {
+        // Every invariant held, and every kind asked for took effect.
         let _ = writeln!(w, "\nall invariants hold");
     } else {
         let _ = writeln!(
@@ -140,6 +153,9 @@ pub fn table(r: &Report) -> String {
             r.seed,
             r.violation_details.len()
         );
+        for no in &r.faults_without_effect {
+            let _ = writeln!(w, "  {no}");
+        }
         for v in r.violation_details.iter().take(10) {
             // The audit's details name their order already.
             let order = match &v.order {
@@ -156,4 +172,44 @@ pub fn table(r: &Report) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::NoEffect;
+
+    #[test]
+    fn a_kind_without_effect_fails_the_run_in_the_table_and_the_json() {
+        let held = Report::default();
+        assert!(held.passed());
+        assert!(table(&held).contains("took effect                every fault kind asked for"));
+        let r = Report {
+            faults_without_effect: vec![NoEffect {
+                kind: "zombie_worker",
+                measured: "3 scheduled, 0 fired; 0 zombies frozen".into(),
+                required: "1 zombies frozen".into(),
+            }],
+            ..Report::default()
+        };
+        // No invariant broken, and still a failure.
+        assert!(r.violation_details.is_empty());
+        assert!(!r.passed());
+        let shown = table(&r);
+        assert!(shown.contains("FAILED (seed 0)"), "{shown}");
+        assert!(
+            shown.contains(
+                "zombie_worker took no effect: measured 3 scheduled, 0 fired; 0 zombies frozen; \
+                 required at least 1 zombies frozen"
+            ),
+            "{shown}"
+        );
+        assert!(!shown.contains("all invariants hold"), "{shown}");
+        let json = serde_json::to_value(&r).expect("a serializable report");
+        assert_eq!(json["faults_without_effect"][0]["kind"], "zombie_worker");
+        assert_eq!(
+            json["faults_without_effect"][0]["measured"],
+            "3 scheduled, 0 fired; 0 zombies frozen"
+        );
+    }
 }

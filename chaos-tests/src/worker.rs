@@ -101,6 +101,11 @@ pub enum WorkerEvent {
     Stats {
         /// The counters.
         counts: Counts,
+        /// When they were read (this host's clock, read just before the
+        /// counters): every ambiguity the worker resolved before then is
+        /// counted.
+        #[serde(default)]
+        taken_at: Option<std::time::SystemTime>,
     },
     /// An armed effect point was reached.
     EffectPoint {
@@ -357,8 +362,10 @@ async fn serve<St: SagaStore + Clone>(
             let mut ticker = tokio::time::interval(Duration::from_millis(200));
             loop {
                 ticker.tick().await;
+                let taken_at = Some(std::time::SystemTime::now());
                 emit(&WorkerEvent::Stats {
                     counts: counts(&worker),
+                    taken_at,
                 });
             }
         })
@@ -371,8 +378,10 @@ async fn serve<St: SagaStore + Clone>(
         .await?;
     stats.abort();
     commands.abort();
+    let taken_at = Some(std::time::SystemTime::now());
     emit(&WorkerEvent::Stats {
         counts: counts(&worker),
+        taken_at,
     });
     emit(&WorkerEvent::Stopped);
     Ok(())

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use saga_core::{Direction, Outcome, StepName};
+use saga_core::{Direction, HistoryEntry, Outcome, StepName};
 
 use super::{Facts, Violation, violation};
 
@@ -67,18 +67,7 @@ pub(super) fn compensations_in_history(facts: &Facts, v: &mut Vec<Violation>) {
                 ));
             }
         }
-        let mut attempts: BTreeMap<(String, Direction, u32, String), usize> = BTreeMap::new();
-        for h in i.history.iter().filter(|h| h.outcome != Outcome::Created) {
-            *attempts
-                .entry((
-                    h.step.to_string(),
-                    h.direction,
-                    h.attempt,
-                    format!("{:?}", h.started_at),
-                ))
-                .or_default() += 1;
-        }
-        for ((step, direction, attempt, _), n) in attempts {
+        for ((step, direction, attempt), n) in attempts_recorded(&i.history) {
             if n > 1 {
                 v.push(violation(
                     "I6",
@@ -90,11 +79,46 @@ pub(super) fn compensations_in_history(facts: &Facts, v: &mut Vec<Violation>) {
     }
 }
 
+/// How many rows record each attempt of a saga's steps.
+///
+/// An attempt is identified by its saga (the history is one saga's), its
+/// step, its direction and its number, whoever wrote it and whenever it
+/// started: the claim numbers it, so two rows for one number are one
+/// attempt recorded twice (by two workers, or twice by one). Only the rows
+/// that end an attempt count (succeeded, retry scheduled, failed for
+/// good): a snoozed attempt is given back, so the next claim reuses its
+/// number, and the engine's and operators' rows (created, parked,
+/// resumed, cancelled) are not attempts. An operator's resume starts the
+/// budget afresh, so numbers count again from there.
+fn attempts_recorded(history: &[HistoryEntry]) -> BTreeMap<(String, Direction, u32), usize> {
+    let mut epoch = 0u32;
+    let mut per_epoch: BTreeMap<(u32, String, Direction, u32), usize> = BTreeMap::new();
+    for h in history {
+        match h.outcome {
+            Outcome::Resumed => epoch += 1,
+            Outcome::Succeeded | Outcome::RetryScheduled | Outcome::FailedForGood => {
+                *per_epoch
+                    .entry((epoch, h.step.to_string(), h.direction, h.attempt))
+                    .or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    let mut out: BTreeMap<(String, Direction, u32), usize> = BTreeMap::new();
+    for ((_, step, direction, attempt), n) in per_epoch {
+        let most = out.entry((step, direction, attempt)).or_default();
+        *most = (*most).max(n);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use saga_core::{Direction, Outcome, TransitionId};
+    use std::time::{Duration, SystemTime};
 
-    use crate::check::fixtures::{ORDER, assert_fires, clean, compensated, entry};
+    use saga_core::{Direction, Outcome, Timestamp, TransitionId};
+
+    use crate::check::fixtures::{ORDER, assert_fires, clean, compensated, entry, fired};
 
     #[test]
     fn i6_fires_for_compensating_in_the_history_what_never_started() {
@@ -145,5 +169,91 @@ mod tests {
             "I6",
             "attempt 1 of charge_payment (forward) was recorded 2 times",
         );
+    }
+
+    #[test]
+    fn i6_fires_for_one_attempt_recorded_by_two_workers_at_different_times() {
+        // Two workers ran attempt 1 of charge_payment (a lease taken over
+        // without a new claim, say): each started it at its own moment and
+        // recorded its own outcome.
+        let mut f = clean();
+        let i = f.instances.get_mut(ORDER).expect("the order");
+        let mut other = entry(
+            "charge_payment",
+            Direction::Forward,
+            1,
+            Outcome::RetryScheduled,
+        );
+        other.started_at =
+            Timestamp::from_system_time(SystemTime::UNIX_EPOCH + Duration::from_secs(7));
+        other.finished_at = other.started_at;
+        i.history.insert(2, other);
+        assert_fires(
+            &f,
+            "I6",
+            "attempt 1 of charge_payment (forward) was recorded 2 times",
+        );
+        // The same in the compensation of a step.
+        let mut f = compensated();
+        let i = f.instances.get_mut(ORDER).expect("the order");
+        let mut again = entry(
+            "charge_payment",
+            Direction::Compensate,
+            1,
+            Outcome::RetryScheduled,
+        );
+        again.started_at =
+            Timestamp::from_system_time(SystemTime::UNIX_EPOCH + Duration::from_secs(9));
+        i.history.insert(5, again);
+        assert_fires(
+            &f,
+            "I6",
+            "attempt 1 of charge_payment (compensate) was recorded 2 times",
+        );
+    }
+
+    #[test]
+    fn i6_holds_for_attempts_numbered_again_legitimately() {
+        // A snoozed attempt is given back: the next claim reuses its number.
+        let mut f = clean();
+        let i = f.instances.get_mut(ORDER).expect("the order");
+        i.history.insert(
+            2,
+            entry("charge_payment", Direction::Forward, 1, Outcome::Snoozed),
+        );
+        assert_eq!(fired(&f), vec![]);
+        // Retries: one row per attempt number.
+        let mut f = clean();
+        let i = f.instances.get_mut(ORDER).expect("the order");
+        i.history.insert(
+            2,
+            entry(
+                "charge_payment",
+                Direction::Forward,
+                1,
+                Outcome::RetryScheduled,
+            ),
+        );
+        i.history[3].attempt = 2;
+        assert_eq!(fired(&f), vec![]);
+        // Parked, then resumed by an operator: the budget starts afresh.
+        let mut f = clean();
+        let i = f.instances.get_mut(ORDER).expect("the order");
+        let rows = [
+            entry(
+                "charge_payment",
+                Direction::Forward,
+                1,
+                Outcome::RetryScheduled,
+            ),
+            entry("charge_payment", Direction::Forward, 2, Outcome::Parked),
+            entry("charge_payment", Direction::Forward, 2, Outcome::Resumed),
+        ];
+        for (k, row) in rows.into_iter().enumerate() {
+            i.history.insert(2 + k, row);
+        }
+        assert_eq!(fired(&f), vec![]);
+        // The same step forward and compensated: two attempts 1.
+        assert_eq!(fired(&compensated()), vec![]);
     }
 }

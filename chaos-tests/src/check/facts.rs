@@ -102,6 +102,10 @@ pub struct CutFact {
     /// The history row exists at the end (committed at the cut, or written
     /// again after it).
     pub in_history: bool,
+    /// When the cut's worker wrote the transition again on a session none
+    /// of its cuts fell on (the database's clock, on this host): it had
+    /// resolved the ambiguity ("not committed") before.
+    pub written_again_at: Option<SystemTime>,
 }
 
 /// A worker incarnation and its own counters.
@@ -113,6 +117,9 @@ pub struct WorkerFact {
     pub survived: bool,
     /// Its last reported counters.
     pub counts: Counts,
+    /// When they were read (the worker's clock, on this host): every
+    /// ambiguity it resolved before then is in them.
+    pub reported_at: Option<SystemTime>,
 }
 
 /// A zombie worker, as the harness saw it.

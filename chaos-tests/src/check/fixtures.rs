@@ -182,6 +182,7 @@ pub(super) fn cut_of(transition: u128, after: bool, committed_at_cut: bool) -> C
         worker: Some("w0".into()),
         committed_at_cut,
         in_history: true,
+        written_again_at: None,
     }
 }
 
@@ -194,5 +195,6 @@ pub(super) fn survivor(committed: u64, not_committed: u64) -> WorkerFact {
             ambiguous_not_committed: not_committed,
             ..Counts::default()
         },
+        reported_at: None,
     }
 }

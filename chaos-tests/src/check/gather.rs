@@ -3,6 +3,7 @@
 //! before the run.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
 
 use checkout::deploy::Deployment;
 use checkout::shop::OrderStatus;
@@ -24,6 +25,34 @@ fn written_by_its_session(z: &ZombieFact, writes: &HashMap<Uuid, Vec<Option<i32>
     writes
         .get(&transition)
         .is_some_and(|ports| ports.contains(&Some(i32::from(port))))
+}
+
+/// A history row as the harness's copy saw it inserted.
+#[derive(Debug, Clone)]
+struct Write {
+    port: Option<i32>,
+    application: Option<String>,
+    at: Option<SystemTime>,
+}
+
+/// When `worker` wrote a cut transition again: its history row inserted
+/// by that worker on a session none of the transition's cuts fell on
+/// (`cut_ports`). The worker's store writes a cut transition again only
+/// after it looked it up and found it not committed, so by then it had
+/// counted the ambiguity. A row on a cut session (committed at the cut) or
+/// by another worker says nothing of what this worker counted.
+fn written_again_at(
+    worker: Option<&str>,
+    cut_ports: &[Option<i32>],
+    writes: &[Write],
+) -> Option<SystemTime> {
+    let worker = worker?;
+    writes
+        .iter()
+        .filter(|w| w.application.as_deref() == Some(worker))
+        .filter(|w| w.port.is_some() && !cut_ports.contains(&w.port))
+        .filter_map(|w| w.at)
+        .min()
 }
 
 /// Reads the instances with their histories.
@@ -120,12 +149,13 @@ pub async fn install_records(deployment: &Deployment) -> Result<(), checkout::Er
              transition_id uuid NOT NULL,
              saga_id       uuid NOT NULL,
              client_port   int,
-             application   text
+             application   text,
+             inserted_at   timestamptz
          );
          CREATE FUNCTION {h}.copy_history() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
              INSERT INTO {h}.history_inserts VALUES (NEW.transition_id, NEW.saga_id,
-                 inet_client_port(), current_setting('application_name'));
+                 inet_client_port(), current_setting('application_name'), clock_timestamp());
              RETURN NULL;
          END $$;
          CREATE TRIGGER chaos_copy_history AFTER INSERT ON {s}.saga_history
@@ -266,14 +296,30 @@ pub async fn gather(
         .collect();
 
     let mut writes: HashMap<Uuid, Vec<Option<i32>>> = HashMap::new();
+    let mut writers: HashMap<Uuid, Vec<Write>> = HashMap::new();
     for r in db
         .query(
-            &format!("SELECT transition_id, client_port FROM {h}.history_inserts"),
+            &format!(
+                "SELECT transition_id, client_port, application, inserted_at
+                 FROM {h}.history_inserts"
+            ),
             &[],
         )
         .await?
     {
         writes.entry(r.get(0)).or_default().push(r.get(1));
+        writers.entry(r.get(0)).or_default().push(Write {
+            port: r.get(1),
+            application: r.get(2),
+            at: r.get(3),
+        });
+    }
+    // Per transition, the ports of the sessions its cuts fell on.
+    let mut cut_ports: HashMap<Uuid, Vec<Option<i32>>> = HashMap::new();
+    for c in &recorded.cuts {
+        if let Some(t) = c.transition {
+            cut_ports.entry(t).or_default().push(c.port.map(i32::from));
+        }
     }
     let orders: HashMap<Uuid, String> = instances
         .values()
@@ -293,6 +339,13 @@ pub async fn gather(
                     c.port.is_some() && ports.contains(&c.port.map(i32::from))
                 }),
                 in_history: ports.is_some(),
+                written_again_at: c.transition.and_then(|t| {
+                    written_again_at(
+                        c.worker.as_deref(),
+                        cut_ports.get(&t).map_or(&[][..], Vec::as_slice),
+                        writers.get(&t).map_or(&[][..], Vec::as_slice),
+                    )
+                }),
             }
         })
         .collect();
@@ -346,5 +399,37 @@ mod tests {
             ..zombie()
         };
         assert!(!written_by_its_session(&unknown_port, &writes));
+    }
+
+    #[test]
+    fn a_cut_transition_counts_as_written_again_only_by_its_worker_on_another_session() {
+        let at = |s| Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        let write = |port, app: &str, s| Write {
+            port: Some(port),
+            application: Some(app.to_owned()),
+            at: at(s),
+        };
+        let cut_ports = [Some(40_000), Some(40_001)];
+        // Committed at the cut (on a cut session), or written by another
+        // worker: not this worker's resolution.
+        let writes = [
+            write(40_001, "chaos-w0-0", 10),
+            write(41_000, "chaos-w1-3", 11),
+        ];
+        assert_eq!(
+            written_again_at(Some("chaos-w0-0"), &cut_ports, &writes),
+            None
+        );
+        // Written again by it on a fresh session: the earliest such row.
+        let writes = [
+            write(40_000, "chaos-w0-0", 10),
+            write(42_000, "chaos-w0-0", 14),
+            write(41_000, "chaos-w0-0", 12),
+        ];
+        assert_eq!(
+            written_again_at(Some("chaos-w0-0"), &cut_ports, &writes),
+            at(12)
+        );
+        assert_eq!(written_again_at(None, &cut_ports, &writes), None);
     }
 }

@@ -49,6 +49,7 @@ mod fixtures;
 mod gather;
 mod intent;
 mod undo_matches;
+mod took_effect;
 mod zombies;
 
 use std::collections::{BTreeMap, HashSet};
@@ -70,6 +71,7 @@ pub use facts::{
 };
 pub use gather::{gather, install_records, instances};
 pub use intent::{ScenarioOutcomes, intended, scenario_name};
+pub use took_effect::{CutEffects, Effects, NoEffect, WindowTally, ZombieEffects, took_effect};
 
 /// The invariants, by name.
 pub const INVARIANTS: [&str; 8] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8"];

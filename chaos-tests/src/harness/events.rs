@@ -22,12 +22,19 @@ async fn handle_event(
 ) {
     let workers = &run.workers;
     match event {
-        WorkerEvent::Stats { counts } => {
+        WorkerEvent::Stats { counts, taken_at } => {
             workers
                 .counts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert((i, incarnation), counts);
+            if let Some(at) = taken_at {
+                workers
+                    .reported_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((i, incarnation), at);
+            }
         }
         WorkerEvent::EffectPoint {
             action: PointAction::Crash,

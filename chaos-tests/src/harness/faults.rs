@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::workers::Arm;
-use super::{Config, Error, Run};
+use super::{Config, Error, Run, windows};
 use crate::schedule::{self, Event, Fault, FaultKind, Plan, Service};
 
 /// The faults under way: what was scheduled, the tasks that end them, and
@@ -136,17 +136,19 @@ pub(super) async fn inject(
             }
             Fault::NetworkLatency { latency, window } => {
                 tally.fired(kind);
+                let window_id = run.windows.open("proxy", kind, &|_| proxy.stats().delayed);
                 proxy.set_latency(latency);
-                let proxy = proxy.clone();
-                let tally = tally.clone();
+                let run = run.clone();
                 let generation = generation.clone();
                 let mine = bump(&generation, "proxy");
                 background.push(tokio::spawn(async move {
                     tokio::time::sleep(window).await;
                     if current(&generation, "proxy") == mine {
-                        proxy.set_latency(Duration::ZERO);
+                        run.proxy.set_latency(Duration::ZERO);
                     }
-                    tally.touch();
+                    run.windows
+                        .close("proxy", window_id, &|_| run.proxy.stats().delayed);
+                    run.tally.touch();
                 }));
             }
             Fault::Downstream {
@@ -155,18 +157,23 @@ pub(super) async fn inject(
                 window,
             } => {
                 tally.fired(kind);
-                fake(deployment, service).set_faults(faults);
-                let deployment = deployment.clone();
-                let tally = tally.clone();
-                let generation = generation.clone();
                 let key = format!("{service:?}");
+                let read = |k| windows::service_counter(&fake(deployment, service).injected(), k);
+                let window_id = run.windows.open(&key, kind, &read);
+                fake(deployment, service).set_faults(faults);
+                let run = run.clone();
+                let generation = generation.clone();
                 let mine = bump(&generation, &key);
                 background.push(tokio::spawn(async move {
                     tokio::time::sleep(window).await;
+                    let fake = fake(&run.deployment, service);
                     if current(&generation, &key) == mine {
-                        fake(&deployment, service).set_faults(Faults::default());
+                        fake.set_faults(Faults::default());
                     }
-                    tally.touch();
+                    run.windows.close(&key, window_id, &|k| {
+                        windows::service_counter(&fake.injected(), k)
+                    });
+                    run.tally.touch();
                 }));
             }
             Fault::DuplicateDelivery { count } => {
@@ -175,6 +182,7 @@ pub(super) async fn inject(
                 {
                     tally.fired(kind);
                     tally.affected(kind, absorbed);
+                    run.windows.event(kind, absorbed > 0);
                     run.redeliveries_sent.fetch_add(sent, Ordering::Relaxed);
                     run.redeliveries_absorbed
                         .fetch_add(absorbed, Ordering::Relaxed);

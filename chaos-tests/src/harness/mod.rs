@@ -14,6 +14,7 @@ mod orders;
 mod progress;
 mod report;
 mod tally;
+mod windows;
 mod workers;
 mod zombie;
 
@@ -49,6 +50,8 @@ struct Run {
     zombie_tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     redeliveries_sent: AtomicU64,
     redeliveries_absorbed: AtomicU64,
+    /// What each fault window hit.
+    windows: windows::Windows,
 }
 
 /// Runs the harness.
@@ -180,6 +183,7 @@ async fn start_workers(
         zombie_tasks: std::sync::Mutex::default(),
         redeliveries_sent: AtomicU64::new(0),
         redeliveries_absorbed: AtomicU64::new(0),
+        windows: windows::Windows::default(),
     });
     let event_loop = events::spawn_loop(run.clone(), settings.lease, events_rx);
     Ok((run, event_loop))

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use super::faults::fake;
 use super::tally::unit;
 use super::{Config, NegativeControl, Run};
-use crate::check::{self, CutSummary, Facts, Findings, RefusedAt, ZombieFact};
+use crate::check::{
+    self, CutEffects, CutSummary, Effects, Facts, Findings, NoEffect, RefusedAt, WindowTally,
+    ZombieEffects, ZombieFact,
+};
 use crate::schedule::{FaultKind, Service};
 use crate::worker::Counts;
 
@@ -30,7 +33,7 @@ pub struct KindCount {
 }
 
 /// What a run found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     /// The seed.
     pub seed: u64,
@@ -87,13 +90,19 @@ pub struct Report {
     pub seconds: f64,
     /// The first violating orders, each with its step timeline.
     pub first_violating_orders: Vec<(String, String)>,
+    /// Per windowed kind: windows opened, and how many hit something.
+    pub windows: BTreeMap<&'static str, WindowTally>,
+    /// The kinds asked for that took no effect (`check::took_effect`),
+    /// each with what was measured and what was required.
+    pub faults_without_effect: Vec<NoEffect>,
 }
 
 impl Report {
-    /// Whether every invariant held.
+    /// Whether every invariant held and every kind of fault asked for
+    /// took effect.
     #[must_use]
     pub fn passed(&self) -> bool {
-        self.violation_details.is_empty()
+        self.violation_details.is_empty() && self.faults_without_effect.is_empty()
     }
 
     /// The counts of `kind` (zeros if it was not injected).
@@ -178,6 +187,14 @@ pub(super) fn summarize(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let windows = run.windows.tally();
+    let effects = effects(
+        &facts,
+        scheduled.clone(),
+        fired.clone(),
+        windows.clone(),
+        dispatcher_duplicates_absorbed,
+    );
     let affected = tally
         .affected
         .lock()
@@ -250,5 +267,41 @@ pub(super) fn summarize(
         throughput: finished as f64 / seconds,
         seconds,
         first_violating_orders,
+        windows: windows.iter().map(|(k, w)| (k.name(), *w)).collect(),
+        faults_without_effect: check::took_effect(&kinds, &effects),
+    }
+}
+
+/// What the faults did, from ground truth, for the took-effect rules.
+fn effects(
+    facts: &Facts,
+    scheduled: BTreeMap<FaultKind, u64>,
+    fired: BTreeMap<FaultKind, u64>,
+    windows: BTreeMap<FaultKind, WindowTally>,
+    dispatcher_duplicates_absorbed: u64,
+) -> Effects {
+    let z = &facts.zombies;
+    let on_transitions = facts.cuts.iter().filter(|c| c.transition.is_some());
+    Effects {
+        scheduled,
+        fired,
+        windows,
+        zombies: ZombieEffects {
+            frozen: z.iter().filter(|z| z.frozen).count() as u64,
+            verified: z.iter().filter(|z| z.refused().is_some()).count() as u64,
+            at_result: z
+                .iter()
+                .filter(|z| z.refused() == Some(RefusedAt::Record))
+                .count() as u64,
+        },
+        cuts: CutEffects {
+            on_transitions: on_transitions.clone().count() as u64,
+            committed: on_transitions
+                .clone()
+                .filter(|c| c.committed_at_cut)
+                .count() as u64,
+            not_committed: on_transitions.filter(|c| !c.committed_at_cut).count() as u64,
+        },
+        dispatcher_duplicates_absorbed,
     }
 }

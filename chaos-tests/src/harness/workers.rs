@@ -98,6 +98,9 @@ pub(super) struct Workers {
     pub(super) slots: Vec<Mutex<Option<Slot>>>,
     pub(super) events: mpsc::UnboundedSender<Msg>,
     pub(super) counts: std::sync::Mutex<BTreeMap<(usize, u64), Counts>>,
+    /// When each incarnation's last reported counters were read (its
+    /// clock).
+    pub(super) reported_at: std::sync::Mutex<BTreeMap<(usize, u64), std::time::SystemTime>>,
     /// Incarnations that stopped cleanly (their counters are complete).
     pub(super) stopped: std::sync::Mutex<BTreeSet<(usize, u64)>>,
     /// Writes refused, as the workers reported them: (worker, incarnation,
@@ -330,6 +333,7 @@ impl Workers {
 
     pub(super) fn facts(&self) -> Vec<WorkerFact> {
         let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let reported_at = self.reported_at.lock().unwrap_or_else(|e| e.into_inner());
         self.counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -338,6 +342,7 @@ impl Workers {
                 name: incarnation_name(*i, *n),
                 survived: stopped.contains(&(*i, *n)),
                 counts: *counts,
+                reported_at: reported_at.get(&(*i, *n)).copied(),
             })
             .collect()
     }
@@ -384,6 +389,7 @@ impl Workers {
             arms: std::sync::Mutex::default(),
             paused: std::sync::Mutex::default(),
             counts: std::sync::Mutex::default(),
+            reported_at: std::sync::Mutex::default(),
             stopped: std::sync::Mutex::default(),
             leases_lost: std::sync::Mutex::default(),
             lease_lost: Notify::new(),
