@@ -9,6 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::Violation;
+use super::fencing::{LeaseChange, ServiceCall};
 use crate::schedule::ZombieAt;
 use crate::worker::Counts;
 
@@ -186,6 +187,11 @@ pub struct Facts {
     pub workers: Vec<WorkerFact>,
     /// Zombies.
     pub zombies: Vec<ZombieFact>,
+    /// Every change of a saga row's lease, from the harness's log (I9).
+    pub leases: Vec<LeaseChange>,
+    /// Every call the payment and inventory services received, from their
+    /// request logs (I9).
+    pub calls: Vec<ServiceCall>,
 }
 
 /// What the harness itself recorded during the run, to be resolved

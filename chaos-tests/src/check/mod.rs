@@ -30,16 +30,23 @@
 //!   resolved at least as many ambiguous commits as it had transitions
 //!   cut, counted at least as many "committed" as it had transitions
 //!   committed at a cut, and left none unresolved.
+//! - I9 fencing, from the services' request logs and the harness's log of
+//!   every lease change: no result the services gave a lease that had
+//!   already ended (taken over, or ended by its own write) is recorded,
+//!   and no step's service answer is counted as a success by two leases.
+//!   A zombie's late call, absorbed by idempotency, is not a violation.
 
 mod ambiguous_commits;
 mod compensations_in_history;
 mod compensations_in_ledgers;
 mod delivered;
 mod facts;
+mod fencing;
 mod finished;
 #[cfg(test)]
 mod fixtures;
 mod gather;
+mod lease_log;
 mod zombies;
 
 use std::collections::{BTreeMap, HashSet};
@@ -50,6 +57,7 @@ use ambiguous_commits::ambiguous_commits;
 use compensations_in_history::compensations_in_history;
 use compensations_in_ledgers::compensations_in_ledgers;
 use delivered::delivered;
+use fencing::{fencing, late_calls};
 use finished::finished;
 use zombies::zombies;
 
@@ -57,10 +65,11 @@ pub use facts::{
     Committed, CutFact, Effect, EffectKind, Facts, Instance, Left, Recorded, RecordedCut,
     RefusedAt, WorkerFact, ZombieFact,
 };
+pub use fencing::{Answered, LateCalls, LeaseChange, ResultWritten, ServiceCall};
 pub use gather::{gather, install_records, instances};
 
 /// The invariants, by name.
-pub const INVARIANTS: [&str; 7] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7"];
+pub const INVARIANTS: [&str; 8] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7", "I9"];
 
 /// The schema where the harness keeps its own records.
 pub const HARNESS_SCHEMA: &str = "chaos_harness";
@@ -68,7 +77,7 @@ pub const HARNESS_SCHEMA: &str = "chaos_harness";
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// `I1` to `I7`.
+    /// One of [`INVARIANTS`].
     pub invariant: &'static str,
     /// The order concerned, if any.
     pub order: Option<String>,
@@ -147,6 +156,9 @@ pub struct Findings {
     pub stuck: Vec<(String, String)>,
     /// What the cut transitions turned out to be.
     pub cuts: CutSummary,
+    /// The services' calls from leases that had already ended (zombies'
+    /// calls, absorbed by idempotency).
+    pub late_calls: LateCalls,
 }
 
 impl Findings {
@@ -162,11 +174,12 @@ impl Findings {
     }
 }
 
-/// Checks I1 to I7 against `facts`.
+/// Checks every invariant against `facts`.
 #[must_use]
 pub fn check(facts: &Facts) -> Findings {
     let mut f = Findings {
         cuts: CutSummary::of(&facts.cuts),
+        late_calls: late_calls(facts),
         ..Findings::default()
     };
     let mut v = facts.ledger_violations.clone();
@@ -176,6 +189,7 @@ pub fn check(facts: &Facts) -> Findings {
     compensations_in_history(facts, &mut v);
     zombies(facts, &mut v);
     ambiguous_commits(facts, &mut v);
+    fencing(facts, &mut v);
     f.violations = v;
     f
 }
@@ -192,7 +206,7 @@ mod tests {
         let findings = check(&clean());
         assert_eq!(findings.outcomes, [("completed".to_owned(), 1)].into());
         assert_eq!(findings.per_invariant().values().sum::<usize>(), 0);
-        assert_eq!(findings.per_invariant().len(), 7);
+        assert_eq!(findings.per_invariant().len(), INVARIANTS.len());
     }
 
     #[test]
