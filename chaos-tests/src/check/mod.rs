@@ -4,8 +4,10 @@
 //! ledgers (charges, refunds, deductions, releases, emails), the saga rows
 //! and their history, and what the harness recorded itself — every outbox
 //! row and history row ever inserted (copied by triggers the harness
-//! installs, committed or rolled back with the insert), the statements the
-//! proxy cut, the zombies it froze. [`check`] is a pure function of those
+//! installs, committed or rolled back with the insert), every change of a
+//! saga row's lease (`lease_log`), the statements the proxy cut, the
+//! zombies it froze; and the services' request logs (which lease each
+//! call came from). [`check`] is a pure function of those
 //! facts.
 //!
 //! - I1 per order: charges − refunds = the total if confirmed, else 0;
