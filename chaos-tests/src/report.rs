@@ -69,6 +69,13 @@ pub fn table(r: &Report) -> String {
             - r.zombies_refused_at(RefusedAt::Heartbeat)
             - r.zombies_refused_at(RefusedAt::Record)
     );
+    let late = &r.late_calls;
+    let _ = writeln!(
+        w,
+        "  calls from ended leases    {}, absorbed by the services: {} applied first (the new \
+         lease's call replayed), {} replayed",
+        late.calls, late.applied, late.replayed
+    );
     let _ = writeln!(
         w,
         "  redeliveries               {} sent by the harness, {} absorbed by the inbox; \

@@ -144,12 +144,22 @@ async fn caught_in(config: Config, invariants: &[&str]) -> Report {
 async fn turning_fencing_off_is_caught() {
     // A frozen worker's stale result is accepted after another worker took
     // its saga over: a result recorded twice, a zombie's write accepted.
-    let report = caught(NegativeControl::NoFencing, &["I6"]).await;
+    // I6 sees it in the engine's history; I9 from ground truth: the
+    // services' request logs (which lease each call came from) and the
+    // harness's log of every lease change.
+    let report = caught(NegativeControl::NoFencing, &["I6", "I9"]).await;
     assert!(
         report.violation_details.iter().any(|v| v
             .detail
             .contains("accepted after another worker had taken its saga over")),
         "a zombie's own stale write is caught: {:#?}",
+        report.violation_details
+    );
+    assert!(
+        report.violation_details.iter().any(|v| v.invariant == "I9"
+            && v.detail
+                .contains("a result obtained under a fenced-off lease was recorded")),
+        "a service's answer to a lease taken over, recorded, is caught from ground truth: {:#?}",
         report.violation_details
     );
 }

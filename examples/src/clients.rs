@@ -1,11 +1,13 @@
 //! HTTP clients for the downstream services, as a step would use them:
-//! every call carries the step's idempotency key, and every answer becomes
+//! every call carries the step's idempotency key (and, through
+//! [`Downstream::under_lease`], the attempt's lease token, for the
+//! services' logs), and every answer becomes
 //! success, a retryable error, a permanent error, or a timeout whose
 //! outcome is unknown.
 
 use std::time::Duration;
 
-use saga_core::{IdempotencyKey, StepError};
+use saga_core::{IdempotencyKey, LeaseToken, StepError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -43,6 +45,7 @@ pub struct Downstream {
     /// Negative control: send a fresh key on every attempt instead of the
     /// step's stable idempotency key. Breaks "never charge twice" on purpose.
     pub fresh_key_per_attempt: bool,
+    lease: Option<LeaseToken>,
 }
 
 impl Downstream {
@@ -62,7 +65,22 @@ impl Downstream {
             payment,
             inventory,
             fresh_key_per_attempt: false,
+            lease: None,
         })
+    }
+
+    /// These clients, sending `lease` (the calling attempt's
+    /// [`StepContext::lease_token`](saga_core::StepContext::lease_token))
+    /// with every call in the
+    /// [`LEASE_HEADER`](crate::services::LEASE_HEADER), so that the
+    /// services' logs tell which attempt made each call. Information only:
+    /// the services never refuse a call for its lease.
+    #[must_use]
+    pub fn under_lease(&self, lease: Option<LeaseToken>) -> Downstream {
+        Downstream {
+            lease,
+            ..self.clone()
+        }
     }
 
     fn key(&self, key: IdempotencyKey) -> String {
@@ -81,10 +99,11 @@ impl Downstream {
         body: &B,
         permanent: &[u16],
     ) -> Result<R, StepError> {
-        let response = self
-            .http
-            .post(url)
-            .header("Idempotency-Key", key)
+        let mut request = self.http.post(url).header("Idempotency-Key", key);
+        if let Some(lease) = self.lease {
+            request = request.header(crate::services::LEASE_HEADER, lease.to_string());
+        }
+        let response = request
             .json(body)
             .send()
             .await

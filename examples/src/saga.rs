@@ -11,6 +11,8 @@
 //!   inventory services with the step's idempotency key; their
 //!   compensations pass the *forward* key so the service can find what, if
 //!   anything, to undo (a timed-out charge may or may not have happened).
+//!   Each call also names the attempt's lease
+//!   ([`StepContext::lease_token`]), which the services log.
 //! - `confirm_order` is the pivot: a write to the shop's own database.
 //!   Once it succeeds the saga only goes forward.
 //! - `send_confirmation` emits an `order.confirmed` message into the outbox,
@@ -136,6 +138,7 @@ impl Action<Checkout, Deps> for ChargePayment {
     ) -> Result<(), StepError> {
         let charge_id = deps
             .downstream
+            .under_lease(ctx.lease_token())
             .charge(ctx.idempotency_key(), &s.order)
             .await?;
         s.charge_id = Some(charge_id);
@@ -154,6 +157,7 @@ impl Action<Checkout, Deps> for RefundPayment {
         // The charge may have happened even if we never heard back: the
         // payment service looks it up by the charge's own key.
         deps.downstream
+            .under_lease(ctx.lease_token())
             .refund(ctx.idempotency_key(), ctx.forward_key())
             .await?;
         s.charge_id = None;
@@ -171,6 +175,7 @@ impl Action<Checkout, Deps> for ReserveInventory {
     ) -> Result<(), StepError> {
         let id = deps
             .downstream
+            .under_lease(ctx.lease_token())
             .reserve(ctx.idempotency_key(), &s.order.id, &s.order.lines)
             .await?;
         s.reservation_id = Some(id);
@@ -187,6 +192,7 @@ impl Action<Checkout, Deps> for ReleaseInventory {
         s: &mut Checkout,
     ) -> Result<(), StepError> {
         deps.downstream
+            .under_lease(ctx.lease_token())
             .release(ctx.idempotency_key(), ctx.forward_key())
             .await?;
         s.reservation_id = None;

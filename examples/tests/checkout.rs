@@ -591,3 +591,88 @@ async fn a_run_past_its_deadline_reports_unfinished_sagas_and_drops_its_schemas_
         "only the kept run's schemas are left"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_log_each_call_with_the_callers_lease_and_how_it_was_answered() {
+    use checkout::clients::Downstream;
+    use saga_core::{IdempotencyKey, LeaseToken, SagaId, StepName};
+
+    let (database, _db) = database().await;
+    let stock = BTreeMap::from([("mug".to_owned(), 5)]);
+    let d = Deployment::start(database, "leases", &stock, 1)
+        .await
+        .unwrap();
+    let downstream =
+        Downstream::new(d.payment.url(), d.inventory.url(), Duration::from_secs(5)).unwrap();
+    let order = Order {
+        id: "o1".into(),
+        email: "o1@example.com".into(),
+        card: CARD_OK.into(),
+        lines: vec![OrderLine {
+            sku: "mug".into(),
+            qty: 1,
+        }],
+        total_cents: 500,
+    };
+    let key = IdempotencyKey::derive(
+        SagaId::new(),
+        &StepName::new("charge_payment").unwrap(),
+        Direction::Forward,
+    );
+    let (first, second) = (LeaseToken::new(), LeaseToken::new());
+    // Refused by an outage: logged, not answered from the ledger.
+    d.payment.set_faults(Faults {
+        outage: true,
+        ..Faults::default()
+    });
+    assert!(
+        downstream
+            .under_lease(Some(first))
+            .charge(key, &order)
+            .await
+            .is_err()
+    );
+    d.payment.set_faults(Faults::default());
+    let charged = downstream
+        .under_lease(Some(first))
+        .charge(key, &order)
+        .await
+        .unwrap();
+    let replayed = downstream
+        .under_lease(Some(second))
+        .charge(key, &order)
+        .await
+        .unwrap();
+    assert_eq!(charged, replayed);
+    downstream.charge(key, &order).await.unwrap();
+
+    let rows = d
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            &format!(
+                "SELECT key, lease, answered FROM {}.requests ORDER BY seq",
+                d.schemas.payment.quoted()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let logged: Vec<(uuid::Uuid, Option<uuid::Uuid>, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let (k, a, b) = (key.as_uuid(), first.as_uuid(), second.as_uuid());
+    assert_eq!(
+        logged,
+        vec![
+            (k, Some(a), None),
+            (k, Some(a), Some("applied".into())),
+            (k, Some(b), Some("replayed".into())),
+            (k, None, Some("replayed".into())),
+        ]
+    );
+    d.stop_services();
+}

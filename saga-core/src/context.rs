@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::error::StepError;
-use crate::ids::{Direction, IdempotencyKey, MessageId, SagaId, SagaName, StepName};
+use crate::ids::{Direction, IdempotencyKey, LeaseToken, MessageId, SagaId, SagaName, StepName};
 use crate::outbox::{Message, MessageError, OutboxMessage};
 use crate::time::Timestamp;
 
@@ -25,6 +25,7 @@ pub struct StepContext {
     deadline: Timestamp,
     key: IdempotencyKey,
     forward_key: IdempotencyKey,
+    lease_token: Option<LeaseToken>,
     max_payload_bytes: usize,
     emitted: Vec<OutboxMessage>,
 }
@@ -57,6 +58,7 @@ impl StepContext {
             deadline: started_at + timeout,
             key,
             forward_key,
+            lease_token: None,
             max_payload_bytes: crate::DEFAULT_MAX_BYTES,
             emitted: Vec::new(),
         }
@@ -68,6 +70,15 @@ impl StepContext {
         self.key = IdempotencyKey::derive(self.saga_id, &name, self.direction);
         self.forward_key = IdempotencyKey::derive(self.saga_id, &name, Direction::Forward);
         self.key_name = name;
+        self
+    }
+
+    /// The same context, run under the lease `token`: the executor sets
+    /// the token of the claim it runs the attempt under; a unit test of a
+    /// step may set one too.
+    #[must_use]
+    pub fn with_lease_token(mut self, token: LeaseToken) -> Self {
+        self.lease_token = Some(token);
         self
     }
 
@@ -136,6 +147,23 @@ impl StepContext {
         self.forward_key
     }
 
+    /// The fencing token of the lease this attempt runs under: a new one
+    /// for every claim, so it names this attempt on this worker (the
+    /// [idempotency key](StepContext::idempotency_key) is the same for every
+    /// attempt). `None` for a context built by hand
+    /// ([`StepContext::new`]) without one.
+    ///
+    /// Read only, and for information: a downstream service may log it,
+    /// to tell afterwards which attempt made each call (the chaos harness
+    /// checks from the services' own logs that no result obtained under a
+    /// lease already taken over is recorded). The engine, not the service,
+    /// fences: a step whose lease was lost keeps running until it ends,
+    /// and its result is then refused.
+    #[must_use]
+    pub fn lease_token(&self) -> Option<LeaseToken> {
+        self.lease_token
+    }
+
     /// Emits an outbox message, committed together with this step's
     /// result. Its id is derived from the instance, step, direction and the
     /// message's index within this attempt, so emit in a deterministic
@@ -200,6 +228,14 @@ mod tests {
         assert_eq!(c.forward_key(), f.idempotency_key());
         assert_ne!(c.idempotency_key(), f.idempotency_key());
         assert_eq!(c.deadline(), Timestamp::from_micros(1_000_009));
+    }
+
+    #[test]
+    fn a_hand_built_context_has_no_lease_until_given_one() {
+        let c = ctx(Direction::Forward);
+        assert_eq!(c.lease_token(), None);
+        let token = LeaseToken::new();
+        assert_eq!(c.with_lease_token(token).lease_token(), Some(token));
     }
 
     #[test]

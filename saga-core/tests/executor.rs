@@ -9,9 +9,9 @@ use saga_core::store::{ClaimRequest, ClaimedSaga, Lease, NewSaga, Record, SagaSt
 use saga_core::testing::{Behavior, Gate, LEASE, Script, TestState, scripted_saga};
 use saga_core::{
     BuildError, Clock, DefinitionProblem, Direction, Error, Executor, HistoryEntry,
-    InMemorySagaStore, Limits, ManualClock, Message, OutboxMessage, Outcome, SagaDefinition,
-    SagaId, SagaKind, SagaShape, SagaSnapshot, ShapeFingerprint, StartKey, Started, Status, Step,
-    StepContext, StepError, Timestamp,
+    InMemorySagaStore, LeaseToken, Limits, ManualClock, Message, OutboxMessage, Outcome,
+    SagaDefinition, SagaId, SagaKind, SagaShape, SagaSnapshot, ShapeFingerprint, StartKey, Started,
+    Status, Step, StepContext, StepError, Timestamp,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -144,6 +144,8 @@ struct SignallingStore {
     inner: InMemorySagaStore,
     heartbeats: Notify,
     claims: Notify,
+    /// The lease of every instance claimed, in order.
+    leases: Mutex<Vec<LeaseToken>>,
     unregistered_checks: mpsc::UnboundedSender<tokio::time::Instant>,
 }
 
@@ -154,6 +156,7 @@ impl SignallingStore {
             inner: InMemorySagaStore::with_clock(clock),
             heartbeats: Notify::new(),
             claims: Notify::new(),
+            leases: Mutex::default(),
             unregistered_checks: tx,
         };
         (Arc::new(store), rx)
@@ -172,6 +175,10 @@ impl SagaStore for SignallingStore {
     }
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<ClaimedSaga>, Error> {
         let r = self.inner.claim(request).await;
+        if let Ok(claimed) = &r {
+            let mut leases = self.leases.lock().unwrap();
+            leases.extend(claimed.iter().map(|c| c.lease.token));
+        }
         self.claims.notify_one();
         r
     }
@@ -400,6 +407,47 @@ async fn an_oversized_input_is_refused_before_anything_is_written() {
         .start(&s.saga, key(1), &TestState::order(1))
         .await
         .unwrap();
+}
+
+async fn note_lease(ctx: &mut StepContext, s: &mut Vec<String>) -> Result<(), StepError> {
+    s.push(ctx.lease_token().expect("run under a lease").to_string());
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_attempt_sees_the_token_of_the_lease_it_runs_under() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let (store, _checks) = SignallingStore::new(clock);
+    let saga = SagaDefinition::<Vec<String>>::builder("leased", 1)
+        .step(Step::new("first", note_lease).no_compensation())
+        .pivot(Step::new("second", note_lease))
+        .build()
+        .unwrap();
+    let exec = Executor::builder_from_arc(store.clone())
+        .register(saga.clone())
+        .build()
+        .unwrap();
+    let id = exec
+        .client()
+        .start(&saga, key(1), &Vec::new())
+        .await
+        .unwrap()
+        .id;
+    exec.run_until_idle().await.unwrap();
+    let snap = store.load(id).await.unwrap().unwrap();
+    assert_eq!(snap.status, Status::Completed);
+    // One claim per step, each with its own token, and each step saw its
+    // own claim's.
+    let claimed: Vec<String> = store
+        .leases
+        .lock()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(snap.state, serde_json::json!(claimed));
+    assert_eq!(claimed.len(), 2);
+    assert_ne!(claimed[0], claimed[1]);
 }
 
 async fn bloat(_: &mut StepContext, s: &mut Vec<String>) -> Result<(), StepError> {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::Violation;
+use super::fencing::{LeaseChange, ServiceCall};
 use crate::schedule::ZombieAt;
 use crate::worker::Counts;
 
@@ -201,6 +202,11 @@ pub struct Facts {
     pub scenarios: BTreeMap<String, Scenario>,
     /// The shop's own status of each order (its `orders` table), by order.
     pub shop: BTreeMap<String, OrderStatus>,
+    /// Every change of a saga row's lease, from the harness's log (I9).
+    pub leases: Vec<LeaseChange>,
+    /// Every call the payment and inventory services received, from their
+    /// request logs (I9).
+    pub calls: Vec<ServiceCall>,
 }
 
 /// What the harness itself recorded during the run, to be resolved

@@ -162,6 +162,7 @@ pub async fn install_records(deployment: &Deployment) -> Result<(), checkout::Er
              FOR EACH ROW EXECUTE FUNCTION {h}.copy_history();"
     ))
     .await?;
+    super::lease_log::install(&db, deployment).await?;
     Ok(())
 }
 
@@ -325,6 +326,7 @@ pub async fn gather(
         .values()
         .map(|i| (i.id.as_uuid(), i.order.clone()))
         .collect();
+    let (leases, calls) = super::lease_log::read(&db, deployment, &orders).await?;
     let cuts = recorded
         .cuts
         .iter()
@@ -370,6 +372,8 @@ pub async fn gather(
         zombies,
         scenarios: recorded.scenarios,
         shop,
+        leases,
+        calls,
     })
 }
 

@@ -4,8 +4,10 @@
 //! ledgers (charges, refunds, deductions, releases, emails), the saga rows
 //! and their history, and what the harness recorded itself — every outbox
 //! row and history row ever inserted (copied by triggers the harness
-//! installs, committed or rolled back with the insert), the statements the
-//! proxy cut, the zombies it froze. [`check`] is a pure function of those
+//! installs, committed or rolled back with the insert), every change of a
+//! saga row's lease (`lease_log`), the statements the proxy cut, the
+//! zombies it froze; and the services' request logs (which lease each
+//! call came from). [`check`] is a pure function of those
 //! facts.
 //!
 //! - I1 per order: charges − refunds = the total if confirmed, else 0;
@@ -33,6 +35,11 @@
 //! - I8 every order ended as its scenario intends (an `Ok` order
 //!   completed; a declined, out-of-stock or gateway-down one compensated),
 //!   and the shop's status of the order agrees with its saga's.
+//! - I9 fencing, from the services' request logs and the harness's log of
+//!   every lease change: no result the services gave a lease that had
+//!   already ended (taken over, or ended by its own write) is recorded,
+//!   and no step's service answer is counted as a success by two leases.
+//!   A zombie's late call, absorbed by idempotency, is not a violation.
 //!
 //! I1 and I2 also pair each undo with what it undoes (a refund with its
 //! charge, by id and amount; a release with its deduction, by reservation,
@@ -43,13 +50,15 @@ mod compensations_in_history;
 mod compensations_in_ledgers;
 mod delivered;
 mod facts;
+mod fencing;
 mod finished;
 #[cfg(test)]
 mod fixtures;
 mod gather;
 mod intent;
-mod undo_matches;
+mod lease_log;
 mod took_effect;
+mod undo_matches;
 mod zombies;
 
 use std::collections::{BTreeMap, HashSet};
@@ -60,6 +69,7 @@ use ambiguous_commits::ambiguous_commits;
 use compensations_in_history::compensations_in_history;
 use compensations_in_ledgers::compensations_in_ledgers;
 use delivered::delivered;
+use fencing::{fencing, late_calls};
 use finished::finished;
 use intent::intent;
 use undo_matches::undo_matches;
@@ -69,12 +79,13 @@ pub use facts::{
     Committed, CutFact, Effect, EffectKind, Facts, Instance, Left, Recorded, RecordedCut,
     RefusedAt, WorkerFact, ZombieFact,
 };
+pub use fencing::{Answered, LateCalls, LeaseChange, ResultWritten, ServiceCall};
 pub use gather::{gather, install_records, instances};
 pub use intent::{ScenarioOutcomes, intended, scenario_name};
 pub use took_effect::{CutEffects, Effects, NoEffect, WindowTally, ZombieEffects, took_effect};
 
 /// The invariants, by name.
-pub const INVARIANTS: [&str; 8] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8"];
+pub const INVARIANTS: [&str; 9] = ["I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9"];
 
 /// The schema where the harness keeps its own records.
 pub const HARNESS_SCHEMA: &str = "chaos_harness";
@@ -82,7 +93,7 @@ pub const HARNESS_SCHEMA: &str = "chaos_harness";
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// `I1` to `I8`.
+    /// One of [`INVARIANTS`].
     pub invariant: &'static str,
     /// The order concerned, if any.
     pub order: Option<String>,
@@ -163,6 +174,9 @@ pub struct Findings {
     pub cuts: CutSummary,
     /// How the orders of each scenario ended (every scenario, in order).
     pub by_scenario: Vec<ScenarioOutcomes>,
+    /// The services' calls from leases that had already ended (zombies'
+    /// calls, absorbed by idempotency).
+    pub late_calls: LateCalls,
 }
 
 impl Findings {
@@ -178,11 +192,12 @@ impl Findings {
     }
 }
 
-/// Checks I1 to I8 against `facts`.
+/// Checks every invariant against `facts`.
 #[must_use]
 pub fn check(facts: &Facts) -> Findings {
     let mut f = Findings {
         cuts: CutSummary::of(&facts.cuts),
+        late_calls: late_calls(facts),
         ..Findings::default()
     };
     let mut v = facts.ledger_violations.clone();
@@ -194,6 +209,7 @@ pub fn check(facts: &Facts) -> Findings {
     ambiguous_commits(facts, &mut v);
     undo_matches(facts, &mut v);
     intent(facts, &mut f, &mut v);
+    fencing(facts, &mut v);
     f.violations = v;
     f
 }
@@ -210,7 +226,7 @@ mod tests {
         let findings = check(&clean());
         assert_eq!(findings.outcomes, [("completed".to_owned(), 1)].into());
         assert_eq!(findings.per_invariant().values().sum::<usize>(), 0);
-        assert_eq!(findings.per_invariant().len(), 8);
+        assert_eq!(findings.per_invariant().len(), INVARIANTS.len());
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Report {
     pub cuts: CutSummary,
     /// The zombies, each with what the harness saw.
     pub zombies: Vec<ZombieFact>,
+    /// The services' calls from leases that had already ended (zombies'
+    /// calls), from their request logs.
+    pub late_calls: check::LateCalls,
     /// Deliveries the harness repeated itself.
     pub redeliveries_sent: u64,
     /// Of those, the ones the email inbox recognised and applied no
@@ -253,6 +256,7 @@ pub(super) fn summarize(
         faults,
         cuts: findings.cuts,
         zombies: facts.zombies.clone(),
+        late_calls: findings.late_calls,
         redeliveries_sent: run.redeliveries_sent.load(Ordering::Relaxed),
         redeliveries_absorbed,
         dispatcher_duplicates_absorbed,

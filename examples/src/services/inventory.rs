@@ -27,7 +27,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    Common, Fate, Service, ServiceError, Stored, idempotency_key, lock, serve, store, stored,
+    Common, Fate, Service, ServiceError, Stored, answered, idempotency_key, lock, log_request,
+    requests_table, serve, store, stored,
 };
 use crate::model::OrderLine;
 
@@ -84,7 +85,9 @@ pub async fn create_schema(
                  status int   NOT NULL,
                  body   jsonb NOT NULL
              );
+             {requests}
              {append_only}",
+            requests = requests_table(&s),
             append_only = crate::audit::append_only(schema, "ledger"),
         ))
         .await?;
@@ -125,6 +128,7 @@ async fn reserve(
     Json(req): Json<ReserveRequest>,
 ) -> Result<Response, ServiceError> {
     let key = idempotency_key(&headers)?;
+    let call = log_request(&c, key, &headers).await?;
     let fate = c.fate().await;
     if fate == Fate::Fail {
         return Ok((StatusCode::SERVICE_UNAVAILABLE, "inventory unavailable").into_response());
@@ -142,7 +146,9 @@ async fn reserve(
     let mut client = c.pool.get().await?;
     let tx = client.transaction().await?;
     lock(&tx, key).await?;
-    let reply = match stored(&tx, &c, key).await? {
+    let stored_reply = stored(&tx, &c, key).await?;
+    answered(&tx, &c, call, stored_reply.is_some()).await?;
+    let reply = match stored_reply {
         Some(reply) => reply,
         None => {
             // Lock the rows in SKU order (no deadlocks), check, then deduct.
@@ -205,6 +211,7 @@ async fn release(
     Json(req): Json<ReleaseRequest>,
 ) -> Result<Response, ServiceError> {
     let key = idempotency_key(&headers)?;
+    let call = log_request(&c, key, &headers).await?;
     let fate = c.fate().await;
     if fate == Fate::Fail {
         return Ok((StatusCode::SERVICE_UNAVAILABLE, "inventory unavailable").into_response());
@@ -213,7 +220,9 @@ async fn release(
     let tx = client.transaction().await?;
     lock(&tx, req.reservation_key).await?;
     lock(&tx, key).await?;
-    let reply = match stored(&tx, &c, key).await? {
+    let stored_reply = stored(&tx, &c, key).await?;
+    answered(&tx, &c, call, stored_reply.is_some()).await?;
+    let reply = match stored_reply {
         Some(reply) => reply,
         None => {
             let deducted = tx

@@ -6,6 +6,13 @@
 //! which is the ground truth for checking the run. Each can be told to
 //! misbehave ([`Faults`]): errors, an outage, latency, and success then
 //! timeout (the effect is applied and committed, then the reply is lost).
+//!
+//! Payment and inventory also log every request they receive
+//! (`requests`): its idempotency key, the caller's lease token if it sent
+//! one ([`LEASE_HEADER`]), when it arrived, and whether it was answered
+//! from the ledger — the effect applied for it, or the stored reply
+//! replayed — committed with the effect. The chaos harness reads it to
+//! check fencing from the services' side.
 
 pub mod email;
 pub mod inventory;
@@ -254,6 +261,72 @@ pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<uuid::U
         .ok_or(ServiceError::BadRequest(
             "a UUID Idempotency-Key header is required",
         ))
+}
+
+/// The header a caller sends its lease token in (the fencing token of the
+/// step attempt that makes the call; see
+/// [`StepContext::lease_token`](saga_core::StepContext::lease_token)).
+/// Logged, never checked: fencing is the engine's job.
+pub const LEASE_HEADER: &str = "saga-lease";
+
+/// The request log of a service's schema `s` (quoted).
+pub(crate) fn requests_table(s: &str) -> String {
+    format!(
+        "-- Every request received: key, the caller's lease, when, and
+         -- whether it was answered from the ledger (committed with it).
+         CREATE TABLE IF NOT EXISTS {s}.requests (
+             seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             key         uuid NOT NULL,
+             lease       uuid,
+             received_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+             answered    text CHECK (answered IN ('applied', 'replayed'))
+         );"
+    )
+}
+
+/// Logs a request as received (committed at once, whatever follows) and
+/// returns its number in the log.
+pub(crate) async fn log_request(
+    c: &Common,
+    key: uuid::Uuid,
+    headers: &axum::http::HeaderMap,
+) -> Result<i64, ServiceError> {
+    let lease = headers
+        .get(LEASE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| uuid::Uuid::parse_str(v).ok());
+    let row = c
+        .pool
+        .get()
+        .await?
+        .query_one(
+            &format!(
+                "INSERT INTO {} (key, lease) VALUES ($1, $2) RETURNING seq",
+                c.table("requests")
+            ),
+            &[&key, &lease],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Marks logged request `seq` as answered from the ledger, in the
+/// transaction that applies its effect or reads its stored reply.
+pub(crate) async fn answered(
+    tx: &Transaction<'_>,
+    c: &Common,
+    seq: i64,
+    replayed: bool,
+) -> Result<(), ServiceError> {
+    tx.execute(
+        &format!(
+            "UPDATE {} SET answered = $2 WHERE seq = $1",
+            c.table("requests")
+        ),
+        &[&seq, &if replayed { "replayed" } else { "applied" }],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Serializes requests for one key, until the transaction ends.

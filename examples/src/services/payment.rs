@@ -26,7 +26,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    Common, Fate, Service, ServiceError, Stored, idempotency_key, lock, serve, store, stored,
+    Common, Fate, Service, ServiceError, Stored, answered, idempotency_key, lock, log_request,
+    requests_table, serve, store, stored,
 };
 use crate::model::{CARD_DECLINED, CARD_GATEWAY_DOWN};
 
@@ -72,7 +73,9 @@ pub async fn create_schema(pool: &Pool, schema: &SchemaName) -> Result<(), crate
                  status int   NOT NULL,
                  body   jsonb NOT NULL
              );
+             {requests}
              {append_only}",
+            requests = requests_table(&s),
             append_only = crate::audit::append_only(schema, "ledger"),
         ))
         .await?;
@@ -97,6 +100,7 @@ async fn charge(
     Json(req): Json<ChargeRequest>,
 ) -> Result<Response, ServiceError> {
     let key = idempotency_key(&headers)?;
+    let call = log_request(&c, key, &headers).await?;
     let fate = c.fate().await;
     if fate == Fate::Fail || req.card == CARD_GATEWAY_DOWN {
         return Ok((StatusCode::SERVICE_UNAVAILABLE, "gateway unavailable").into_response());
@@ -107,7 +111,9 @@ async fn charge(
     let mut client = c.pool.get().await?;
     let tx = client.transaction().await?;
     lock(&tx, key).await?;
-    let reply = match stored(&tx, &c, key).await? {
+    let stored_reply = stored(&tx, &c, key).await?;
+    answered(&tx, &c, call, stored_reply.is_some()).await?;
+    let reply = match stored_reply {
         Some(reply) => reply,
         None => {
             let reply = if req.card == CARD_DECLINED {
@@ -145,6 +151,7 @@ async fn refund(
     Json(req): Json<RefundRequest>,
 ) -> Result<Response, ServiceError> {
     let key = idempotency_key(&headers)?;
+    let call = log_request(&c, key, &headers).await?;
     let fate = c.fate().await;
     if fate == Fate::Fail {
         return Ok((StatusCode::SERVICE_UNAVAILABLE, "gateway unavailable").into_response());
@@ -155,7 +162,9 @@ async fn refund(
     // late charge and its refund serialize.
     lock(&tx, req.charge_key).await?;
     lock(&tx, key).await?;
-    let reply = match stored(&tx, &c, key).await? {
+    let stored_reply = stored(&tx, &c, key).await?;
+    answered(&tx, &c, call, stored_reply.is_some()).await?;
+    let reply = match stored_reply {
         Some(reply) => reply,
         None => {
             let charge = tx

@@ -91,6 +91,7 @@ async fn process_in_span<St: SagaStore>(
                 timeout,
             )
             .with_key_name(saga.key_name(index).clone())
+            .with_lease_token(claimed.lease.token)
             .with_max_payload_bytes(limits.max_payload_bytes);
             match saga.attempt(index, claimed.direction, ctx, claimed.state.clone(), limits) {
                 Err(problem) => Attempted::NotReady(at.position, problem),
