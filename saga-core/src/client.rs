@@ -250,7 +250,7 @@ impl NewSaga {
             input_digest: digest(&state),
             state,
             first_step: first_step.clone(),
-            fingerprint: saga.shape().fingerprint(),
+            fingerprint: saga.fingerprint(),
             history: HistoryEntry {
                 transition_id: TransitionId::new(),
                 step: first_step,

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::action::{Action, BoxAction};
 use crate::error::{BuildError, DefinitionProblem, InvalidName};
+use crate::fingerprint::ShapeFingerprint;
 use crate::ids::{Direction, SagaKind, SagaName, StepName};
 use crate::layer::{StepLayer, StepSide};
 use crate::machine::StepKind;
@@ -439,12 +440,14 @@ where
             name,
             version: self.version,
         };
+        let shape = SagaShape {
+            kind: kind.clone(),
+            steps: shapes,
+        };
         Ok(SagaDefinition {
             inner: Arc::new(Inner {
-                shape: SagaShape {
-                    kind: kind.clone(),
-                    steps: shapes,
-                },
+                fingerprint: shape.fingerprint(),
+                shape,
                 kind,
                 steps,
                 plan,
@@ -457,6 +460,7 @@ where
 struct Inner<S, D> {
     kind: SagaKind,
     shape: SagaShape,
+    fingerprint: ShapeFingerprint,
     steps: Vec<StepDef<S, D>>,
     plan: Vec<StepKind>,
     index: HashMap<StepName, usize>,
@@ -539,6 +543,24 @@ impl<S, D> SagaDefinition<S, D> {
         &self.inner.shape
     }
 
+    /// The fingerprint of its [`shape`](Self::shape)
+    /// ([`SagaShape::fingerprint`]), computed once when it was built: what
+    /// every start records and every claim matches.
+    ///
+    /// ```
+    /// use saga_core::{SagaDefinition, Step, StepContext, StepError};
+    /// async fn ok(_: &mut StepContext, _: &mut u8) -> Result<(), StepError> { Ok(()) }
+    /// let saga = SagaDefinition::<u8>::builder("pay", 1)
+    ///     .step(Step::new("charge", ok).compensate_with(ok))
+    ///     .build()?;
+    /// assert_eq!(saga.fingerprint(), saga.shape().fingerprint());
+    /// # Ok::<(), saga_core::BuildError>(())
+    /// ```
+    #[must_use]
+    pub fn fingerprint(&self) -> ShapeFingerprint {
+        self.inner.fingerprint
+    }
+
     /// The role of each step, in order: what the status machine needs.
     #[must_use]
     pub fn plan(&self) -> &[StepKind] {
@@ -615,6 +637,7 @@ impl<S, D> SagaDefinition<S, D> {
             inner: Arc::new(Inner {
                 kind: inner.kind.clone(),
                 shape: inner.shape.clone(),
+                fingerprint: inner.fingerprint,
                 steps,
                 plan: inner.plan.clone(),
                 index: inner.index.clone(),

@@ -204,7 +204,7 @@ impl Registry {
             return Err(kind);
         }
         self.kinds.push(kind.clone());
-        self.fingerprints.push(saga.shape().fingerprint());
+        self.fingerprints.push(saga.fingerprint());
         let registered = Registered {
             saga,
             deps: Arc::new(deps),
